@@ -1,0 +1,454 @@
+"""The scaler's policy: which worker services it manages and the rules it scales them by.
+
+A YAML file (``scaler/policy.example.yaml`` documents every field) is validated here into frozen
+pydantic models, so the decision core (``scaler.decide``) can trust every number it reads. Errors
+are collected, one line per problem, each naming the path, the value and what was expected, because
+an operator fixing a policy wants all the mistakes at once, not one per attempt.
+
+Precedence of values, lowest first: built-in defaults, the seed's environment variables
+(``MIN_WORKERS``, ``MAX_WORKERS``, ``CPU_THRESHOLD``, ``MEMORY_THRESHOLD``, ``QUEUE_THRESHOLD``),
+the file's top-level ``defaults:`` section, then each service's own fields.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+__all__ = [
+    "ENV_DEFAULTS",
+    "EmergencyRule",
+    "HostLimits",
+    "Policy",
+    "PolicyError",
+    "ResourceLimits",
+    "ScaleRule",
+    "ScaleToZero",
+    "ServicePolicy",
+    "Target",
+    "load_policy",
+    "parse_policy",
+    "validate_file",
+]
+
+
+class PolicyError(ValueError):
+    """A policy that cannot be used. ``problems`` holds one line per mistake."""
+
+    def __init__(self, problems: list[str] | tuple[str, ...]) -> None:
+        self.problems: tuple[str, ...] = tuple(problems)
+        super().__init__("\n".join(self.problems))
+
+
+class _Model(BaseModel):
+    """Frozen, strict about unknown keys: a typo must be an error, not a silently ignored rule."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Target(_Model):
+    """What one replica should carry: a backlog per replica and/or a latency objective."""
+
+    # ceil(work / tasks_per_replica) replicas, work = waiting + in flight over the service's queues.
+    tasks_per_replica: float | None = Field(default=10.0, gt=0)
+    # The oldest waiting message should be younger than this; older adds a replica.
+    latency_s: float | None = Field(default=None, gt=0)
+    # Dead band: no change while work / (tasks_per_replica * current) is within 1 +/- tolerance.
+    tolerance: float = Field(default=0.1, ge=0, lt=1)
+
+    @model_validator(mode="after")
+    def _one_objective(self) -> Target:
+        if self.tasks_per_replica is None and self.latency_s is None:
+            raise ValueError("expected tasks_per_replica and/or latency_s to be set")
+        return self
+
+
+class ScaleRule(_Model):
+    """How fast one direction may move: a stabilisation window, a cooldown and a step limit."""
+
+    # Up: the lowest recommendation in the window wins; down: the highest. 0 disables.
+    stabilization_s: float = Field(ge=0)
+    # Seconds after any scaling action before another action in this direction.
+    cooldown_s: float = Field(ge=0)
+    # Largest change in one action, in replicas and/or percent of the current count.
+    max_step: int | None = Field(default=None, ge=1)
+    max_step_percent: float | None = Field(default=None, gt=0)
+    # With both limits set: "max" allows the larger (Kubernetes HPA's default), "min" the smaller.
+    select: Literal["max", "min"] = "max"
+
+    def step_limit(self, current: int) -> int | None:
+        """Largest change allowed from ``current`` replicas; None means unlimited; at least 1."""
+        limits: list[int] = []
+        if self.max_step is not None:
+            limits.append(self.max_step)
+        if self.max_step_percent is not None:
+            limits.append(max(1, math.ceil(current * self.max_step_percent / 100.0)))
+        if not limits:
+            return None
+        return max(limits) if self.select == "max" else min(limits)
+
+
+def _up_default() -> ScaleRule:
+    return ScaleRule(stabilization_s=0.0, cooldown_s=5.0, max_step=4, max_step_percent=100.0)
+
+
+def _down_default() -> ScaleRule:
+    return ScaleRule(stabilization_s=120.0, cooldown_s=30.0, max_step=1)
+
+
+class ScaleToZero(_Model):
+    """Only used when min_replicas is 0: how long a service must be idle before it goes to zero."""
+
+    idle_s: float = Field(default=300.0, ge=0)
+
+
+class EmergencyRule(_Model):
+    """A backlog or age on one queue that justifies jumping past the normal step at once."""
+
+    queue: str = Field(min_length=1)
+    depth: int | None = Field(default=None, ge=1)  # waiting messages on that queue
+    latency_s: float | None = Field(default=None, gt=0)  # age of its oldest waiting message
+    scale_to: int | None = Field(default=None, ge=1)  # replicas to jump to; default max_replicas
+
+    @model_validator(mode="after")
+    def _one_threshold(self) -> EmergencyRule:
+        if self.depth is None and self.latency_s is None:
+            raise ValueError("expected depth and/or latency_s to be set")
+        return self
+
+
+class ResourceLimits(_Model):
+    """Per-worker limits (mean over the service's replicas), in percent."""
+
+    # Workers above this while work is waiting: add a replica (they are saturated).
+    cpu_percent: float = Field(default=80.0, gt=0, le=100)
+    memory_percent: float = Field(default=85.0, gt=0, le=100)
+
+
+class HostLimits(_Model):
+    """Host limits, in percent: past either one no service scales up, and one may give way."""
+
+    cpu_percent: float = Field(default=90.0, gt=0, le=100)
+    memory_percent: float = Field(default=90.0, gt=0, le=100)
+
+
+class ServicePolicy(_Model):
+    """The complete, defaults-merged rules for one worker service."""
+
+    queues: list[str] = Field(min_length=1)
+    min_replicas: int = Field(default=1, ge=0)
+    max_replicas: int = Field(default=10, ge=1)
+    target: Target = Field(default_factory=Target)
+    scale_up: ScaleRule = Field(default_factory=_up_default)
+    scale_down: ScaleRule = Field(default_factory=_down_default)
+    scale_to_zero: ScaleToZero = Field(default_factory=ScaleToZero)
+    emergency: EmergencyRule | None = None
+    resources: ResourceLimits = Field(default_factory=ResourceLimits)
+    # Higher is more urgent; under host pressure the least urgent service gives way first.
+    urgency: int = 0
+
+    @model_validator(mode="after")
+    def _consistent(self) -> ServicePolicy:
+        problems: list[str] = []
+        if self.max_replicas < self.min_replicas:
+            problems.append(
+                f"max_replicas: {self.max_replicas} is invalid: "
+                f"must be >= min_replicas ({self.min_replicas})"
+            )
+        if len(set(self.queues)) != len(self.queues):
+            problems.append(f"queues: {self.queues!r} is invalid: names must be unique")
+        if any(not q.strip() for q in self.queues):
+            problems.append(f"queues: {self.queues!r} is invalid: names must be non-empty")
+        if self.emergency is not None:
+            if self.emergency.queue not in self.queues:
+                problems.append(
+                    f"emergency.queue: {self.emergency.queue!r} is invalid: "
+                    f"must be one of this service's queues {self.queues!r}"
+                )
+            st = self.emergency.scale_to
+            if st is not None and not self.min_replicas <= st <= self.max_replicas:
+                problems.append(
+                    f"emergency.scale_to: {st} is invalid: must be within "
+                    f"[min_replicas, max_replicas] = [{self.min_replicas}, {self.max_replicas}]"
+                )
+        if problems:
+            raise _Problems(problems)
+        return self
+
+
+class Policy(_Model):
+    """The whole policy: cycle timing, host limits and one entry per managed worker service."""
+
+    interval_s: float = Field(default=2.0, gt=0)
+    # A signal read longer ago than this counts as missing (the core then holds).
+    stale_after_s: float = Field(default=10.0, gt=0)
+    host: HostLimits = Field(default_factory=HostLimits)
+    services: dict[str, ServicePolicy] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _queues_owned_once(self) -> Policy:
+        # One owner per queue: two services scaling on the same backlog would both add replicas
+        # for it, doubling the fleet the target asks for.
+        owner: dict[str, str] = {}
+        problems: list[str] = []
+        for name, svc in self.services.items():
+            for i, q in enumerate(svc.queues):
+                if q in owner:
+                    problems.append(
+                        f"services.{name}.queues.{i}: {q!r} is invalid: already consumed by "
+                        f"{owner[q]}; a queue may belong to one service only"
+                    )
+                else:
+                    owner[q] = name
+        if self.stale_after_s < self.interval_s:
+            problems.append(
+                f"stale_after_s: {self.stale_after_s} is invalid: must be >= interval_s "
+                f"({self.interval_s}), or every signal would count as stale"
+            )
+        if problems:
+            raise _Problems(problems)
+        return self
+
+
+class _Problems(ValueError):
+    """Raised inside validators to report several fully worded lines at once."""
+
+    def __init__(self, lines: list[str]) -> None:
+        self.lines = lines
+        super().__init__("\n".join(lines))
+
+
+# --- environment defaults (the seed's variables) ---
+
+#: Variable -> (where it lands, what it must be). Documented in docs/scaler-policy.md.
+ENV_DEFAULTS: dict[str, str] = {
+    "MIN_WORKERS": "defaults.min_replicas (integer >= 0)",
+    "MAX_WORKERS": "defaults.max_replicas (integer >= 1)",
+    "CPU_THRESHOLD": "host.cpu_percent and defaults.resources.cpu_percent (number in (0, 100])",
+    "MEMORY_THRESHOLD": (
+        "host.memory_percent and defaults.resources.memory_percent (number in (0, 100])"
+    ),
+    "QUEUE_THRESHOLD": "defaults.target.tasks_per_replica (number > 0)",
+}
+
+
+def _env_int(env: Mapping[str, str], name: str, minimum: int, problems: list[str]) -> int | None:
+    raw = env.get(name)
+    if raw is None or raw.strip() == "":
+        return None
+    try:
+        value = int(raw.strip())
+    except ValueError:
+        problems.append(f"{name}: {raw!r} is invalid: expected an integer >= {minimum}")
+        return None
+    if value < minimum:
+        problems.append(f"{name}: {raw!r} is invalid: expected an integer >= {minimum}")
+        return None
+    return value
+
+
+def _env_percent(env: Mapping[str, str], name: str, problems: list[str]) -> float | None:
+    raw = env.get(name)
+    if raw is None or raw.strip() == "":
+        return None
+    try:
+        value = float(raw.strip())
+    except ValueError:
+        value = math.nan
+    if not (0 < value <= 100):
+        problems.append(f"{name}: {raw!r} is invalid: expected a percentage in (0, 100]")
+        return None
+    return value
+
+
+def _env_positive(env: Mapping[str, str], name: str, problems: list[str]) -> float | None:
+    raw = env.get(name)
+    if raw is None or raw.strip() == "":
+        return None
+    try:
+        value = float(raw.strip())
+    except ValueError:
+        value = math.nan
+    if not (value > 0 and math.isfinite(value)):
+        problems.append(f"{name}: {raw!r} is invalid: expected a number > 0")
+        return None
+    return value
+
+
+def _env_layer(env: Mapping[str, str]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The seed's variables as (host defaults, service defaults); raises PolicyError if bad."""
+    problems: list[str] = []
+    host: dict[str, Any] = {}
+    svc: dict[str, Any] = {}
+    lo = _env_int(env, "MIN_WORKERS", 0, problems)
+    hi = _env_int(env, "MAX_WORKERS", 1, problems)
+    cpu = _env_percent(env, "CPU_THRESHOLD", problems)
+    mem = _env_percent(env, "MEMORY_THRESHOLD", problems)
+    queue = _env_positive(env, "QUEUE_THRESHOLD", problems)
+    if lo is not None and hi is not None and hi < lo:
+        problems.append(
+            f"MAX_WORKERS: {env['MAX_WORKERS']!r} is invalid: "
+            f"must be >= MIN_WORKERS ({env['MIN_WORKERS']})"
+        )
+    if problems:
+        raise PolicyError(problems)
+    if lo is not None:
+        svc["min_replicas"] = lo
+    if hi is not None:
+        svc["max_replicas"] = hi
+    if cpu is not None:
+        host["cpu_percent"] = cpu
+        svc.setdefault("resources", {})["cpu_percent"] = cpu
+    if mem is not None:
+        host["memory_percent"] = mem
+        svc.setdefault("resources", {})["memory_percent"] = mem
+    if queue is not None:
+        svc["target"] = {"tasks_per_replica": queue}
+    return host, svc
+
+
+# --- merging and error wording ---
+
+
+def _merge(base: Mapping[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
+    """Deep merge of mappings: ``over`` wins; lists and scalars are replaced, not concatenated."""
+    out: dict[str, Any] = dict(base)
+    for key, value in over.items():
+        if isinstance(value, Mapping) and isinstance(out.get(key), Mapping):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def _expectation(err: Mapping[str, Any]) -> str:
+    """Pydantic's message, reworded as what was expected."""
+    kind = str(err.get("type", ""))
+    ctx = err.get("ctx") or {}
+    if kind == "greater_than_equal":
+        return f"must be >= {ctx.get('ge')}"
+    if kind == "greater_than":
+        return f"must be > {ctx.get('gt')}"
+    if kind == "less_than_equal":
+        return f"must be <= {ctx.get('le')}"
+    if kind == "less_than":
+        return f"must be < {ctx.get('lt')}"
+    if kind == "too_short":
+        return "must not be empty"
+    if kind == "missing":
+        return "required field is missing"
+    msg = str(err.get("msg", "invalid"))
+    return msg.removeprefix("Value error, ")
+
+
+def _format_errors(exc: ValidationError, prefix: str) -> list[str]:
+    lines: list[str] = []
+    for err in exc.errors():
+        parts = [*(prefix.split(".") if prefix else []), *(str(p) for p in err["loc"])]
+        loc = ".".join(p for p in parts if p)
+        kind = err.get("type")
+        ctx = err.get("ctx") or {}
+        inner = ctx.get("error")
+        if isinstance(inner, _Problems):
+            # Our own validators word their lines fully; only the location is added.
+            lines.extend(f"{loc}.{line}" if loc else line for line in inner.lines)
+            continue
+        if kind == "extra_forbidden":
+            lines.append(f"{loc}: unknown field")
+        elif kind == "missing":
+            lines.append(f"{loc}: required field is missing")
+        else:
+            lines.append(f"{loc}: {err.get('input')!r} is invalid: {_expectation(err)}")
+    return lines
+
+
+def parse_policy(data: object, env: Mapping[str, str] | None = None) -> Policy:
+    """Validate a policy given as plain data (what ``yaml.safe_load`` returns).
+
+    ``env`` supplies the seed's variables (default: ``os.environ``). Raises PolicyError listing
+    every problem, each line naming the path, the value and what was expected.
+    """
+    env = os.environ if env is None else env
+    if not isinstance(data, Mapping):
+        raise PolicyError(
+            [f"(top level): {type(data).__name__} is invalid: expected a mapping of policy fields"]
+        )
+    problems: list[str] = []
+    host_env: dict[str, Any] = {}
+    svc_env: dict[str, Any] = {}
+    try:
+        host_env, svc_env = _env_layer(env)
+    except PolicyError as exc:
+        problems.extend(exc.problems)
+
+    defaults = data.get("defaults", {})
+    if defaults is None:
+        defaults = {}
+    if not isinstance(defaults, Mapping):
+        problems.append(f"defaults: {defaults!r} is invalid: expected a mapping of service fields")
+        defaults = {}
+    services = data.get("services")
+    if not isinstance(services, Mapping) or not services:
+        problems.append(
+            f"services: {services!r} is invalid: expected a non-empty mapping of "
+            "worker service name to its rules"
+        )
+        services = {}
+
+    merged_services: dict[str, Any] = {}
+    for name, raw in services.items():
+        if not isinstance(name, str) or not name:
+            problems.append(f"services.{name}: {name!r} is invalid: a service name is a string")
+            continue
+        if raw is None:
+            raw = {}
+        if not isinstance(raw, Mapping):
+            problems.append(f"services.{name}: {raw!r} is invalid: expected a mapping of fields")
+            continue
+        merged_services[name] = _merge(_merge(svc_env, defaults), raw)
+
+    top: dict[str, Any] = {k: v for k, v in data.items() if k != "defaults"}
+    top["services"] = merged_services
+    if "host" in data and isinstance(data["host"], Mapping):
+        top["host"] = _merge(host_env, data["host"])
+    elif "host" not in data and host_env:
+        top["host"] = host_env
+
+    try:
+        policy = Policy.model_validate(top)
+    except ValidationError as exc:
+        problems.extend(_format_errors(exc, ""))
+    if problems:
+        raise PolicyError(problems)
+    return policy
+
+
+def load_policy(path: str | Path, env: Mapping[str, str] | None = None) -> Policy:
+    """Read and validate a YAML policy file; raises PolicyError naming the file on any problem."""
+    p = Path(path)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise PolicyError([f"{p}: cannot read the policy file: {exc.strerror or exc}"]) from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        where = getattr(exc, "problem_mark", None)
+        at = f" at line {where.line + 1}, column {where.column + 1}" if where else ""
+        raise PolicyError([f"{p}: not valid YAML{at}: {getattr(exc, 'problem', exc)}"]) from None
+    return parse_policy(data, env)
+
+
+def validate_file(path: str | Path, env: Mapping[str, str] | None = None) -> list[str]:
+    """What ``scaler validate FILE`` prints: one line per problem; empty when the file is good."""
+    try:
+        load_policy(path, env)
+    except PolicyError as exc:
+        return list(exc.problems)
+    return []
