@@ -94,12 +94,23 @@ class ScaleRule(_Model):
         return max(limits) if self.select == "max" else min(limits)
 
 
+# Built-in rules, also the lowest merge layer, so a file can override one field of a rule.
+_UP_DEFAULT: dict[str, Any] = {
+    "stabilization_s": 0.0,
+    "cooldown_s": 5.0,
+    "max_step": 4,
+    "max_step_percent": 100.0,
+}
+_DOWN_DEFAULT: dict[str, Any] = {"stabilization_s": 120.0, "cooldown_s": 30.0, "max_step": 1}
+_BUILTIN_SERVICE: dict[str, Any] = {"scale_up": _UP_DEFAULT, "scale_down": _DOWN_DEFAULT}
+
+
 def _up_default() -> ScaleRule:
-    return ScaleRule(stabilization_s=0.0, cooldown_s=5.0, max_step=4, max_step_percent=100.0)
+    return ScaleRule(**_UP_DEFAULT)
 
 
 def _down_default() -> ScaleRule:
-    return ScaleRule(stabilization_s=120.0, cooldown_s=30.0, max_step=1)
+    return ScaleRule(**_DOWN_DEFAULT)
 
 
 class ScaleToZero(_Model):
@@ -411,7 +422,7 @@ def parse_policy(data: object, env: Mapping[str, str] | None = None) -> Policy:
         if not isinstance(raw, Mapping):
             problems.append(f"services.{name}: {raw!r} is invalid: expected a mapping of fields")
             continue
-        merged_services[name] = _merge(_merge(svc_env, defaults), raw)
+        merged_services[name] = _merge(_merge(_merge(_BUILTIN_SERVICE, svc_env), defaults), raw)
 
     top: dict[str, Any] = {k: v for k, v in data.items() if k != "defaults"}
     top["services"] = merged_services
