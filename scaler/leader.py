@@ -1,0 +1,226 @@
+"""Leader election between scaler replicas: one Redis lease, renewed by its holder.
+
+Two scalers may run for availability, but only one may act: two actors would fight over replica
+counts. The lease is a Redis key holding the owner's id with a TTL:
+
+- acquire: ``SET key owner NX PX lease_ms`` (only when nobody holds it);
+- renew: a Lua compare-and-pexpire (only while we are still the owner);
+- release on a clean stop: a Lua compare-and-del (never deletes someone else's lease).
+
+Leadership is judged by the local clock, conservatively: we count ourselves leader only until
+``time_before_the_last_successful_call + lease - safety``, so a renewal that fails, hangs or
+comes back late ends leadership before Redis could have handed the key to anyone else. A Redis
+error ends leadership at once. The holder renews every ``lease / 3``, and a follower retries at
+the same pace, so after a leader dies the key expires within one lease and the follower takes it
+within ``lease + lease / 3`` (under two lease periods).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import redis
+
+log = logging.getLogger(__name__)
+
+# KEYS[1] = lease key, ARGV[1] = owner, ARGV[2] = lease in ms. 1 if renewed, 0 if not ours.
+_RENEW_LUA = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  return redis.call('PEXPIRE', KEYS[1], ARGV[2])
+end
+return 0
+"""
+
+# KEYS[1] = lease key, ARGV[1] = owner. 1 if deleted, 0 if not ours.
+_RELEASE_LUA = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  return redis.call('DEL', KEYS[1])
+end
+return 0
+"""
+
+
+def default_owner_id() -> str:
+    """Unique per elector, readable in ``redis-cli GET``: host, pid and a random suffix."""
+    return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+
+
+@dataclass(frozen=True)
+class LeaseState:
+    """A snapshot for status and metrics."""
+
+    key: str
+    owner: str
+    leader: bool
+    valid_for_s: float  # how much longer we count ourselves leader (0 when not leader)
+    last_error: str | None
+    transitions: int  # times leadership was gained or lost
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "key": self.key,
+            "owner": self.owner,
+            "leader": self.leader,
+            "valid_for_s": round(self.valid_for_s, 3),
+            "last_error": self.last_error,
+            "transitions": self.transitions,
+        }
+
+
+class LeaderLease:
+    """One elector. Call :meth:`start` to keep trying/renewing in a daemon thread, or drive
+    :meth:`step` yourself; ask :meth:`is_leader` right before acting."""
+
+    def __init__(
+        self,
+        client: redis.Redis,
+        *,
+        name: str = "scaler",
+        prefix: str = "",
+        owner: str | None = None,
+        lease_s: float = 15.0,
+        safety_s: float | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        if not name:
+            raise ValueError("leader lease name must be a non-empty string, got ''")
+        if not lease_s > 0:
+            raise ValueError(f"lease_s must be a positive number of seconds, got {lease_s!r}")
+        safety = lease_s * 0.2 if safety_s is None else safety_s
+        # The safety margin must leave time to renew: renewals come every lease/3.
+        if not 0 <= safety < lease_s * 2 / 3:
+            raise ValueError(
+                f"safety_s must be in [0, {lease_s * 2 / 3:.3f}) for lease_s={lease_s}, "
+                f"got {safety_s!r}"
+            )
+        self.client = client
+        self.key = f"{prefix}leader:{name}"
+        self.owner = owner or default_owner_id()
+        self.lease_s = lease_s
+        self.safety_s = safety
+        self.renew_interval_s = lease_s / 3
+        self._lease_ms = max(1, int(lease_s * 1000))
+        self._clock = clock
+        self._renew = client.register_script(_RENEW_LUA)
+        self._release = client.register_script(_RELEASE_LUA)
+        self._lock = threading.Lock()
+        self._valid_until = 0.0  # local clock; leader while clock() < this
+        self._was_leader = False
+        self._transitions = 0
+        self.last_error: str | None = None
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    @classmethod
+    def from_url(cls, url: str, **kwargs: Any) -> LeaderLease:
+        """Build with a client whose timeouts stay well inside the lease, so a hung Redis call
+        cannot outlive our leadership unnoticed."""
+        lease_s = float(kwargs.get("lease_s", 15.0))
+        timeout = max(0.05, lease_s / 4)
+        client = redis.Redis.from_url(
+            url, socket_timeout=timeout, socket_connect_timeout=timeout, decode_responses=True
+        )
+        return cls(client, **kwargs)
+
+    # -- the question the loop asks -------------------------------------------------------------
+
+    def is_leader(self) -> bool:
+        """True only while the last successful acquire/renew still covers us by the local clock."""
+        with self._lock:
+            return self._clock() < self._valid_until
+
+    def state(self) -> LeaseState:
+        with self._lock:
+            remaining = self._valid_until - self._clock()
+            return LeaseState(
+                key=self.key,
+                owner=self.owner,
+                leader=remaining > 0,
+                valid_for_s=max(0.0, remaining),
+                last_error=self.last_error,
+                transitions=self._transitions,
+            )
+
+    # -- one election step ----------------------------------------------------------------------
+
+    def step(self) -> bool:
+        """Renew if we hold the lease, otherwise try to take it. Returns :meth:`is_leader`."""
+        started = self._clock()  # before the call: the server's TTL starts later than this
+        try:
+            held = bool(self._renew(keys=[self.key], args=[self.owner, self._lease_ms]))
+            if not held:
+                held = bool(self.client.set(self.key, self.owner, nx=True, px=self._lease_ms))
+        except (redis.RedisError, OSError) as exc:
+            self._record(False, started, f"redis error: {type(exc).__name__}: {exc}")
+            return False
+        self._record(held, started, None)
+        return self.is_leader()
+
+    def release(self) -> bool:
+        """Give the lease up now (clean stop), so a follower need not wait for it to expire."""
+        with self._lock:
+            self._valid_until = 0.0
+        try:
+            released = bool(self._release(keys=[self.key], args=[self.owner]))
+        except (redis.RedisError, OSError) as exc:
+            self.last_error = f"release failed: {type(exc).__name__}: {exc}"
+            log.warning("leader lease %s: %s", self.key, self.last_error)
+            return False
+        self._note_transition(False)
+        return released
+
+    def _record(self, held: bool, started: float, error: str | None) -> None:
+        with self._lock:
+            if held:
+                self._valid_until = started + self.lease_s - self.safety_s
+            else:
+                self._valid_until = 0.0
+            self.last_error = error
+        if error:
+            log.warning("leader lease %s: %s; not leader", self.key, error)
+        self._note_transition(held)
+
+    def _note_transition(self, leader: bool) -> None:
+        with self._lock:
+            if leader == self._was_leader:
+                return
+            self._was_leader = leader
+            self._transitions += 1
+        log.info(
+            "leader lease %s: %s is %s", self.key, self.owner, "leader" if leader else "follower"
+        )
+
+    # -- background renewal ---------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Try/renew every ``lease / 3`` in a daemon thread until :meth:`stop`."""
+        if self._thread is not None:
+            raise RuntimeError(f"leader lease {self.key} for {self.owner} already started")
+        self._stop.clear()
+        self._thread = threading.Thread(
+            target=self._run, name=f"leader-lease-{self.owner}", daemon=True
+        )
+        self._thread.start()
+
+    def stop(self, *, release: bool = True) -> None:
+        """Stop renewing; with ``release`` give the lease up at once. ``release=False`` leaves it
+        to expire, which is what a crash looks like to the other replicas."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=self.lease_s + 5)
+            self._thread = None
+        if release:
+            self.release()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.step()
+            self._stop.wait(self.renew_interval_s)

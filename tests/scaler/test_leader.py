@@ -1,0 +1,283 @@
+"""Leader election between scaler replicas against real Redis.
+
+Electors run in threads or in a subprocess (so "the leader died" can be a real SIGKILL); the
+"Redis down" case runs its own redis-server on a free port and kills it, never the shared one.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Callable, Iterator
+
+import pytest
+import redis
+
+from scaler.leader import LeaderLease
+
+LEASE_S = 0.6  # short, so renewals and expiries happen many times within a fast test
+
+
+def wait_for(what: str, condition: Callable[[], bool], timeout_s: float = 10.0) -> float:
+    """Poll ``condition`` until true; return the seconds it took. Fails with ``what``."""
+    start = time.monotonic()
+    while not condition():
+        if time.monotonic() - start > timeout_s:
+            raise AssertionError(f"timed out after {timeout_s}s waiting for {what}")
+        time.sleep(0.005)
+    return time.monotonic() - start
+
+
+@pytest.fixture
+def name() -> str:
+    """A lease name of this test's own."""
+    return f"leader-test-{uuid.uuid4().hex[:8]}"
+
+
+@pytest.fixture
+def client(redis_url: str, key_prefix: str) -> Iterator[redis.Redis]:
+    c = redis.Redis.from_url(redis_url, decode_responses=True, socket_timeout=2)
+    yield c
+    for key in c.scan_iter(match=f"{key_prefix}leader:leader-test-*"):
+        c.delete(key)
+    c.close()
+
+
+def elector(url: str, prefix: str, name: str, owner: str, lease_s: float = LEASE_S) -> LeaderLease:
+    return LeaderLease.from_url(url, name=name, prefix=prefix, owner=owner, lease_s=lease_s)
+
+
+def test_only_one_leader_at_a_time_over_many_renewals(
+    redis_url: str, key_prefix: str, name: str, client: redis.Redis
+) -> None:
+    a = elector(redis_url, key_prefix, name, "a")
+    b = elector(redis_url, key_prefix, name, "b")
+    a.start()
+    b.start()
+    try:
+        wait_for("a leader", lambda: a.is_leader() or b.is_leader())
+        leader = a if a.is_leader() else b
+        follower = b if leader is a else a
+        both = 0
+        samples = 0
+        end = time.monotonic() + 8 * leader.renew_interval_s  # eight renewals
+        while time.monotonic() < end:
+            la, lb = a.is_leader(), b.is_leader()
+            both += la and lb
+            samples += 1
+            time.sleep(0.002)
+        assert samples > 100
+        assert both == 0, f"both electors were leader in {both} of {samples} samples"
+        # The holder renewed throughout: it never lost the lease, the follower never got it.
+        assert leader.is_leader()
+        assert leader.state().transitions == 1
+        assert follower.state().transitions == 0
+        assert client.get(leader.key) == leader.owner
+    finally:
+        a.stop()
+        b.stop()
+
+
+def test_takeover_within_two_leases_after_leader_process_is_killed(
+    redis_url: str, key_prefix: str, name: str, client: redis.Redis
+) -> None:
+    lease_s = 1.5
+    key = f"{key_prefix}leader:{name}"
+    script = (
+        "import sys, time\n"
+        "from scaler.leader import LeaderLease\n"
+        "lease = LeaderLease.from_url(sys.argv[1], name=sys.argv[2], prefix=sys.argv[3],\n"
+        "                             owner='doomed', lease_s=float(sys.argv[4]))\n"
+        "lease.start()\n"
+        "while True: time.sleep(1)\n"
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-c", script, redis_url, name, key_prefix, str(lease_s)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    survivor = elector(redis_url, key_prefix, name, "survivor", lease_s=lease_s)
+    try:
+        wait_for("the subprocess to take the lease", lambda: client.get(key) == "doomed", 30)
+        survivor.start()
+        # While the other process lives and renews, the survivor never leads.
+        end = time.monotonic() + 2 * lease_s
+        while time.monotonic() < end:
+            assert not survivor.is_leader(), "follower led while the leader was alive"
+            time.sleep(0.01)
+        assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=10)
+        took = wait_for("the survivor to take over", survivor.is_leader, 10 * lease_s)
+        assert took < 2 * lease_s, f"takeover took {took:.2f}s, more than two leases"
+        assert client.get(key) == "survivor"
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=10)
+        survivor.stop()
+
+
+def test_takeover_after_renewals_stop_never_overlaps(
+    redis_url: str, key_prefix: str, name: str
+) -> None:
+    a = elector(redis_url, key_prefix, name, "a")
+    b = elector(redis_url, key_prefix, name, "b")
+    a.start()
+    wait_for("a to lead", a.is_leader)
+    b.start()
+    try:
+        a.stop(release=False)  # a hung or crashed scaler: the lease is left to expire
+        stopped = time.monotonic()
+        overlap = False
+        while not b.is_leader():
+            overlap |= a.is_leader() and b.is_leader()
+            assert time.monotonic() - stopped < 10 * LEASE_S, "b never took over"
+            time.sleep(0.002)
+        assert not overlap
+        assert not a.is_leader(), "a still counted itself leader after b took over"
+        assert time.monotonic() - stopped < 2 * LEASE_S
+    finally:
+        b.stop()
+
+
+def test_clean_stop_releases_so_the_follower_need_not_wait_for_expiry(
+    redis_url: str, key_prefix: str, name: str, client: redis.Redis
+) -> None:
+    # A long lease: if release did not work, takeover would take ~10 s and the test fails.
+    a = elector(redis_url, key_prefix, name, "a", lease_s=10)
+    b = elector(redis_url, key_prefix, name, "b", lease_s=10)
+    assert a.step()
+    assert not b.step()
+    a.stop(release=True)
+    assert not a.is_leader()
+    assert client.get(a.key) is None
+    assert b.step()
+
+
+def test_leadership_ends_by_local_clock_before_redis_expires_the_key(
+    redis_url: str, key_prefix: str, name: str, client: redis.Redis
+) -> None:
+    a = elector(redis_url, key_prefix, name, "a")
+    assert a.step()  # acquired once and never renewed
+    wait_for("a to stop counting itself leader", lambda: not a.is_leader(), 5)
+    # The key is still alive: a stepped down before anyone else could have been given it.
+    assert client.pttl(a.key) > 0
+
+
+def test_renewal_fails_once_someone_else_owns_the_key(
+    redis_url: str, key_prefix: str, name: str, client: redis.Redis
+) -> None:
+    a = elector(redis_url, key_prefix, name, "a")
+    assert a.step()
+    client.set(a.key, "intruder", px=5000)  # e.g. a's lease expired and another took it
+    assert not a.step()
+    assert not a.is_leader()
+    assert a.release() is False  # compare-and-del leaves the other owner's lease alone
+    assert client.get(a.key) == "intruder"
+
+
+class OwnRedis:
+    """A redis-server of this test's own on a free port, to kill and restart. Falls back to a
+    container from REDIS_IMAGE when no redis-server binary is installed."""
+
+    def __init__(self) -> None:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._container: str | None = None
+
+    def start(self) -> None:
+        binary = shutil.which("redis-server")
+        args = ["--save", "", "--appendonly", "no"]
+        if binary:
+            self._proc = subprocess.Popen(
+                [binary, "--port", str(self.port), "--bind", "127.0.0.1", *args],
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
+        else:
+            image = os.environ.get("REDIS_IMAGE", "redis:7")
+            self._container = f"leader-test-redis-{uuid.uuid4().hex[:8]}"
+            publish = f"127.0.0.1:{self.port}:6379"
+            run = ["docker", "run", "-d", "--rm", "--name", self._container, "-p", publish]
+            subprocess.run(
+                [*run, image, "redis-server", *args],
+                check=True,
+                capture_output=True,
+            )
+
+        def ready() -> bool:
+            try:
+                return bool(redis.Redis.from_url(self.url, socket_timeout=0.5).ping())
+            except redis.RedisError:
+                return False
+
+        wait_for(f"own redis on port {self.port}", ready, 30)
+
+    def kill(self) -> None:
+        if self._proc is not None:
+            self._proc.kill()
+            self._proc.wait(timeout=10)
+            self._proc = None
+        if self._container is not None:
+            subprocess.run(["docker", "rm", "-f", self._container], capture_output=True)
+            self._container = None
+
+
+@pytest.fixture
+def own_redis() -> Iterator[OwnRedis]:
+    server = OwnRedis()
+    server.start()
+    try:
+        yield server
+    finally:
+        server.kill()
+
+
+def test_redis_down_means_nobody_leads_and_leadership_returns_after(
+    own_redis: OwnRedis, name: str
+) -> None:
+    a = elector(own_redis.url, "", name, "a")
+    b = elector(own_redis.url, "", name, "b")
+    a.start()
+    b.start()
+    try:
+        wait_for("a leader", lambda: a.is_leader() or b.is_leader())
+        own_redis.kill()
+        wait_for("nobody to lead", lambda: not a.is_leader() and not b.is_leader(), 5)
+        wait_for("the error to be reported", lambda: a.last_error is not None, 5)
+        assert "redis error" in (a.last_error or "")
+        assert not a.state().leader and not b.state().leader
+        own_redis.start()  # same port: the electors reconnect by themselves
+        wait_for("a leader again", lambda: a.is_leader() or b.is_leader(), 10)
+        assert not (a.is_leader() and b.is_leader())
+        wait_for("errors to clear", lambda: a.last_error is None and b.last_error is None, 5)
+    finally:
+        a.stop()
+        b.stop()
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "field"),
+    [
+        ({"lease_s": 0}, "lease_s"),
+        ({"lease_s": -1}, "lease_s"),
+        ({"lease_s": 3, "safety_s": 2.5}, "safety_s"),
+        ({"lease_s": 3, "safety_s": -0.1}, "safety_s"),
+        ({"name": ""}, "name"),
+    ],
+)
+def test_bad_settings_are_refused_with_the_field_named(
+    client: redis.Redis, kwargs: dict[str, object], field: str
+) -> None:
+    with pytest.raises(ValueError, match=field):
+        LeaderLease(client, **kwargs)  # type: ignore[arg-type]
