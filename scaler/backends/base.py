@@ -1,0 +1,103 @@
+"""The one small interface every backend implements, so the loop never knows which one runs.
+
+A backend owns the replicas of the managed worker services: it lists them, counts them, scales a
+service to N (starting workers, or draining and stopping the chosen ones), replaces workers that
+died, and reports its own health and the workers' CPU and memory. Backends are thin adapters: no
+policy and no arithmetic lives here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Protocol, runtime_checkable
+
+from scaler.observations import Resources
+
+
+class BackendError(RuntimeError):
+    """The backend could not do or read something (engine, process table or broker trouble)."""
+
+
+@dataclass(frozen=True)
+class ServiceSpec:
+    """What the backend needs to know about one managed service: its name and its queues."""
+
+    name: str
+    queues: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class WorkerInfo:
+    """One worker replica as the backend sees it."""
+
+    service: str
+    name: str  # Celery node name, e.g. "io-2@host"
+    ident: str  # pid, container id...
+    state: str  # "running", "draining", "stopped" or "dead"
+
+
+@dataclass(frozen=True)
+class ScaleResult:
+    """What a scale call did: workers started, drains begun, and the count it leaves."""
+
+    service: str
+    before: int
+    after: int
+    started: tuple[str, ...] = ()
+    draining: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class BackendEvent:
+    """Something the backend did on its own (a dead worker replaced, a drain finished)."""
+
+    service: str
+    kind: str  # "replaced", "drained", "drain-timeout", ...
+    detail: str
+
+
+@dataclass(frozen=True)
+class BackendHealth:
+    """Whether the backend can act now, and if not, why."""
+
+    ok: bool
+    detail: str = ""
+    extra: Mapping[str, object] = field(default_factory=dict)
+
+
+@runtime_checkable
+class Backend(Protocol):
+    """The interface the loop drives."""
+
+    name: str
+
+    def manage(self, specs: Sequence[ServiceSpec]) -> None:
+        """Set the services under management (called at start and when the policy reloads)."""
+
+    def services(self) -> list[str]:
+        """Names of the managed services."""
+
+    def workers(self, service: str) -> list[WorkerInfo]:
+        """The service's workers, draining ones included."""
+
+    def replicas(self, service: str) -> int:
+        """Replicas that count towards the service's size (running, not draining).
+
+        Raises BackendError when the count cannot be read: the loop then holds.
+        """
+
+    def scale(self, service: str, replicas: int) -> ScaleResult:
+        """Move the service towards ``replicas``; scale-down drains before stopping."""
+
+    def reconcile(self) -> list[BackendEvent]:
+        """Replace dead workers and finish drains; what happened, for the log and status."""
+
+    def resources(self, service: str) -> Resources:
+        """Mean CPU and memory of the service's workers (fields None when unreadable)."""
+
+    def health(self) -> BackendHealth:
+        """Can the backend act right now?"""
+
+    def close(self) -> None:
+        """Release what the backend holds (not its workers: they outlive a scaler restart)."""

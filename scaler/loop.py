@@ -1,0 +1,298 @@
+"""The scaler's control loop: observe -> decide -> act -> record, once per interval.
+
+Like the Kubernetes HPA, the arithmetic lives elsewhere (``scaler.decide``, a pure function); this
+module does the I/O around it and the safety rules that belong to acting:
+
+- a failed scale is retried with backoff inside the cycle, reported, and never recorded in the
+  history as done (so it starts no cooldown);
+- never a blind scale-down: a "down" is refused unless the service's replica count and every one
+  of its queue signals were read this cycle (the core holds on missing data; this is the belt to
+  its braces);
+- every decision is logged as one JSON line with its reasons;
+- SIGHUP reloads the policy between cycles; an invalid file is refused, the last good policy stays
+  in force and the error is logged and shown in status until a good file loads;
+- cycles that hit errors back off (the interval doubles, up to a cap) so a dead broker is not
+  hammered, and the first clean cycle returns to the normal pace.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from scaler.backends.base import Backend, ScaleResult, ServiceSpec
+from scaler.decide import Decision, decide
+from scaler.history import History
+from scaler.observations import Observations
+from scaler.policy import Policy, PolicyError, load_policy
+from scaler.signals.collector import Collector
+from scaler.status import ServiceStatus, Snapshot, write_snapshot
+
+log = logging.getLogger("scaler.loop")
+decision_log = logging.getLogger("scaler.decisions")
+
+MAX_BACKOFF_FACTOR = 8  # a failing scaler still looks every 8 intervals at most
+
+
+@dataclass
+class PolicySource:
+    """The policy in force, and where it came from; reloads keep the last good one on error."""
+
+    policy: Policy
+    path: Path | None = None
+    loaded_at: float | None = None
+    error: str | None = None
+
+    @classmethod
+    def from_file(cls, path: Path) -> PolicySource:
+        """Load ``path``; raises PolicyError (the first load has no good policy to fall back on)."""
+        return cls(load_policy(path), path, time.time())
+
+    def reload(self) -> bool:
+        """Re-read the file; on error keep the current policy and remember why. True if loaded."""
+        if self.path is None:
+            return False
+        try:
+            self.policy = load_policy(self.path)
+        except PolicyError as exc:
+            self.error = f"{self.path}: " + "; ".join(exc.problems)
+            log.error(json.dumps({"event": "policy-reload-refused", "error": self.error}))
+            return False
+        self.loaded_at, self.error = time.time(), None
+        log.info(json.dumps({"event": "policy-reloaded", "path": str(self.path)}))
+        return True
+
+
+@dataclass(frozen=True)
+class Retry:
+    """How a failing backend call is retried within one cycle."""
+
+    attempts: int = 3
+    first_delay_s: float = 0.2
+    factor: float = 2.0
+
+
+@dataclass(frozen=True)
+class ActOutcome:
+    """What acting on one decision did."""
+
+    acted: bool
+    result: ScaleResult | None = None
+    error: str | None = None
+
+
+@dataclass(frozen=True)
+class CycleReport:
+    """One cycle's inputs and outputs, for callers and tests."""
+
+    observations: Observations
+    decisions: Mapping[str, Decision]
+    outcomes: Mapping[str, ActOutcome]
+    errors: tuple[str, ...]
+
+
+def blind_spots(obs: Observations, service: str) -> list[str]:
+    """The signals a scale-down of ``service`` would need but this cycle did not read."""
+    seen = obs.services.get(service)
+    if seen is None:
+        return [f"{service}: no observation"]
+    missing = [] if seen.replicas is not None else ["replicas"]
+    missing += [f"{q} work" for q, s in seen.queues.items() if s.work is None]
+    return missing
+
+
+@dataclass
+class Scaler:
+    """Runs cycles against one backend; writes a status snapshot after each."""
+
+    source: PolicySource
+    backend: Backend
+    collector: Collector
+    state_file: Path | None = None
+    dry_run: bool = False
+    retry: Retry = field(default_factory=Retry)
+    clock: Callable[[], float] = time.time
+    sleep: Callable[[float], None] = time.sleep
+    history: History = field(default_factory=History)
+    cycles: int = 0
+    consecutive_failures: int = 0
+    events: deque[str] = field(default_factory=lambda: deque(maxlen=20))
+    _reload: threading.Event = field(default_factory=threading.Event, init=False)
+    _managed: tuple[ServiceSpec, ...] = field(default=(), init=False)
+    last_snapshot: Snapshot | None = field(default=None, init=False)
+
+    def request_reload(self) -> None:
+        """Ask for a policy reload before the next cycle (safe from a signal handler)."""
+        self._reload.set()
+
+    def _sync_backend(self) -> None:
+        specs = tuple(
+            ServiceSpec(name, tuple(svc.queues))
+            for name, svc in self.source.policy.services.items()
+        )
+        if specs != self._managed:
+            self.backend.manage(list(specs))
+            self._managed = specs
+
+    def cycle(self) -> CycleReport:
+        """One observe -> decide -> act -> record pass."""
+        started = time.monotonic()
+        if self._reload.is_set():
+            self._reload.clear()
+            self.source.reload()
+        policy = self.source.policy
+        errors: list[str] = []
+        self._sync_backend()
+        if not self.dry_run:
+            try:
+                for event in self.backend.reconcile():
+                    text = f"{event.service} {event.kind}: {event.detail}"
+                    self.events.append(text)
+                    log.warning(json.dumps({"event": "backend", "detail": text}))
+            except Exception as exc:
+                errors.append(f"backend: reconcile failed: {exc}")
+        queues = {name: list(svc.queues) for name, svc in policy.services.items()}
+        obs = self.collector.collect(queues, self.backend)
+        errors.extend(obs.errors)
+        now = self.clock()
+        decisions, history = decide(policy, obs, self.history, now)
+        outcomes: dict[str, ActOutcome] = {}
+        for service, decision in decisions.items():
+            outcome = self._act(obs, decision)
+            if outcome.result is not None:
+                r = outcome.result
+                history = history.record_action(service, r.before, r.after, now)
+            if outcome.error:
+                errors.append(outcome.error)
+            outcomes[service] = outcome
+            self._log_decision(decision, outcome)
+        self.history = history
+        self.cycles += 1
+        self.consecutive_failures = self.consecutive_failures + 1 if errors else 0
+        report = CycleReport(obs, decisions, outcomes, tuple(errors))
+        self._record(report, time.monotonic() - started)
+        return report
+
+    def _act(self, obs: Observations, decision: Decision) -> ActOutcome:
+        if decision.action == "hold" or decision.desired is None or self.dry_run:
+            return ActOutcome(acted=False)
+        if decision.action == "down":
+            missing = blind_spots(obs, decision.service)
+            if missing:
+                return ActOutcome(
+                    acted=False,
+                    error=f"{decision.service}: scale-down refused, unread: {', '.join(missing)}",
+                )
+        delay = self.retry.first_delay_s
+        last = ""
+        for attempt in range(1, self.retry.attempts + 1):
+            try:
+                result = self.backend.scale(decision.service, decision.desired)
+                return ActOutcome(acted=True, result=result)
+            except Exception as exc:
+                last = f"{type(exc).__name__}: {exc}"
+                log.warning(
+                    json.dumps(
+                        {"event": "scale-failed", "service": decision.service,
+                         "attempt": attempt, "error": last}
+                    )
+                )  # fmt: skip
+                if attempt < self.retry.attempts:
+                    self.sleep(delay)
+                    delay *= self.retry.factor
+        return ActOutcome(
+            acted=False,
+            error=f"{decision.service}: scale to {decision.desired} failed after "
+            f"{self.retry.attempts} attempts: {last}",
+        )
+
+    def _log_decision(self, decision: Decision, outcome: ActOutcome) -> None:
+        decision_log.info(
+            json.dumps(
+                {
+                    "event": "decision",
+                    "cycle": self.cycles,
+                    "service": decision.service,
+                    "current": decision.current,
+                    "desired": decision.desired,
+                    "action": decision.action,
+                    "emergency": decision.emergency,
+                    "reasons": list(decision.reasons),
+                    "acted": outcome.acted,
+                    "dry_run": self.dry_run,
+                    "error": outcome.error,
+                }
+            )
+        )
+
+    def _record(self, report: CycleReport, duration_s: float) -> None:
+        policy = self.source.policy
+        services: dict[str, ServiceStatus] = {}
+        for name, svc in policy.services.items():
+            decision = report.decisions.get(name)
+            outcome = report.outcomes.get(name, ActOutcome(acted=False))
+            seen = report.observations.services.get(name)
+            signals = list(seen.queues.values()) if seen else []
+            waiting = [s.waiting for s in signals]
+            flight = [s.in_flight for s in signals]
+            ages = [s.oldest_age_s for s in signals if s.oldest_age_s is not None]
+            services[name] = ServiceStatus(
+                service=name,
+                current=seen.replicas if seen else None,
+                desired=decision.desired if decision else None,
+                action=("error" if outcome.error else decision.action) if decision else "hold",
+                reasons=tuple(decision.reasons) if decision else (),
+                waiting=None if None in waiting else sum(w for w in waiting if w is not None),
+                in_flight=None if None in flight else sum(f for f in flight if f is not None),
+                oldest_age_s=max(ages) if ages else None,
+                min_replicas=svc.min_replicas,
+                max_replicas=svc.max_replicas,
+                emergency=bool(decision.emergency) if decision else False,
+                acted=outcome.acted,
+                error=outcome.error,
+            )
+        host = report.observations.host
+        snapshot = Snapshot(
+            written_at=self.clock(),
+            cycle=self.cycles,
+            backend=self.backend.name,
+            dry_run=self.dry_run,
+            policy_file=str(self.source.path) if self.source.path else None,
+            policy_loaded_at=self.source.loaded_at,
+            policy_error=self.source.error,
+            cycle_duration_s=duration_s,
+            consecutive_failures=self.consecutive_failures,
+            errors=report.errors,
+            events=tuple(self.events),
+            host={"cpu_percent": host.cpu_percent, "memory_percent": host.memory_percent},
+            services=services,
+        )
+        self.last_snapshot = snapshot
+        if self.state_file is not None:
+            try:
+                write_snapshot(self.state_file, snapshot)
+            except OSError as exc:
+                log.error(json.dumps({"event": "status-write-failed", "error": str(exc)}))
+
+    def next_delay(self) -> float:
+        """The interval, doubled per consecutive failing cycle up to MAX_BACKOFF_FACTOR."""
+        factor = min(2**self.consecutive_failures, MAX_BACKOFF_FACTOR)
+        return self.source.policy.interval_s * factor
+
+    def run(self, stop: threading.Event, max_cycles: int | None = None) -> None:
+        """Cycle until ``stop`` is set (or ``max_cycles`` ran); a crashing cycle is logged."""
+        while not stop.is_set():
+            try:
+                self.cycle()
+            except Exception:
+                self.consecutive_failures += 1
+                log.exception(json.dumps({"event": "cycle-crashed"}))
+            if max_cycles is not None and self.cycles >= max_cycles:
+                return
+            stop.wait(self.next_delay())

@@ -1,0 +1,1 @@
+"""Readers for what the scaler observes: broker queues, host and worker resources."""

@@ -1,0 +1,151 @@
+"""The scaler's status snapshot: what `scaler status` (and later HTTP /status) shows.
+
+`scaler run` rewrites one JSON file after every cycle (write to a temporary file, then rename,
+so a reader never sees half a file); `scaler status` reads it from another process and prints a
+table. The snapshot is plain structured data, so an HTTP endpoint can serve the same dict.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+STATE_FILE_ENV = "SCALER_STATE_FILE"
+DEFAULT_STATE_FILE = ".scaler/state.json"
+
+
+@dataclass(frozen=True)
+class ServiceStatus:
+    """One managed service after a cycle."""
+
+    service: str
+    current: int | None
+    desired: int | None
+    action: str  # "up", "down", "hold", or "error" when the scale call failed
+    reasons: tuple[str, ...]
+    waiting: int | None
+    in_flight: int | None
+    oldest_age_s: float | None
+    min_replicas: int
+    max_replicas: int
+    emergency: bool = False
+    acted: bool = False  # the backend was asked to change the count this cycle
+    error: str | None = None
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """Everything the scaler reports after one cycle."""
+
+    written_at: float
+    cycle: int
+    backend: str
+    dry_run: bool
+    policy_file: str | None
+    policy_loaded_at: float | None
+    policy_error: str | None  # the last refused reload, shown until a good one lands
+    cycle_duration_s: float
+    consecutive_failures: int
+    errors: tuple[str, ...]
+    events: tuple[str, ...]  # recent backend events, newest last
+    host: Mapping[str, float | None]
+    services: Mapping[str, ServiceStatus] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready form (the same shape HTTP /status can serve)."""
+        return asdict(self)
+
+
+def default_state_file() -> Path:
+    """SCALER_STATE_FILE, or .scaler/state.json under the working directory."""
+    return Path(os.environ.get(STATE_FILE_ENV) or DEFAULT_STATE_FILE)
+
+
+def write_snapshot(path: Path, snapshot: Snapshot) -> None:
+    """Atomically replace ``path`` with the snapshot as JSON."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".state-", suffix=".json")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as out:
+            json.dump(snapshot.to_dict(), out, indent=1, sort_keys=True)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def read_snapshot(path: Path) -> dict[str, Any]:
+    """The last snapshot written to ``path``; ValueError naming the file if it is unusable."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ValueError(
+            f"state file {path}: not found; is `scaler run` running with --state-file {path}?"
+        ) from None
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"state file {path}: unreadable: {exc}") from None
+    if not isinstance(data, dict) or "services" not in data:
+        raise ValueError(f"state file {path}: not a scaler status snapshot")
+    return data
+
+
+def _cell(value: object, digits: int = 1) -> str:
+    if value is None:
+        return "?"
+    if isinstance(value, float):
+        return f"{value:.{digits}f}"
+    return str(value)
+
+
+def _table(rows: Sequence[Sequence[str]]) -> list[str]:
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    return ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows]
+
+
+def render(data: Mapping[str, Any], now: float | None = None) -> str:
+    """The snapshot as the operator's table: one row per service, then the problems."""
+    now = time.time() if now is None else now
+    age = now - float(data.get("written_at", 0.0))
+    mode = " (dry run)" if data.get("dry_run") else ""
+    lines = [
+        f"backend {data.get('backend')}{mode}, cycle {data.get('cycle')}, "
+        f"updated {age:.1f}s ago, policy {data.get('policy_file') or '-'}",
+    ]
+    header = ["SERVICE", "CURRENT", "DESIRED", "WAITING", "IN-FLIGHT", "OLDEST(s)", "LAST", "WHY"]
+    rows = [header]
+    for name, svc in sorted((data.get("services") or {}).items()):
+        why = "; ".join(svc.get("reasons") or [])
+        if svc.get("error"):
+            why = f"ERROR {svc['error']}; {why}"
+        rows.append(
+            [
+                name,
+                _cell(svc.get("current")),
+                _cell(svc.get("desired")),
+                _cell(svc.get("waiting")),
+                _cell(svc.get("in_flight")),
+                _cell(svc.get("oldest_age_s")),
+                str(svc.get("action", "?")) + ("!" if svc.get("emergency") else ""),
+                why,
+            ]
+        )
+    lines.extend(_table(rows))
+    host = data.get("host") or {}
+    lines.append(
+        f"host cpu {_cell(host.get('cpu_percent'))}%, mem {_cell(host.get('memory_percent'))}%"
+    )
+    if data.get("policy_error"):
+        lines.append(f"policy reload refused (last good policy in force): {data['policy_error']}")
+    for error in data.get("errors") or []:
+        lines.append(f"error: {error}")
+    if data.get("consecutive_failures"):
+        lines.append(f"consecutive failed cycles: {data['consecutive_failures']}")
+    for event in (data.get("events") or [])[-5:]:
+        lines.append(f"event: {event}")
+    return "\n".join(lines)
