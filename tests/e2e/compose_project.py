@@ -1,0 +1,131 @@
+"""One Compose project of the stack under test, driven through the real `docker compose` CLI.
+
+The e2e tests run the same compose files an operator does (compose/compose.yaml plus the
+production override), under a unique project name prefixed ``cst-test-`` so that CI's cleanup
+can find anything a crashed run leaves behind.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+ROOT = Path(__file__).resolve().parents[2]
+COMPOSE_DIR = ROOT / "compose"
+T = TypeVar("T")
+
+
+def wait_until(
+    what: str, probe: Callable[[], T | None], deadline_s: float, every_s: float = 0.5
+) -> T:
+    """Poll ``probe`` until it returns something truthy; fail naming ``what`` after the deadline."""
+    deadline = time.monotonic() + deadline_s
+    last: object = None
+    while True:
+        try:
+            value = probe()
+            if value:
+                return value
+            last = value
+        except Exception as exc:
+            last = exc
+        if time.monotonic() >= deadline:
+            raise AssertionError(f"{what}: not true after {deadline_s:.0f}s (last: {last!r})")
+        time.sleep(every_s)
+
+
+@dataclass
+class ComposeProject:
+    """A named Compose project over the stack's files, with its own env file."""
+
+    name: str
+    env_file: Path
+    files: Sequence[Path] = (COMPOSE_DIR / "compose.yaml", COMPOSE_DIR / "compose.prod.yaml")
+    env: dict[str, str] = field(default_factory=dict)
+
+    def command(self, *args: str) -> list[str]:
+        cmd = ["docker", "compose", "-p", self.name, "--env-file", str(self.env_file)]
+        for f in self.files:
+            cmd += ["-f", str(f)]
+        return [*cmd, *args]
+
+    def run(
+        self, *args: str, check: bool = True, timeout: float = 300, stdin: str | None = None
+    ) -> subprocess.CompletedProcess[str]:
+        """Run one compose command; on failure raise with its stderr (the useful part)."""
+        cmd = self.command(*args)
+        proc = subprocess.run(
+            cmd,
+            input=stdin,
+            capture_output=True,
+            text=True,
+            env=self.env or None,
+            timeout=timeout,
+            cwd=ROOT,
+        )
+        if check and proc.returncode != 0:
+            raise RuntimeError(
+                f"{' '.join(cmd)} exited {proc.returncode}:\n{proc.stdout[-4000:]}\n"
+                f"{proc.stderr[-4000:]}"
+            )
+        return proc
+
+    def container_ids(self, service: str) -> list[str]:
+        out = self.run("ps", "--quiet", service).stdout
+        return [line for line in out.split() if line]
+
+    def inspect(self, container_ids: Sequence[str]) -> list[dict[str, Any]]:
+        if not container_ids:
+            return []
+        out = subprocess.run(
+            ["docker", "inspect", *container_ids], capture_output=True, text=True, check=True
+        ).stdout
+        result: list[dict[str, Any]] = json.loads(out)
+        return result
+
+    def hostnames(self, service: str) -> set[str]:
+        """The hostnames of the service's running containers (Celery names workers after them)."""
+        return {c["Config"]["Hostname"] for c in self.inspect(self.container_ids(service))}
+
+    def psql(self, sql: str) -> list[list[str]]:
+        """Run one query in the postgres container (its port is not published) and split rows."""
+        out = self.run(
+            "exec",
+            "-T",
+            "postgres",
+            "sh",
+            "-c",
+            'psql -v ON_ERROR_STOP=1 -U "$POSTGRES_USER" -d "$POSTGRES_DB" -tA -F "|" -c "$0"',
+            sql,
+        ).stdout
+        return [line.split("|") for line in out.splitlines() if line]
+
+    def leftovers(self) -> dict[str, list[str]]:
+        """Containers, networks and volumes that still carry this project's label."""
+        label = f"label=com.docker.compose.project={self.name}"
+        listings = {
+            "containers": ["docker", "ps", "-a", "-q", "--filter", label],
+            "networks": ["docker", "network", "ls", "-q", "--filter", label],
+            "volumes": ["docker", "volume", "ls", "-q", "--filter", label],
+        }
+        return {
+            kind: subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.split()
+            for kind, cmd in listings.items()
+        }
+
+    def diagnostics(self) -> str:
+        """`ps` and the tail of every service's logs: printed when a test fails."""
+        ps = self.run("ps", "--all", check=False, timeout=60)
+        logs = self.run("logs", "--no-color", "--tail", "80", check=False, timeout=60)
+        return (
+            f"--- docker compose ps ({self.name})\n{ps.stdout}{ps.stderr}\n"
+            f"--- docker compose logs ({self.name})\n{logs.stdout[-20000:]}{logs.stderr}"
+        )
+
+    def down(self) -> None:
+        self.run("--profile", "monitoring", "down", "--volumes", "--remove-orphans", "-t", "20")

@@ -1,0 +1,143 @@
+"""The env file scripts that guard `make up`: fresh secrets, and validation that names the variable.
+
+These run the real shell scripts (compose/scripts/init-env.sh, check-env.sh) on temporary files;
+they need no Docker engine.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+from pathlib import Path
+
+import pytest
+from compose_project import ROOT
+
+INIT_ENV = ROOT / "compose" / "scripts" / "init-env.sh"
+CHECK_ENV = ROOT / "compose" / "scripts" / "check-env.sh"
+EXAMPLE = ROOT / ".env.example"
+SECRETS = ("REDIS_PASSWORD", "POSTGRES_PASSWORD", "FLOWER_PASSWORD", "SCALER_TOKEN")
+# Variables the scripts read; cleared so that the developer's shell cannot leak into a test.
+STACK_VARS = (
+    *SECRETS,
+    "FLOWER_USER",
+    "LOG_LEVEL",
+    "CELERY_TASK_TIME_LIMIT",
+    "CELERY_TASK_SOFT_TIME_LIMIT",
+    "CELERY_VISIBILITY_TIMEOUT",
+    "WORKER_STOP_GRACE_SECONDS",
+    "DB_POOL_MIN",
+    "DB_POOL_MAX",
+    "POSTGRES_USER",
+    "POSTGRES_DB",
+    "CELERY_KEY_PREFIX",
+)
+
+
+def clean_env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in STACK_VARS}
+    env.update(extra)
+    return env
+
+
+def read_env(path: Path) -> dict[str, str]:
+    pairs = (
+        line.split("=", 1) for line in path.read_text().splitlines() if re.match(r"^[A-Z_]+=", line)
+    )
+    return dict(pairs)  # type: ignore[arg-type]
+
+
+def init_env(tmp_path: Path, name: str = ".env") -> Path:
+    target = tmp_path / name
+    subprocess.run(
+        ["bash", str(INIT_ENV), str(EXAMPLE), str(target)],
+        check=True,
+        capture_output=True,
+        env=clean_env(),
+    )
+    return target
+
+
+def check_env(path: Path, **extra: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        ["bash", str(CHECK_ENV), str(path)], capture_output=True, text=True, env=clean_env(**extra)
+    )
+
+
+def set_var(path: Path, name: str, value: str) -> None:
+    text = path.read_text()
+    text, n = re.subn(rf"(?m)^{name}=.*$", f"{name}={value}", text)
+    assert n == 1, f"{name} is not in {path}"
+    path.write_text(text)
+
+
+def test_example_has_no_password_and_fails_validation(tmp_path: Path) -> None:
+    """The committed example carries no usable secret: used as is, it is refused."""
+    example_values = read_env(EXAMPLE)
+    for name in SECRETS:
+        assert example_values[name] == "", f"{name} has a default in .env.example"
+    copy = tmp_path / ".env"
+    copy.write_text(EXAMPLE.read_text())
+    proc = check_env(copy)
+    assert proc.returncode != 0
+    for name in ("REDIS_PASSWORD", "POSTGRES_PASSWORD", "FLOWER_PASSWORD"):
+        assert f"{name} is missing or empty" in proc.stderr
+
+
+def test_init_env_generates_distinct_fresh_secrets(tmp_path: Path) -> None:
+    first = read_env(init_env(tmp_path, "a.env"))
+    second = read_env(init_env(tmp_path, "b.env"))
+    values = [first[name] for name in SECRETS] + [second[name] for name in SECRETS]
+    assert all(re.fullmatch(r"[0-9a-f]{32}", v) for v in values), values
+    assert len(set(values)) == len(values), "a secret was reused"
+    assert (tmp_path / "a.env").stat().st_mode & 0o077 == 0, ".env is readable by others"
+    assert check_env(tmp_path / "a.env").returncode == 0
+
+
+def test_init_env_never_overwrites_an_existing_file(tmp_path: Path) -> None:
+    target = init_env(tmp_path)
+    before = target.read_text()
+    init_env(tmp_path)
+    assert target.read_text() == before
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "expected"),
+    [
+        ("REDIS_PASSWORD", "short", "REDIS_PASSWORD is malformed"),
+        ("POSTGRES_PASSWORD", "has space in it 0123456789", "POSTGRES_PASSWORD is malformed"),
+        ("POSTGRES_PASSWORD", "", "POSTGRES_PASSWORD is missing or empty"),
+        ("FLOWER_USER", "ad:min", "FLOWER_USER='ad:min' is malformed"),
+        ("LOG_LEVEL", "LOUD", "LOG_LEVEL='LOUD' is not one of"),
+        ("CELERY_TASK_TIME_LIMIT", "2m", "CELERY_TASK_TIME_LIMIT='2m' is malformed"),
+        ("DB_POOL_MAX", "0", "DB_POOL_MAX='0' is malformed"),
+        ("CELERY_TASK_TIME_LIMIT", "200", "CELERY_TASK_TIME_LIMIT=200 must be less than"),
+        ("CELERY_VISIBILITY_TIMEOUT", "60", "must be less than CELERY_VISIBILITY_TIMEOUT=60"),
+        ("CELERY_KEY_PREFIX", "a b", "CELERY_KEY_PREFIX='a b' is malformed"),
+        ("POSTGRES_DB", "my-db", "POSTGRES_DB='my-db' is malformed"),
+    ],
+)
+def test_check_env_names_the_bad_variable(
+    tmp_path: Path, name: str, value: str, expected: str
+) -> None:
+    target = init_env(tmp_path)
+    set_var(target, name, value)
+    proc = check_env(target)
+    assert proc.returncode == 1
+    assert expected in proc.stderr, proc.stderr
+
+
+def test_exported_variable_wins_over_the_file(tmp_path: Path) -> None:
+    """As for Compose itself: a value in the environment overrides the file's."""
+    target = init_env(tmp_path)
+    assert check_env(target).returncode == 0
+    proc = check_env(target, LOG_LEVEL="chatty")
+    assert proc.returncode == 1
+    assert "LOG_LEVEL='chatty'" in proc.stderr
+
+
+def test_missing_env_file_is_reported(tmp_path: Path) -> None:
+    proc = check_env(tmp_path / "nope.env")
+    assert proc.returncode == 1
+    assert "nope.env not found" in proc.stderr
