@@ -299,11 +299,11 @@ def _decide_service(
         if e.latency_s is not None and age is not None and waiting_here and age > e.latency_s:
             why.append(f"oldest {age:.1f} s > {e.latency_s:g} s")
         to = min(e.scale_to if e.scale_to is not None else hi, hi)
-        if why and to > desired:
+        if why and max(to, desired) > current:
             emergency = True
-            desired = to
+            desired = max(to, desired)
             reasons.append(
-                f"emergency on queue {e.queue} ({', '.join(why)}): {to} at once, "
+                f"emergency on queue {e.queue} ({', '.join(why)}): {desired} at once, "
                 "past step limit and cooldown"
             )
 
