@@ -1,0 +1,595 @@
+"""The Docker Compose backend: scales a Compose service by adding and removing its containers.
+
+Compose has no "scale to N" API of its own that a sidecar could call, so this backend does what
+`docker compose up --scale` does, through the Docker engine API:
+
+- A service is managed only if its containers carry the project's Compose labels and the opt-in
+  label ``autoscale.managed=true``, and the policy names it. Nothing else is ever touched.
+- Scale up clones the inspected configuration of the service's lowest-numbered running replica
+  (image, command, environment, mounts, networks, labels) through the low-level API, changing only
+  the name ``{project}-{service}-{N}``, the container-number label and the network aliases. The
+  config-hash label stays equal, so `docker compose ps` lists the clone, `docker compose down`
+  removes it and a later `docker compose up` does not recreate it (it does reset the count to the
+  file's: the loop just converges again).
+- Scale down picks only workers that Celery reports idle (nothing active, nothing reserved),
+  highest container numbers first, and drains each in a background thread: cancel its consumers,
+  wait until it runs and holds nothing, stop it with the service's grace period (SIGTERM, a warm
+  shutdown), remove it. Scaling to zero keeps the last container stopped as the template to wake.
+- A container that died (exited non-zero, or "dead") is reported, removed and recreated.
+- Engine and broker errors are retried with a short backoff, then raised as BackendError and shown
+  in health(): the loop holds, and nothing is ever stopped on data that could not be read.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import shlex
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from functools import partial
+from typing import Any, TypeVar
+
+import docker
+import docker.errors
+import requests.exceptions
+from celery import Celery
+
+from scaler.backends.base import (
+    BackendError,
+    BackendEvent,
+    BackendHealth,
+    ScaleResult,
+    ServiceSpec,
+    WorkerInfo,
+)
+from scaler.observations import Resources
+from scaler.signals.containers import ContainerStats
+
+log = logging.getLogger(__name__)
+
+PROJECT_LABEL = "com.docker.compose.project"
+SERVICE_LABEL = "com.docker.compose.service"
+NUMBER_LABEL = "com.docker.compose.container-number"
+ONEOFF_LABEL = "com.docker.compose.oneoff"
+MANAGED_LABEL = "autoscale.managed"
+
+# Container states that count as a live replica: Docker brings "restarting" back by itself.
+LIVE_STATES = frozenset({"running", "restarting", "paused"})
+DEFAULT_STOP_TIMEOUT_S = 10  # Docker's own default when a service sets no stop_grace_period
+
+T = TypeVar("T")
+ClientFactory = Callable[[], docker.DockerClient]
+TRANSIENT = (docker.errors.DockerException, requests.exceptions.RequestException, OSError)
+
+
+@dataclass(frozen=True)
+class ComposeContainer:
+    """One container of a managed service, as the engine's container list shows it."""
+
+    id: str
+    name: str
+    service: str
+    number: int
+    state: str  # Docker's: running, exited, created, restarting, paused, dead, removing
+    exit_code: int | None  # for exited containers, parsed from the list's status text
+
+    @property
+    def live(self) -> bool:
+        return self.state in LIVE_STATES
+
+    @property
+    def died(self) -> bool:
+        """Exited on its own: non-zero exit (killed, crashed, OOM) or the engine marks it dead.
+
+        A zero exit is a warm shutdown somebody asked for (this backend parking the last
+        replica, or an operator's `docker compose stop`): left alone, and used to wake from zero.
+        """
+        return self.state == "dead" or (self.state == "exited" and self.exit_code != 0)
+
+
+_EXITED = re.compile(r"Exited \((-?\d+)\)")
+
+
+def worker_node_name(inspected: dict[str, Any]) -> str:
+    """The Celery node name of the worker in a container, from its command and hostname.
+
+    Celery names a worker ``celery@<hostname>`` unless the command passes ``-n``/``--hostname``
+    (where ``%h``, ``%n``, ``%d`` and ``$HOSTNAME`` expand as in the worker). The container's
+    hostname is Docker's short id unless the service sets one.
+    """
+    config = inspected.get("Config") or {}
+    host = str(config.get("Hostname") or inspected.get("Id", "")[:12])
+    domain = str(config.get("Domainname") or "")
+    fqdn = f"{host}.{domain}" if domain else host
+    words: list[str] = []
+    for part in [*(config.get("Entrypoint") or []), *(config.get("Cmd") or [])]:
+        words.extend(shlex.split(part) if " " in part else [part])
+    name: str | None = None
+    for i, word in enumerate(words):
+        if word in ("-n", "--hostname") and i + 1 < len(words):
+            name = words[i + 1]
+        elif word.startswith("--hostname="):
+            name = word.split("=", 1)[1]
+    if name is None:
+        return f"celery@{host}"
+    for token, value in (
+        ("${HOSTNAME}", host),
+        ("$HOSTNAME", host),
+        ("%h", fqdn),
+        ("%n", host),
+        ("%d", domain),
+    ):
+        name = name.replace(token, value)
+    return name if "@" in name else f"celery@{name}"
+
+
+def _start(container_id: str, client: docker.DockerClient) -> None:
+    client.api.start(container_id)
+
+
+def _connect(
+    container_id: str, network: str, aliases: list[str], client: docker.DockerClient
+) -> None:
+    client.api.connect_container_to_network(container_id, network, aliases=aliases)
+
+
+def default_client_factory(docker_host: str | None = None, timeout_s: int = 30) -> ClientFactory:
+    """A factory for engine clients: DOCKER_HOST and friends from the environment, or a URL."""
+
+    def make() -> docker.DockerClient:
+        if docker_host is None:
+            return docker.from_env(timeout=timeout_s)
+        return docker.DockerClient(base_url=docker_host, timeout=timeout_s)
+
+    return make
+
+
+class ComposeBackend:
+    """Scales the managed services of one Compose project (see the module docstring)."""
+
+    name = "compose"
+
+    def __init__(
+        self,
+        project: str,
+        app: Celery,
+        *,
+        client_factory: ClientFactory | None = None,
+        drain_timeout_s: float = 3600.0,
+        inspect_timeout_s: float = 1.0,
+        attempts: int = 3,
+        backoff_s: float = 0.2,
+        stats_stale_after_s: float = 5.0,
+    ) -> None:
+        if not project or not re.fullmatch(r"[a-z0-9][a-z0-9_-]*", project):
+            raise ValueError(
+                f"project={project!r}: expected a Compose project name "
+                "(lowercase letters, digits, '-' and '_', starting with a letter or digit)"
+            )
+        for field, value in (
+            ("drain_timeout_s", drain_timeout_s),
+            ("inspect_timeout_s", inspect_timeout_s),
+            ("backoff_s", backoff_s),
+        ):
+            if value <= 0:
+                raise ValueError(f"{field}={value!r}: expected a positive number of seconds")
+        if attempts < 1:
+            raise ValueError(f"attempts={attempts!r}: expected at least 1")
+        self.project = project
+        self.app = app
+        self._factory = client_factory or default_client_factory()
+        self._drain_timeout_s = drain_timeout_s
+        self._inspect_timeout_s = inspect_timeout_s
+        self._attempts = attempts
+        self._backoff_s = backoff_s
+        self._client: docker.DockerClient | None = None
+        self._specs: dict[str, ServiceSpec] = {}
+        self._lock = threading.Lock()
+        self._draining: dict[str, threading.Thread] = {}  # container id -> drain thread
+        self._events: list[BackendEvent] = []
+        self._nodes: dict[str, str] = {}  # container id -> Celery node name (immutable)
+        self._templates: dict[str, dict[str, Any]] = {}  # service -> last inspected replica
+        self._last: dict[str, list[ComposeContainer]] = {}  # last listing, for resources()
+        self._last_error: str = ""
+        self._stats = ContainerStats(lambda: self._factory().api, stale_after_s=stats_stale_after_s)
+
+    # -- the Backend interface ---------------------------------------------------------------
+
+    def manage(self, specs: Sequence[ServiceSpec]) -> None:
+        """Manage exactly these services (the policy's); any other container is never touched."""
+        for spec in specs:
+            if not spec.name:
+                raise ValueError(f"service name {spec.name!r}: expected a non-empty name")
+        with self._lock:
+            self._specs = {spec.name: spec for spec in specs}
+
+    def services(self) -> list[str]:
+        return list(self._specs)
+
+    def workers(self, service: str) -> list[WorkerInfo]:
+        containers = self._containers(service)
+        draining = self._draining_ids()
+        out = []
+        for c in containers:
+            if c.id in draining:
+                state = "draining"
+            elif c.live:
+                state = "running"
+            elif c.died:
+                state = "dead"
+            else:
+                state = "stopped"
+            node = self._nodes.get(c.id) or (self._node(c.id) if c.live else c.name)
+            out.append(WorkerInfo(service=service, name=node, ident=c.id, state=state))
+        return out
+
+    def replicas(self, service: str) -> int:
+        """Live containers that are not draining; BackendError when the engine cannot be read."""
+        draining = self._draining_ids()
+        return sum(1 for c in self._containers(service) if c.live and c.id not in draining)
+
+    def scale(self, service: str, replicas: int) -> ScaleResult:
+        if replicas < 0:
+            raise ValueError(f"replicas={replicas!r} for service {service!r}: expected >= 0")
+        containers = self._containers(service)
+        draining = self._draining_ids()
+        live = [c for c in containers if c.live and c.id not in draining]
+        before = len(live)
+        if replicas > before:
+            started = self._scale_up(service, containers, replicas - before)
+            return ScaleResult(service, before, before + len(started), started=started)
+        if replicas < before:
+            chosen = self._scale_down(service, live, before - replicas, park=replicas == 0)
+            return ScaleResult(service, before, before - len(chosen), draining=chosen)
+        return ScaleResult(service, before, before)
+
+    def reconcile(self) -> list[BackendEvent]:
+        """Replace dead containers, keep one stats reader per live container, report drains."""
+        listing = self._list()
+        events: list[BackendEvent] = []
+        draining = self._draining_ids()
+        for service in self._specs:
+            for dead in [c for c in listing.get(service, []) if c.died and c.id not in draining]:
+                events.append(self._replace(service, dead, listing.get(service, [])))
+        self._stats.track(c.id for cs in listing.values() for c in cs if c.live)
+        with self._lock:
+            events, self._events = [*self._events, *events], []
+        return events
+
+    def resources(self, service: str) -> Resources:
+        """Mean of the latest streamed samples of the service's live containers (no API call)."""
+        return self._stats.mean(c.id for c in self._last.get(service, []) if c.live)
+
+    def health(self) -> BackendHealth:
+        extra: dict[str, object] = {
+            "project": self.project,
+            "draining": len(self._draining_ids()),
+            "stats_readers": len(self._stats.tracked()),
+            "stats_errors": len(self._stats.errors()),
+        }
+        try:
+            self._call("ping the Docker engine", lambda client: client.ping())
+        except BackendError as exc:
+            return BackendHealth(False, str(exc), extra)
+        if self._last_error:
+            extra["last_error"] = self._last_error
+        return BackendHealth(True, "", extra)
+
+    def close(self) -> None:
+        """Stop the stats readers and drop the client; containers and drains are left running."""
+        self._stats.close()
+        if self._client is not None:
+            self._client.close()
+            self._client = None
+
+    # -- reading the engine --------------------------------------------------------------------
+
+    def _call(self, what: str, fn: Callable[[docker.DockerClient], T]) -> T:
+        """Run one engine call, retrying transient errors with backoff; BackendError at the end.
+
+        Client errors (4xx: not found, conflict) are not transient and are raised at once.
+        """
+        delay = self._backoff_s
+        for attempt in range(1, self._attempts + 1):
+            try:
+                if self._client is None:
+                    self._client = self._factory()
+                result = fn(self._client)
+                self._last_error = ""
+                return result
+            except docker.errors.APIError as exc:
+                if exc.is_client_error() or attempt == self._attempts:
+                    self._last_error = f"{what}: {exc}"
+                    raise BackendError(self._last_error) from exc
+            except TRANSIENT as exc:
+                if attempt == self._attempts:
+                    self._last_error = f"{what}: {type(exc).__name__}: {exc}"
+                    raise BackendError(self._last_error) from exc
+            time.sleep(delay)
+            delay *= 2
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def _list(self) -> dict[str, list[ComposeContainer]]:
+        """Every opted-in container of the managed services, grouped by service, by number."""
+        filters = {
+            "label": [f"{PROJECT_LABEL}={self.project}", f"{MANAGED_LABEL}=true"],
+        }
+        rows = self._call(
+            "list containers", lambda client: client.api.containers(all=True, filters=filters)
+        )
+        grouped: dict[str, list[ComposeContainer]] = {name: [] for name in self._specs}
+        for row in rows:
+            labels = row.get("Labels") or {}
+            service = labels.get(SERVICE_LABEL, "")
+            if service not in grouped or labels.get(ONEOFF_LABEL, "False") != "False":
+                continue  # not named by the policy, or a `docker compose run` one-off
+            match = _EXITED.search(row.get("Status") or "")
+            grouped[service].append(
+                ComposeContainer(
+                    id=row["Id"],
+                    name=(row.get("Names") or ["/?"])[0].lstrip("/"),
+                    service=service,
+                    number=int(labels.get(NUMBER_LABEL, "0") or 0),
+                    state=str(row.get("State", "")),
+                    exit_code=int(match.group(1)) if match else None,
+                )
+            )
+        for cs in grouped.values():
+            cs.sort(key=lambda c: c.number)
+        self._last = grouped
+        return grouped
+
+    def _containers(self, service: str) -> list[ComposeContainer]:
+        if service not in self._specs:
+            raise BackendError(
+                f"service {service!r} is not managed here (policy names: {sorted(self._specs)})"
+            )
+        return self._list()[service]
+
+    def _draining_ids(self) -> set[str]:
+        with self._lock:
+            return set(self._draining)
+
+    def _inspect(self, container_id: str) -> dict[str, Any]:
+        return self._call(
+            f"inspect container {container_id[:12]}",
+            lambda client: client.api.inspect_container(container_id),
+        )
+
+    def _node(self, container_id: str) -> str:
+        node = self._nodes.get(container_id)
+        if node is None:
+            node = self._nodes[container_id] = worker_node_name(self._inspect(container_id))
+        return node
+
+    # -- scaling up: clones of replica 1 --------------------------------------------------------
+
+    def _template(self, service: str, containers: list[ComposeContainer]) -> dict[str, Any]:
+        """The inspected config to clone: lowest-numbered live replica, else any, else cached."""
+        ordered = sorted(containers, key=lambda c: (not c.live, c.number))
+        if ordered:
+            self._templates[service] = self._inspect(ordered[0].id)
+        template = self._templates.get(service)
+        if template is None:
+            raise BackendError(
+                f"service {service!r} has no container in project {self.project!r} labelled "
+                f"{MANAGED_LABEL}=true to clone: start it once with `docker compose up`"
+            )
+        return template
+
+    def _scale_up(
+        self, service: str, containers: list[ComposeContainer], count: int
+    ) -> tuple[str, ...]:
+        started: list[str] = []
+        errors: list[str] = []
+        # Wake parked replicas (stopped by a warm shutdown) first: they are the service's own.
+        for parked in [c for c in containers if not c.live and not c.died][:count]:
+            try:
+                self._call(f"start {parked.name}", partial(_start, parked.id))
+                started.append(parked.name)
+            except BackendError as exc:
+                errors.append(str(exc))
+        if len(started) < count:
+            template = self._template(service, containers)
+            number = max((c.number for c in containers), default=0)
+            while len(started) < count and len(errors) < self._attempts:
+                number += 1
+                try:
+                    started.append(self._clone(service, template, number))
+                except BackendError as exc:
+                    errors.append(str(exc))
+        if errors:
+            self._last_error = "; ".join(errors)
+            if not started:
+                raise BackendError(f"scale up {service!r}: {self._last_error}")
+            self._note(service, "scale-up-partial", self._last_error)
+        return tuple(started)
+
+    def _clone(self, service: str, template: dict[str, Any], number: int) -> str:
+        """Create and start ``{project}-{service}-{number}`` from a replica's inspected config."""
+        name = f"{self.project}-{service}-{number}"
+        config = dict(template["Config"])
+        host_config = dict(template["HostConfig"])
+        labels = dict(config.get("Labels") or {})
+        labels[NUMBER_LABEL] = str(number)
+        config["Labels"] = labels
+        if config.get("Hostname") == template["Id"][:12]:
+            config.pop("Hostname")  # Docker's default (the id): the clone gets its own
+        config["Image"] = self._image_for(template)
+        networks: dict[str, Any] = (template.get("NetworkSettings") or {}).get("Networks") or {}
+        primary = host_config.get("NetworkMode", "")
+        if primary not in networks and networks:
+            primary = next(iter(networks))
+
+        def endpoint(network: str) -> dict[str, Any]:
+            source = networks.get(network) or {}
+            # Compose's aliases; no static addresses (they would clash with the source's).
+            return {
+                "Aliases": [name, service],
+                "Links": source.get("Links"),
+                "DriverOpts": source.get("DriverOpts"),
+            }
+
+        # API 1.41 accepts one network at creation; the others are connected before start.
+        config["HostConfig"] = host_config
+        config["NetworkingConfig"] = {"EndpointsConfig": {primary: endpoint(primary)}}
+        # StopTimeout (the service's stop_grace_period) is part of the inspected Config and
+        # travels with it; the high-level containers.create() would drop it.
+        created = self._call(
+            f"create {name}",
+            lambda cl: cl.api.create_container_from_config(config, name=name),
+        )
+        cid = created["Id"]
+        try:
+            for network in networks:
+                if network != primary:
+                    aliases = endpoint(network)["Aliases"]
+                    self._call(
+                        f"connect {name} to {network}", partial(_connect, cid, network, aliases)
+                    )
+            self._call(f"start {name}", partial(_start, cid))
+        except BackendError:
+            # Leave no half-made container behind for the next count to trip over.
+            try:
+                self._call(f"remove {name}", lambda cl: cl.api.remove_container(cid, force=True))
+            except BackendError:
+                log.warning("could not remove the failed clone %s", name)
+            raise
+        log.info("started %s (clone of %s)", name, template.get("Name", "?").lstrip("/"))
+        return name
+
+    def _image_for(self, template: dict[str, Any]) -> str:
+        """The image by its name when that still means the replica's image, else by its id."""
+        image_id = str(template.get("Image", ""))
+        image_name = str((template.get("Config") or {}).get("Image", ""))
+        try:
+            current = self._call(
+                f"inspect image {image_name}", lambda cl: cl.api.inspect_image(image_name)
+            )
+        except BackendError:
+            return image_id or image_name
+        return image_name if current.get("Id") == image_id else image_id
+
+    # -- scaling down: drain idle workers -------------------------------------------------------
+
+    def _busy(self, nodes: list[str]) -> dict[str, bool | None]:
+        """Per node: True if it runs or holds a task, False if idle, None if it did not answer."""
+        delay = self._backoff_s
+        for attempt in range(1, self._attempts + 1):
+            try:
+                inspect = self.app.control.inspect(
+                    destination=nodes, timeout=self._inspect_timeout_s
+                )
+                active = inspect.active() or {}
+                reserved = inspect.reserved() or {}
+                break
+            except Exception as exc:
+                if attempt == self._attempts:
+                    raise BackendError(f"ask workers {nodes} for their tasks: {exc}") from exc
+                time.sleep(delay)
+                delay *= 2
+        return {
+            node: (bool(active[node]) or bool(reserved[node]))
+            if node in active and node in reserved
+            else None
+            for node in nodes
+        }
+
+    def _scale_down(
+        self, service: str, live: list[ComposeContainer], count: int, *, park: bool
+    ) -> tuple[str, ...]:
+        nodes = {c.id: self._node(c.id) for c in live}
+        busy = self._busy(list(nodes.values()))
+        idle = [c for c in live if busy[nodes[c.id]] is False]
+        idle.sort(key=lambda c: c.number, reverse=True)  # Compose removes the highest first
+        chosen = idle[:count]
+        if len(chosen) < count:
+            held = [
+                f"{nodes[c.id]}={'busy' if busy[nodes[c.id]] else 'no answer'}"
+                for c in live
+                if c not in chosen
+            ]
+            self._note(
+                service,
+                "scale-down-held",
+                f"wanted to stop {count}, only {len(chosen)} idle; kept: {', '.join(held)}",
+            )
+        keep = min(chosen, key=lambda c: c.number) if park and chosen else None
+        for c in chosen:
+            thread = threading.Thread(
+                target=self._drain,
+                args=(service, c, nodes[c.id], c is keep),
+                name=f"drain-{c.name}",
+                daemon=True,
+            )
+            with self._lock:
+                self._draining[c.id] = thread
+            thread.start()
+        return tuple(c.name for c in chosen)
+
+    def _drain(self, service: str, container: ComposeContainer, node: str, park: bool) -> None:
+        """Cancel the worker's consumers, wait until it is idle, warm-stop it, remove it."""
+        try:
+            spec = self._specs.get(service)
+            queues = spec.queues if spec else ()
+            for queue in queues:
+                replies = self.app.control.cancel_consumer(
+                    queue, destination=[node], reply=True, timeout=self._inspect_timeout_s * 5
+                )
+                if not any(node in reply for reply in replies or []):
+                    self._note(service, "drain-aborted", f"{node} did not confirm leaving {queue}")
+                    return
+            deadline = time.monotonic() + self._drain_timeout_s
+            while True:
+                try:
+                    busy = self._busy([node])[node]
+                except BackendError as exc:
+                    busy, detail = None, str(exc)
+                else:
+                    detail = "no answer"
+                if busy is False:
+                    break
+                if time.monotonic() > deadline:
+                    self._note(service, "drain-timeout", f"{node} still {detail}: stopping it")
+                    break
+                time.sleep(0.5)
+            client = self._factory()  # own connection: stop() blocks for up to the grace period
+            try:
+                info = client.api.inspect_container(container.id)
+                grace = int((info.get("Config") or {}).get("StopTimeout") or DEFAULT_STOP_TIMEOUT_S)
+                client.api.stop(container.id, timeout=grace)
+                if not park:
+                    client.api.remove_container(container.id)
+            finally:
+                client.close()
+            what = "stopped and kept to wake from zero" if park else "stopped and removed"
+            self._note(service, "drained", f"{container.name} ({node}) {what}")
+        except Exception as exc:
+            self._note(service, "drain-error", f"{container.name} ({node}): {exc}")
+        finally:
+            with self._lock:
+                self._draining.pop(container.id, None)
+
+    # -- replacing dead containers --------------------------------------------------------------
+
+    def _replace(
+        self, service: str, dead: ComposeContainer, containers: list[ComposeContainer]
+    ) -> BackendEvent:
+        detail = f"{dead.name} {dead.state} (exit code {dead.exit_code})"
+        log.warning("replacing %s", detail)
+        try:
+            template = self._template(service, containers)
+            self._call(f"remove {dead.name}", lambda cl: cl.api.remove_container(dead.id))
+            self._nodes.pop(dead.id, None)
+            name = self._clone(service, template, dead.number)
+        except BackendError as exc:
+            return BackendEvent(service, "replace-failed", f"{detail}: {exc}")
+        return BackendEvent(service, "replaced", f"{detail}; started {name}")
+
+    def _note(self, service: str, kind: str, detail: str) -> None:
+        log.info("%s %s: %s", service, kind, detail)
+        with self._lock:
+            self._events.append(BackendEvent(service, kind, detail))
