@@ -168,7 +168,8 @@ def test_leadership_ends_by_local_clock_before_redis_expires_the_key(
     assert a.step()  # acquired once and never renewed
     wait_for("a to stop counting itself leader", lambda: not a.is_leader(), 5)
     # The key is still alive: a stepped down before anyone else could have been given it.
-    assert client.pttl(a.key) > 0
+    ttl_ms: int = client.pttl(a.key)  # type: ignore[assignment]  # sync client
+    assert ttl_ms > 0
 
 
 def test_renewal_fails_once_someone_else_owns_the_key(
