@@ -1,0 +1,1 @@
+"""The Celery service: configuration, application, tasks and their operational commands."""

@@ -1,0 +1,118 @@
+"""Schema migration: plain SQL files applied once each, safe to run from several places at once.
+
+``python -m services.migrate`` waits for PostgreSQL (until a deadline: in Compose it may start
+before the database accepts connections), takes a session advisory lock so concurrent runners
+serialise, and applies each ``migrations/NNNN_name.sql`` not yet in ``schema_migrations``, each in
+its own transaction together with its record.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+from importlib import resources
+from typing import NamedTuple
+
+import psycopg2
+import psycopg2.extensions
+
+from services.config import ConfigError, load_settings
+
+log = logging.getLogger(__name__)
+
+# An arbitrary constant: every runner of this project's migrations takes the same lock.
+ADVISORY_LOCK_KEY = 0x5EC1E7A
+SCHEMA_TABLE_SQL = (
+    "CREATE TABLE IF NOT EXISTS schema_migrations ("
+    " version text PRIMARY KEY, applied_at timestamptz NOT NULL DEFAULT now())"
+)
+
+
+class Migration(NamedTuple):
+    version: str
+    sql: str
+
+
+def available_migrations() -> list[Migration]:
+    """The packaged SQL files, in name order."""
+    folder = resources.files("services") / "migrations"
+    files = sorted(
+        (entry for entry in folder.iterdir() if entry.name.endswith(".sql")), key=lambda e: e.name
+    )
+    return [Migration(entry.name.removesuffix(".sql"), entry.read_text()) for entry in files]
+
+
+def connect_until(database_url: str, deadline_s: float) -> psycopg2.extensions.connection:
+    """Connect, retrying until the deadline; the last error is in the exception."""
+    deadline = time.monotonic() + deadline_s
+    while True:
+        try:
+            return psycopg2.connect(database_url, connect_timeout=5)
+        except psycopg2.OperationalError as exc:
+            if time.monotonic() >= deadline:
+                raise TimeoutError(
+                    f"PostgreSQL not reachable within {deadline_s:g}s: {exc}".strip()
+                ) from exc
+            log.info("waiting for PostgreSQL: %s", str(exc).strip())
+            time.sleep(0.5)
+
+
+def migrate(database_url: str, deadline_s: float = 60.0) -> list[str]:
+    """Apply the pending migrations; return the versions applied by this call."""
+    conn = connect_until(database_url, deadline_s)
+    applied: list[str] = []
+    try:
+        conn.autocommit = True
+        with conn.cursor() as cur:
+            cur.execute("SELECT pg_advisory_lock(%s)", (ADVISORY_LOCK_KEY,))
+        try:
+            conn.autocommit = False
+            with conn, conn.cursor() as cur:
+                cur.execute(SCHEMA_TABLE_SQL)
+            for migration in available_migrations():
+                with conn, conn.cursor() as cur:
+                    cur.execute(
+                        "SELECT 1 FROM schema_migrations WHERE version = %s", (migration.version,)
+                    )
+                    if cur.fetchone() is not None:
+                        continue
+                    cur.execute(migration.sql)
+                    cur.execute(
+                        "INSERT INTO schema_migrations (version) VALUES (%s)", (migration.version,)
+                    )
+                applied.append(migration.version)
+                log.info("applied migration %s", migration.version)
+        finally:
+            conn.autocommit = True
+            with conn.cursor() as cur:
+                cur.execute("SELECT pg_advisory_unlock(%s)", (ADVISORY_LOCK_KEY,))
+    finally:
+        conn.close()
+    return applied
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--deadline", type=float, default=60.0, help="seconds to wait for PostgreSQL"
+    )
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    try:
+        settings = load_settings()
+    except ConfigError as exc:
+        print(exc, file=sys.stderr)
+        return 2
+    try:
+        applied = migrate(settings.database_url, args.deadline)
+    except (TimeoutError, psycopg2.Error) as exc:
+        print(f"migration failed: {exc}", file=sys.stderr)
+        return 1
+    print(f"applied {len(applied)} migration(s): {', '.join(applied) or 'none pending'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
