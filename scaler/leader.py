@@ -18,12 +18,13 @@ within ``lease + lease / 3`` (under two lease periods).
 from __future__ import annotations
 
 import logging
+import math
 import os
 import socket
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -46,6 +47,30 @@ if redis.call('GET', KEYS[1]) == ARGV[1] then
 end
 return 0
 """
+
+
+@dataclass(frozen=True)
+class LeaseSettings:
+    """The lease's settings from the environment, so every replica is configured the same way."""
+
+    name: str = "scaler"
+    prefix: str = ""
+    lease_s: float = 15.0
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> LeaseSettings:
+        """SCALER_LEASE_NAME (default "scaler"), SCALER_KEY_PREFIX (default ""), SCALER_LEASE_S
+        (default 15; takeover after a leader dies takes at most ~1.33 of it)."""
+        env = os.environ if env is None else env
+        name = env.get("SCALER_LEASE_NAME", "").strip() or "scaler"
+        raw = env.get("SCALER_LEASE_S", "").strip() or "15"
+        try:
+            lease_s = float(raw)
+        except ValueError:
+            lease_s = math.nan
+        if not 1.0 <= lease_s <= 600.0:
+            raise ValueError(f"SCALER_LEASE_S must be a number of seconds in [1, 600], got {raw!r}")
+        return cls(name=name, prefix=env.get("SCALER_KEY_PREFIX", ""), lease_s=lease_s)
 
 
 def default_owner_id() -> str:
@@ -118,6 +143,12 @@ class LeaderLease:
         self.last_error: str | None = None
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+
+    @classmethod
+    def from_settings(cls, url: str, settings: LeaseSettings) -> LeaderLease:
+        return cls.from_url(
+            url, name=settings.name, prefix=settings.prefix, lease_s=settings.lease_s
+        )
 
     @classmethod
     def from_url(cls, url: str, **kwargs: Any) -> LeaderLease:

@@ -19,7 +19,7 @@ from collections.abc import Callable, Iterator
 import pytest
 import redis
 
-from scaler.leader import LeaderLease
+from scaler.leader import LeaderLease, LeaseSettings
 
 LEASE_S = 0.6  # short, so renewals and expiries happen many times within a fast test
 
@@ -282,3 +282,14 @@ def test_bad_settings_are_refused_with_the_field_named(
 ) -> None:
     with pytest.raises(ValueError, match=field):
         LeaderLease(client, **kwargs)  # type: ignore[arg-type]
+
+
+def test_lease_settings_from_the_environment() -> None:
+    assert LeaseSettings.from_env({}) == LeaseSettings("scaler", "", 15.0)
+    got = LeaseSettings.from_env(
+        {"SCALER_LEASE_NAME": "blue", "SCALER_KEY_PREFIX": "prod:", "SCALER_LEASE_S": "6"}
+    )
+    assert got == LeaseSettings("blue", "prod:", 6.0)
+    for bad in ("soon", "0.5", "nan", "9999"):
+        with pytest.raises(ValueError, match=f"SCALER_LEASE_S .* got '{bad}'"):
+            LeaseSettings.from_env({"SCALER_LEASE_S": bad})
