@@ -12,7 +12,7 @@ import argparse
 import logging
 import sys
 import time
-from importlib import resources
+from pathlib import Path
 from typing import NamedTuple
 
 import psycopg2
@@ -22,6 +22,7 @@ from services.config import ConfigError, load_settings
 
 log = logging.getLogger(__name__)
 
+MIGRATIONS_DIR = Path(__file__).resolve().parent / "migrations"
 # An arbitrary constant: every runner of this project's migrations takes the same lock.
 ADVISORY_LOCK_KEY = 0x5EC1E7A
 SCHEMA_TABLE_SQL = (
@@ -36,12 +37,9 @@ class Migration(NamedTuple):
 
 
 def available_migrations() -> list[Migration]:
-    """The packaged SQL files, in name order."""
-    folder = resources.files("services") / "migrations"
-    files = sorted(
-        (entry for entry in folder.iterdir() if entry.name.endswith(".sql")), key=lambda e: e.name
-    )
-    return [Migration(entry.name.removesuffix(".sql"), entry.read_text()) for entry in files]
+    """The packaged SQL files (installed beside this module as package data), in name order."""
+    files = sorted(MIGRATIONS_DIR.glob("*.sql"))
+    return [Migration(path.name.removesuffix(".sql"), path.read_text()) for path in files]
 
 
 def connect_until(database_url: str, deadline_s: float) -> psycopg2.extensions.connection:

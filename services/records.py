@@ -14,6 +14,8 @@ import time
 from typing import Any, cast
 
 import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 
 log = logging.getLogger(__name__)
 
@@ -43,8 +45,13 @@ class TaskRecorder:
     def client(self) -> redis.Redis:
         """The process's one client (created on first use, shared by every task)."""
         if self._client is None:
+            # One quick retry at most: a task must not wait long on its own bookkeeping.
             self._client = redis.Redis.from_url(
-                self.redis_url, socket_connect_timeout=2, socket_timeout=2, health_check_interval=30
+                self.redis_url,
+                socket_connect_timeout=2,
+                socket_timeout=2,
+                health_check_interval=30,
+                retry=Retry(NoBackoff(), 1),
             )
         return self._client
 
