@@ -241,18 +241,6 @@ def _decide_service(
         reasons.append(f"raised to min {lo}")
     elif rec < raw:
         reasons.append(f"clamped to max {hi}")
-    zero_ready = False
-    if rec == 0 and current > 0:
-        idle_for = 0.0 if idle_since is None else now - idle_since
-        if idle_for >= sp.scale_to_zero.idle_s:
-            zero_ready = True
-            reasons.append(f"idle {idle_for:.0f} s >= quiet period {sp.scale_to_zero.idle_s:g} s")
-        else:
-            rec = 1
-            reasons.append(
-                f"idle {idle_for:.0f} s of the {sp.scale_to_zero.idle_s:g} s quiet period -> keep 1"
-            )
-
     # 4. Stabilisation windows (the recommendation is recorded first: it is part of the window).
     horizon = max(sp.scale_up.stabilization_s, sp.scale_down.stabilization_s)
     recs = (*((t, r) for t, r in sh.recommendations if t >= now - horizon), (now, rec))
@@ -281,10 +269,17 @@ def _decide_service(
             f"observed for {seen_for:.0f} s only: no scale-down before a full down window "
             f"({sp.scale_down.stabilization_s:g} s)"
         )
-    if zero_ready and desired > 0 and seen_for >= sp.scale_down.stabilization_s:
-        desired = 0
-        reasons.append("quiet period over: going to zero without waiting for the down window")
     desired = min(max(desired, lo), hi)
+    if desired == 0 and current > 0:
+        # Zero needs both the down window (all its recommendations 0) and the quiet period.
+        idle_for = 0.0 if idle_since is None else now - idle_since
+        if idle_for >= sp.scale_to_zero.idle_s:
+            reasons.append(f"idle {idle_for:.0f} s >= quiet period {sp.scale_to_zero.idle_s:g} s")
+        else:
+            desired = 1
+            reasons.append(
+                f"idle {idle_for:.0f} s of the {sp.scale_to_zero.idle_s:g} s quiet period -> keep 1"
+            )
 
     # 5. Emergency.
     emergency = False

@@ -288,9 +288,13 @@ def test_scale_to_zero_waits_for_the_quiet_period() -> None:
     policy = zero_policy(idle_s=120)
     d = one(policy, make_obs(1), seasoned(idle_since=NOW - 50))
     assert d.desired == 1 and said(d, "idle 50 s of the 120 s quiet period -> keep 1")
+    # Quiet period over, but a recommendation of 1 is still inside the 60 s down window.
     d = one(policy, make_obs(1), seasoned(idle_since=NOW - 130, recommendations=((NOW - 5, 1),)))
+    assert (d.desired, d.action) == (1, "hold"), d.reasons
+    # Both agree: the window holds only zeros and the quiet period is over.
+    d = one(policy, make_obs(1), seasoned(idle_since=NOW - 130, recommendations=((NOW - 5, 0),)))
     assert (d.desired, d.action) == (0, "down"), d.reasons
-    assert said(d, "quiet period over")
+    assert said(d, "idle 130 s >= quiet period 120 s")
 
 
 def test_idle_clock_starts_and_resets_with_the_work() -> None:
