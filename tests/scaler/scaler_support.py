@@ -7,9 +7,10 @@ import shutil
 import socket
 import subprocess
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import redis
 
@@ -76,3 +77,47 @@ def worker_env(redis_url: str, database_url: str, key_prefix: str) -> dict[str, 
         "CELERY_KEY_PREFIX": key_prefix,
         "LOG_LEVEL": "INFO",
     }
+
+
+def migrate(database_url: str) -> None:
+    """Create the service's tables (task_effects...) in the test database, as a deploy would."""
+    import sys
+
+    subprocess.run(
+        [sys.executable, "-m", "services.migrate"],
+        env={**os.environ, "DATABASE_URL": database_url},
+        check=True,
+        capture_output=True,
+        timeout=120,
+    )
+
+
+def service_app(env: dict[str, str]) -> Any:
+    """The project's Celery app configured from ``env`` (the same settings its workers read)."""
+    from services.application import create_app
+    from services.config import load_settings
+
+    return create_app(load_settings(env), main=f"scaler-test-{uuid.uuid4().hex[:6]}")
+
+
+def ping_names(app: Any, timeout_s: float = 1.0) -> set[str]:
+    """Node names of the workers that answer a control-API ping."""
+    replies = app.control.inspect(timeout=timeout_s).ping() or {}
+    return set(replies)
+
+
+def effects(database_url: str, task_ids: list[str]) -> dict[str, int]:
+    """task_effects rows per task id (must be 1 each: exactly once)."""
+    import psycopg2
+
+    conn = psycopg2.connect(database_url)
+    try:
+        with conn.cursor() as cur:
+            cur.execute(
+                "SELECT task_id, count(*) FROM task_effects WHERE task_id = ANY(%s) "
+                "GROUP BY task_id",
+                (task_ids,),
+            )
+            return {row[0]: int(row[1]) for row in cur.fetchall()}
+    finally:
+        conn.close()

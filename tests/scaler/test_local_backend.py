@@ -1,0 +1,119 @@
+"""The local-process backend with real Celery worker processes on a real Redis broker.
+
+Each test module gets its own Redis key prefix, so its queues and control messages are its own.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from scaler_support import effects, migrate, ping_names, poll_until, service_app, worker_env
+
+from scaler.backends.base import Backend, ServiceSpec
+from scaler.backends.local import LocalBackend
+
+pytestmark = pytest.mark.slow
+
+SERVICE = "io"
+
+
+@pytest.fixture(scope="module")
+def env(redis_url: str, database_url: str, key_prefix: str) -> dict[str, str]:
+    migrate(database_url)
+    return worker_env(redis_url, database_url, f"{key_prefix}lb{uuid.uuid4().hex[:6]}:")
+
+
+@pytest.fixture(scope="module")
+def app(env: dict[str, str]) -> Iterator[Any]:
+    app = service_app(env)
+    yield app
+    app.close()
+
+
+@pytest.fixture
+def backend(app: Any, env: dict[str, str], tmp_path: Path) -> Iterator[LocalBackend]:
+    backend = LocalBackend(app=app, workdir=tmp_path / "workers", env=env, grace_s=20.0)
+    backend.manage([ServiceSpec(SERVICE, ("io_intensive",))])
+    try:
+        yield backend
+    finally:
+        backend.stop_all(timeout_s=10.0)
+
+
+def names(backend: LocalBackend) -> set[str]:
+    return {w.name for w in backend.workers(SERVICE)}
+
+
+def active_on(app: Any, task_id: str) -> str | None:
+    """The worker running ``task_id`` right now, if any."""
+    for worker, tasks in (app.control.inspect(timeout=1.0).active() or {}).items():
+        if any(t["id"] == task_id for t in tasks):
+            return str(worker)
+    return None
+
+
+def test_satisfies_the_backend_protocol(backend: LocalBackend) -> None:
+    assert isinstance(backend, Backend)
+    assert backend.services() == [SERVICE]
+    assert backend.replicas(SERVICE) == 0
+
+
+def test_scale_up_starts_workers_and_scale_down_drains_them(
+    backend: LocalBackend, app: Any
+) -> None:
+    result = backend.scale(SERVICE, 2)
+    assert (result.before, result.after, len(result.started)) == (0, 2, 2)
+    assert backend.replicas(SERVICE) == 2
+    poll_until(lambda: ping_names(app) >= names(backend), "both workers answering ping")
+
+    down = backend.scale(SERVICE, 1)
+    assert (down.before, down.after, len(down.draining)) == (0 + 2, 1, 1)
+    assert backend.replicas(SERVICE) == 1  # the draining one no longer counts
+    assert backend.wait_for_drains(30.0)
+    kinds = [e.kind for e in backend.reconcile()]
+    assert kinds == ["drained"]
+    assert len(backend.workers(SERVICE)) == 1
+    assert down.draining[0] not in ping_names(app)
+
+
+def test_drain_waits_for_the_running_task_and_picks_the_idle_worker(
+    backend: LocalBackend, app: Any, database_url: str
+) -> None:
+    backend.scale(SERVICE, 2)
+    poll_until(lambda: ping_names(app) >= names(backend), "both workers answering ping")
+    task = app.send_task("tasks.io_intensive.wait", kwargs={"duration": 3.0})
+    busy = poll_until(lambda: active_on(app, task.id), "the task to start")
+
+    down = backend.scale(SERVICE, 1)
+    assert down.draining and down.draining[0] != busy, "the idle worker goes first"
+    assert backend.wait_for_drains(30.0)
+
+    # Now drain the busy one while it runs: it must finish the task, then stop warm.
+    busy_task = app.send_task("tasks.io_intensive.wait", kwargs={"duration": 3.0})
+    poll_until(lambda: active_on(app, busy_task.id), "the second task to start")
+    backend.scale(SERVICE, 0)
+    assert backend.wait_for_drains(40.0)
+    events = backend.reconcile()
+    assert [e.kind for e in events] == ["drained", "drained"], events
+    assert effects(database_url, [task.id, busy_task.id]) == {task.id: 1, busy_task.id: 1}
+
+
+def test_a_killed_worker_is_replaced(backend: LocalBackend, app: Any) -> None:
+    backend.scale(SERVICE, 1)
+    (victim,) = backend.workers(SERVICE)
+    poll_until(lambda: victim.name in ping_names(app), "the worker answering ping")
+    os.kill(int(victim.ident), signal.SIGKILL)
+    poll_until(lambda: backend.replicas(SERVICE) == 0, "the backend to see the death")
+    events = backend.reconcile()
+    assert [e.kind for e in events] == ["replaced"]
+    assert victim.name in events[0].detail
+    (replacement,) = backend.workers(SERVICE)
+    assert replacement.ident != victim.ident
+    assert backend.replicas(SERVICE) == 1
+    poll_until(lambda: replacement.name in ping_names(app), "the replacement answering ping")
