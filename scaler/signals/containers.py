@@ -26,7 +26,6 @@ from typing import Any
 
 import docker
 import docker.errors
-import requests.exceptions
 
 from scaler.observations import Resources
 
@@ -196,7 +195,8 @@ class ContainerStats:
                     backoff = 0.5
             except docker.errors.NotFound:
                 return  # the container is gone: track() will drop it
-            except (docker.errors.DockerException, requests.exceptions.RequestException) as exc:
+            except Exception as exc:
+                # requests', urllib3's or http.client's errors; a reader must retry, never die.
                 self._errors[container_id] = f"{type(exc).__name__}: {exc}"
                 log.debug("stats stream for %s failed: %s", container_id[:12], exc)
             finally:

@@ -1,0 +1,514 @@
+"""The Compose backend against the real Docker engine and real Celery workers in containers.
+
+Each test brings up its own small Compose project (cst-test-compose-*, see
+fixtures/compose_worker/compose.yaml): a Redis broker published on 127.0.0.1, one managed worker
+service (`worker`, opted in with autoscale.managed=true) and a `bystander` the backend must never
+touch. The worker image is built once per session from a host-built wheelhouse.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import importlib.metadata
+import json
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import docker
+import pytest
+import redis
+from celery import Celery
+from scaler_support import free_port, poll_until
+
+from scaler.backends.base import Backend, BackendError, ServiceSpec
+from scaler.backends.compose import (
+    ComposeBackend,
+    ComposeContainer,
+    default_client_factory,
+    worker_node_name,
+)
+from scaler.signals.containers import resources_from_sample
+
+pytestmark = [pytest.mark.docker, pytest.mark.slow]
+
+FIXTURE = Path(__file__).resolve().parent / "fixtures" / "compose_worker"
+SPEC = ServiceSpec("worker", ("work",))
+
+
+def _docker_ready() -> bool:
+    try:
+        docker.from_env(timeout=5).ping()
+    except Exception:
+        return False
+    return subprocess.run(["docker", "compose", "version"], capture_output=True).returncode == 0
+
+
+if not _docker_ready():  # pragma: no cover - CI always has the engine
+    pytest.skip("needs a Docker engine with the compose plugin", allow_module_level=True)
+
+
+# -- the worker image, built once per session ----------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def worker_image() -> str:
+    """A tiny Celery worker image; rebuilt only when its inputs change (tag = their hash)."""
+    pins = [f"{p}=={importlib.metadata.version(p)}" for p in ("celery", "redis", "packaging")]
+    pins.append("async-timeout>=4.0.3")  # redis needs it below Python 3.11.3 (Debian's 3.11.2)
+    digest = hashlib.sha256()
+    for name in ("Dockerfile", "worker_app.py"):
+        digest.update((FIXTURE / name).read_bytes())
+    digest.update(" ".join(pins).encode())
+    python_image = os.environ.get("PYTHON_IMAGE", "python:3.11-slim")
+    digest.update(python_image.encode())
+    tag = f"cst-test-compose-worker:{digest.hexdigest()[:12]}"
+    client = docker.from_env()
+    try:
+        client.images.get(tag)
+        return tag
+    except docker.errors.ImageNotFound:
+        pass
+    with tempfile.TemporaryDirectory(prefix="cst-compose-ctx-") as ctx:
+        for name in ("Dockerfile", "worker_app.py"):
+            (Path(ctx) / name).write_bytes((FIXTURE / name).read_bytes())
+        wheels = Path(ctx) / "wheels"
+        links = ["--find-links", ".wheelhouse"] if Path(".wheelhouse").is_dir() else []
+        subprocess.run(
+            [sys.executable, "-m", "pip", "wheel", "-q", "--disable-pip-version-check",
+             "-w", str(wheels), *links, *pins],
+            check=True,
+        )  # fmt: skip
+        subprocess.run(
+            ["docker", "build", "-q", "--build-arg", f"PYTHON_IMAGE={python_image}",
+             "-t", tag, ctx],
+            check=True, capture_output=True,
+        )  # fmt: skip
+    return tag
+
+
+# -- one Compose project per test -----------------------------------------------------------------
+
+
+@dataclass
+class Stack:
+    """A running test project: how to drive it with `docker compose` and reach its broker."""
+
+    project: str
+    env: dict[str, str]
+    app: Celery
+
+    def compose(self, *args: str, check: bool = True) -> str:
+        cmd = ["docker", "compose", "-p", self.project, "-f", str(FIXTURE / "compose.yaml"), *args]
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=self.env)
+        if check and proc.returncode != 0:
+            raise AssertionError(f"{' '.join(cmd)} failed:\n{proc.stdout}\n{proc.stderr}")
+        return proc.stdout
+
+    def ps(self, service: str, *, all_states: bool = False) -> list[dict[str, Any]]:
+        """`docker compose ps` rows of one service: what Compose itself thinks it runs."""
+        out = self.compose("ps", "--format", "json", *(["-a"] if all_states else []), service)
+        rows = [json.loads(line) for line in out.splitlines() if line.strip()]
+        return sorted(rows, key=lambda r: r["Name"])
+
+    def names(self, service: str) -> list[str]:
+        return [r["Name"] for r in self.ps(service)]
+
+
+@pytest.fixture
+def stack(worker_image: str) -> Iterator[Stack]:
+    project = f"cst-test-compose-{uuid.uuid4().hex[:8]}"
+    env = {**os.environ, "CST_WORKER_IMAGE": worker_image}
+    env.setdefault("REDIS_IMAGE", "redis:7")
+    app = Celery("cst-test-client")
+    s = Stack(project, env, app)
+    try:
+        s.compose("up", "-d", "--wait", "--wait-timeout", "120")
+        port = s.compose("port", "redis", "6379").strip().rsplit(":", 1)[1]
+        url = f"redis://127.0.0.1:{port}/0"
+        app.conf.update(
+            broker_url=url,
+            result_backend=url,
+            task_serializer="json",
+            accept_content=["json"],
+            result_accept_content=["json"],
+        )
+        poll_until(lambda: app.control.ping(timeout=0.5), "worker-1 to answer a ping", 60)
+        yield s
+    finally:
+        if sys.exc_info()[0] is not None:
+            print(s.compose("ps", "-a", check=False), s.compose("logs", check=False))
+        s.compose("down", "-v", "-t", "0", "--remove-orphans", check=False)
+        app.close()
+
+
+@pytest.fixture
+def backend(stack: Stack) -> Iterator[ComposeBackend]:
+    b = ComposeBackend(stack.project, stack.app, drain_timeout_s=60, stats_stale_after_s=3)
+    b.manage([SPEC])
+    try:
+        yield b
+    finally:
+        b.close()
+
+
+def _drained(b: ComposeBackend, seen: list[Any]) -> bool:
+    """Collect reconcile() events until no drain is in progress."""
+    seen.extend(b.reconcile())
+    return b.health().extra["draining"] == 0
+
+
+def _await_worker(stack: Stack, node: str) -> None:
+    poll_until(lambda: stack.app.control.ping([node], timeout=0.5), f"{node} to answer a ping", 30)
+
+
+def _node(container_name: str) -> str:
+    return worker_node_name(docker.from_env().api.inspect_container(container_name))
+
+
+# -- scaling up: clones Compose recognises --------------------------------------------------------
+
+
+def test_scale_up_clones_are_listed_and_removed_by_compose(
+    stack: Stack, backend: ComposeBackend
+) -> None:
+    assert isinstance(backend, Backend)
+    assert backend.replicas("worker") == 1
+    one = docker.from_env().api.inspect_container(f"{stack.project}-worker-1")
+
+    result = backend.scale("worker", 3)
+
+    assert (result.before, result.after) == (1, 3)
+    clones = [f"{stack.project}-worker-2", f"{stack.project}-worker-3"]
+    assert sorted(result.started) == clones
+    assert stack.names("worker") == [f"{stack.project}-worker-1", *clones]
+    assert backend.replicas("worker") == 3
+    for name in clones:
+        clone = docker.from_env().api.inspect_container(name)
+        labels = clone["Config"]["Labels"]
+        assert (
+            labels["com.docker.compose.config-hash"]
+            == (one["Config"]["Labels"]["com.docker.compose.config-hash"])
+        )
+        assert labels["com.docker.compose.container-number"] == name.rsplit("-", 1)[1]
+        assert clone["Config"]["StopTimeout"] == 30  # stop_grace_period survived the clone
+        assert clone["Config"]["Hostname"] != one["Config"]["Hostname"]
+        (network,) = clone["NetworkSettings"]["Networks"].values()
+        assert {name, "worker"} <= set(network["Aliases"])
+        # A real worker runs in it, under the node name the backend derives.
+        _await_worker(stack, worker_node_name(clone))
+    assert len(stack.names("bystander")) == 1  # never touched
+
+    # A plain `up` resets the count to the file's without recreating replica 1; converge again.
+    stack.compose("up", "-d", "--wait")
+    assert stack.names("worker") == [f"{stack.project}-worker-1"]
+    assert docker.from_env().api.inspect_container(one["Id"])["Id"] == one["Id"]
+    assert backend.replicas("worker") == 1
+    assert backend.scale("worker", 2).after == 2
+    assert len(stack.names("worker")) == 2
+
+    stack.compose("down", "-t", "0")
+    left = docker.from_env().containers.list(
+        all=True, filters={"label": f"com.docker.compose.project={stack.project}"}
+    )
+    assert left == []
+
+
+# -- scaling down: idle workers only, drained first -----------------------------------------------
+
+
+def test_scale_down_drains_an_idle_worker_and_never_a_busy_one(
+    stack: Stack, backend: ComposeBackend
+) -> None:
+    backend.scale("worker", 2)
+    one, two = (f"{stack.project}-worker-{n}" for n in (1, 2))
+    node_one, node_two = _node(one), _node(two)
+    _await_worker(stack, node_two)
+    # Make the highest number (the one Compose would remove first) the busy one: worker-1 stops
+    # consuming while the task is sent, so only worker-2 can take it.
+    stack.app.control.cancel_consumer("work", destination=[node_one], reply=True)
+    release = f"release-{uuid.uuid4().hex}"
+    task = stack.app.send_task("cst.hold", args=[release, 120], queue="work")
+
+    def running_on_two() -> bool:
+        active = stack.app.control.inspect([node_two], timeout=0.5).active() or {}
+        return bool(active.get(node_two))
+
+    poll_until(running_on_two, "the task to start on worker-2", 30)
+    stack.app.control.add_consumer("work", destination=[node_one], reply=True)
+
+    result = backend.scale("worker", 1)
+
+    assert result.draining == (one,)  # the idle one, although it has the lower number
+    assert backend.replicas("worker") == 1
+    events: list[Any] = []
+    poll_until(lambda: _drained(backend, events), "the drain of worker-1", 60)
+    assert [e.kind for e in events] == ["drained"], events
+    assert stack.names("worker") == [two]
+
+    # Only a busy worker is left: scaling to zero must hold and say so, not stop it.
+    held = backend.scale("worker", 0)
+    assert held.draining == () and held.after == 1
+    assert [e.kind for e in backend.reconcile()] == ["scale-down-held"]
+    assert not task.ready()
+    redis.Redis.from_url(stack.app.conf.broker_url).rpush(release, 1)
+    assert (
+        task.get(timeout=30) == docker.from_env().api.inspect_container(two)["Config"]["Hostname"]
+    )
+    assert stack.names("worker") == [two]
+
+
+def test_scale_to_zero_parks_the_last_worker_and_wakes_it(
+    stack: Stack, backend: ComposeBackend
+) -> None:
+    first = docker.from_env().api.inspect_container(f"{stack.project}-worker-1")["Id"]
+
+    assert backend.scale("worker", 0).draining == (f"{stack.project}-worker-1",)
+    events: list[Any] = []
+    poll_until(lambda: _drained(backend, events), "the drain to zero", 60)
+    assert backend.replicas("worker") == 0
+    assert stack.names("worker") == []
+    (parked,) = stack.ps("worker", all_states=True)
+    assert parked["State"] == "exited" and parked["ExitCode"] == 0  # warm shutdown, kept
+    assert backend.reconcile() == []  # a parked worker is not "dead": no replacement
+
+    assert backend.scale("worker", 1).started == (f"{stack.project}-worker-1",)
+    assert backend.replicas("worker") == 1
+    assert docker.from_env().api.inspect_container(f"{stack.project}-worker-1")["Id"] == first
+
+
+# -- a dead container is replaced -----------------------------------------------------------------
+
+
+def test_killed_container_is_reported_and_replaced(stack: Stack, backend: ComposeBackend) -> None:
+    backend.scale("worker", 2)
+    victim = docker.from_env().api.inspect_container(f"{stack.project}-worker-2")
+    docker.from_env().api.kill(victim["Id"])
+    poll_until(lambda: backend.replicas("worker") == 1, "the kill to show", 30)
+    assert [w.state for w in backend.workers("worker")] == ["running", "dead"]
+
+    events = backend.reconcile()
+
+    assert [e.kind for e in events] == ["replaced"]
+    assert "exit code 137" in events[0].detail
+    assert backend.replicas("worker") == 2
+    fresh = docker.from_env().api.inspect_container(f"{stack.project}-worker-2")
+    assert fresh["Id"] != victim["Id"]
+    _await_worker(stack, worker_node_name(fresh))
+
+
+# -- the engine unreachable for a while -----------------------------------------------------------
+
+
+class SwitchableDockerProxy:
+    """A TCP front for the Docker socket that the test can cut and restore.
+
+    Stands in for an engine outage: stopping the real engine would take every other test (and
+    the machine's own containers) down with it.
+    """
+
+    def __init__(self) -> None:
+        host = os.environ.get("DOCKER_HOST", "unix:///var/run/docker.sock")
+        if not host.startswith("unix://"):
+            pytest.skip(f"DOCKER_HOST={host!r}: this test proxies a unix socket")
+        self.target = host.removeprefix("unix://")
+        self.port = free_port()
+        self._listener: socket.socket | None = None
+        self._conns: list[socket.socket] = []
+        self._lock = threading.Lock()
+
+    @property
+    def url(self) -> str:
+        return f"tcp://127.0.0.1:{self.port}"
+
+    def up(self) -> None:
+        listener = socket.socket()
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.bind(("127.0.0.1", self.port))
+        listener.listen(64)
+        self._listener = listener
+        threading.Thread(target=self._accept, args=(listener,), daemon=True).start()
+
+    def down(self) -> None:
+        """Refuse new connections and cut the open ones (streams included)."""
+        if self._listener is not None:
+            with contextlib.suppress(OSError):  # wakes the blocked accept() (close alone won't)
+                self._listener.shutdown(socket.SHUT_RDWR)
+            self._listener.close()
+            self._listener = None
+        with self._lock:
+            conns, self._conns = self._conns, []
+        for conn in conns:
+            with contextlib.suppress(OSError):
+                conn.shutdown(socket.SHUT_RDWR)
+            conn.close()
+
+    def _accept(self, listener: socket.socket) -> None:
+        while True:
+            try:
+                client, _ = listener.accept()
+            except OSError:
+                return
+            engine = socket.socket(socket.AF_UNIX)
+            engine.connect(self.target)
+            with self._lock:
+                self._conns += [client, engine]
+            for src, dst in ((client, engine), (engine, client)):
+                threading.Thread(target=self._pump, args=(src, dst), daemon=True).start()
+
+    @staticmethod
+    def _pump(src: socket.socket, dst: socket.socket) -> None:
+        try:
+            while chunk := src.recv(65536):
+                dst.sendall(chunk)
+        except OSError:
+            pass
+        finally:
+            for s in (src, dst):
+                with contextlib.suppress(OSError):
+                    s.shutdown(socket.SHUT_RDWR)
+
+
+@pytest.fixture
+def proxy() -> Iterator[SwitchableDockerProxy]:
+    p = SwitchableDockerProxy()
+    p.up()
+    try:
+        yield p
+    finally:
+        p.down()
+
+
+def test_engine_unreachable_holds_reports_and_recovers(
+    stack: Stack, proxy: SwitchableDockerProxy
+) -> None:
+    b = ComposeBackend(
+        stack.project,
+        stack.app,
+        client_factory=default_client_factory(proxy.url, timeout_s=5),
+        attempts=2,
+        backoff_s=0.1,
+        stats_stale_after_s=3,
+    )
+    b.manage([SPEC])
+    try:
+        b.scale("worker", 2)
+        b.reconcile()  # starts the stats readers
+        poll_until(lambda: b.resources("worker").memory_percent, "container stats", 30)
+
+        proxy.down()
+        with pytest.raises(BackendError, match="list containers"):
+            b.replicas("worker")
+        health = b.health()
+        assert not health.ok and "ping the Docker engine" in health.detail
+        with pytest.raises(BackendError):
+            b.scale("worker", 0)  # never a blind scale-down
+        with pytest.raises(BackendError):
+            b.reconcile()
+        # The streamed samples go stale and read as missing, never as zero.
+        poll_until(lambda: b.resources("worker").memory_percent is None, "stale stats", 20)
+        direct = docker.from_env().containers.list(
+            filters={"label": [f"com.docker.compose.project={stack.project}",
+                               "com.docker.compose.service=worker"]}
+        )  # fmt: skip
+        assert len(direct) == 2 and all(c.status == "running" for c in direct)
+
+        proxy.up()
+        assert poll_until(lambda: b.health().ok, "health after the outage", 20)
+        assert b.replicas("worker") == 2
+        b.reconcile()
+        poll_until(lambda: b.resources("worker").memory_percent, "stats after the outage", 30)
+        assert b.scale("worker", 1).after == 1
+        events: list[Any] = []
+        poll_until(lambda: _drained(b, events), "the drain after the outage", 60)
+        assert [e.kind for e in events] == ["drained"]
+        assert len(stack.names("worker")) == 1
+    finally:
+        b.close()
+
+
+# -- container resources off the critical path ----------------------------------------------------
+
+
+def test_resources_come_from_streamed_samples(stack: Stack, backend: ComposeBackend) -> None:
+    backend.replicas("worker")
+    missing = backend.resources("worker")
+    assert (missing.cpu_percent, missing.memory_percent) == (None, None)  # no reader yet
+
+    backend.reconcile()
+    poll_until(
+        lambda: backend.resources("worker").cpu_percent is not None,
+        "a CPU sample (needs two consecutive stats messages)",
+        30,
+    )
+    sample = backend.resources("worker")
+    assert sample.cpu_percent is not None and 0 <= sample.cpu_percent <= 100
+    assert sample.memory_percent is not None and 0 < sample.memory_percent < 100
+
+
+def test_a_stopped_containers_stats_message_reads_as_missing() -> None:
+    """The engine streams all-zero messages for a stopped container: missing, not 0%."""
+    stopped = {
+        "cpu_stats": {"cpu_usage": {"total_usage": 0}, "throttling_data": {}},
+        "precpu_stats": {"cpu_usage": {"total_usage": 0}},
+        "memory_stats": {},
+    }
+    r = resources_from_sample(stopped, None, 1.0)
+    assert (r.cpu_percent, r.memory_percent) == (None, None)
+    busy = {
+        "cpu_stats": {
+            "cpu_usage": {"total_usage": 1_500_000_000},
+            "system_cpu_usage": 10_000_000_000,
+            "online_cpus": 2,
+        },
+        "precpu_stats": {"cpu_usage": {"total_usage": 500_000_000}, "system_cpu_usage": 8e9},
+        "memory_stats": {"usage": 300, "limit": 1000, "stats": {"total_inactive_file": 100}},
+    }
+    r = resources_from_sample(busy, None, 1.0)
+    assert r.cpu_percent == pytest.approx(50.0)  # 1 s of CPU in 2 s of host time (2 CPUs)
+    assert r.memory_percent == pytest.approx(20.0)  # page cache excluded
+    limited = resources_from_sample(busy, 0.5, 1.0)
+    assert limited.cpu_percent == pytest.approx(200.0)  # of its half-CPU quota
+
+
+# -- what the backend refuses ---------------------------------------------------------------------
+
+
+def test_bad_input_and_unmanaged_services_are_refused(
+    stack: Stack, backend: ComposeBackend
+) -> None:
+    with pytest.raises(ValueError, match="project='Bad Name'"):
+        ComposeBackend("Bad Name", stack.app)
+    with pytest.raises(ValueError, match="replicas=-1"):
+        backend.scale("worker", -1)
+    with pytest.raises(BackendError, match="'bystander' is not managed"):
+        backend.scale("bystander", 3)
+    # Named by a policy but not opted in with the label: nothing to clone, nothing touched.
+    backend.manage([SPEC, ServiceSpec("bystander", ("other",))])
+    assert backend.replicas("bystander") == 0
+    with pytest.raises(BackendError, match=r"autoscale\.managed=true"):
+        backend.scale("bystander", 2)
+    assert len(stack.names("bystander")) == 1
+
+
+def test_worker_node_names_follow_celery_rules() -> None:
+    def inspected(cmd: list[str], hostname: str = "abc123") -> dict[str, Any]:
+        return {"Id": "abc123" + "0" * 58, "Config": {"Hostname": hostname, "Cmd": cmd}}
+
+    assert worker_node_name(inspected(["celery", "-A", "x", "worker"])) == "celery@abc123"
+    assert worker_node_name(inspected(["celery", "worker", "-n", "io@%h"])) == "io@abc123"
+    assert worker_node_name(inspected(["celery", "worker", "--hostname=cpu"])) == "celery@cpu"
+    shell = ["sh", "-c", "exec celery -A app worker -n default@$HOSTNAME -Q default"]
+    assert worker_node_name(inspected(shell)) == "default@abc123"
+    died = ComposeContainer("i", "n", "worker", 2, "exited", 137)
+    parked = ComposeContainer("i", "n", "worker", 1, "exited", 0)
+    assert died.died and not parked.died and not parked.live
