@@ -1,0 +1,155 @@
+"""The loop's safety rules, without worker processes: reload, blind scale-down, failed scales.
+
+The broker is a real Redis (the session's, or one of the test's own that it kills). Where a scale
+call has to fail on demand, a subclass of the real local backend raises instead of acting: that is
+fault injection (nothing here can make process spawning fail on cue), and it says so.
+"""
+
+from __future__ import annotations
+
+import uuid
+from pathlib import Path
+from typing import Any
+
+import pytest
+from celery import Celery
+from scaler_support import own_redis_server
+
+from scaler.backends.base import BackendError, ScaleResult, ServiceSpec
+from scaler.backends.local import LocalBackend
+from scaler.decide import Decision
+from scaler.loop import PolicySource, Retry, Scaler, blind_spots
+from scaler.signals.collector import Collector, queue_reader_for_app
+from scaler.status import read_snapshot
+
+GOOD = """
+interval_s: 0.5
+stale_after_s: 5
+services:
+  io:
+    queues: [io_intensive]
+    min_replicas: 0
+    max_replicas: {max}
+"""
+
+
+class FailingBackend(LocalBackend):
+    """Fault injection: the first ``failures`` scale calls raise, later ones record the call."""
+
+    failures: int = 0
+    calls: list[int]
+
+    def scale(self, service: str, replicas: int) -> ScaleResult:
+        self.calls.append(replicas)
+        if len(self.calls) <= self.failures:
+            raise BackendError("injected: engine unavailable")
+        before = self.replicas(service)
+        return ScaleResult(service, before, replicas)  # counted, not started: no processes here
+
+
+def make_app(redis_url: str) -> Celery:
+    app = Celery("loop-test", broker=redis_url, set_as_current=False)
+    app.conf.broker_transport_options = {"global_keyprefix": f"lt{uuid.uuid4().hex[:6]}:"}
+    return app
+
+
+def make_scaler(tmp_path: Path, app: Any, policy_max: int = 3, failures: int = 0) -> Scaler:
+    policy_file = tmp_path / "policy.yaml"
+    policy_file.write_text(GOOD.format(max=policy_max))
+    backend = FailingBackend(app=app, workdir=tmp_path / "workers")
+    backend.calls, backend.failures = [], failures
+    backend.manage([ServiceSpec("io", ("io_intensive",))])
+    return Scaler(
+        PolicySource.from_file(policy_file),
+        backend,
+        Collector(queue_reader_for_app(app)),
+        state_file=tmp_path / "state.json",
+        retry=Retry(attempts=3, first_delay_s=0.01),
+    )
+
+
+def test_an_invalid_reload_is_refused_and_the_last_good_policy_stays(
+    tmp_path: Path, redis_url: str
+) -> None:
+    scaler = make_scaler(tmp_path, make_app(redis_url))
+    assert scaler.source.path is not None
+    scaler.source.path.write_text(
+        "services:\n  io:\n    queues: [io_intensive]\n    max_replicas: -2\n"
+    )
+    scaler.request_reload()
+    scaler.cycle()
+    assert scaler.source.policy.services["io"].max_replicas == 3  # still the good one
+    error = read_snapshot(scaler.state_file)["policy_error"]  # type: ignore[arg-type]
+    assert str(scaler.source.path) in error and "max_replicas" in error
+
+    scaler.source.path.write_text(GOOD.format(max=5))
+    scaler.request_reload()
+    scaler.cycle()
+    assert scaler.source.policy.services["io"].max_replicas == 5
+    assert read_snapshot(scaler.state_file)["policy_error"] is None  # type: ignore[arg-type]
+
+
+def test_no_scale_down_on_signals_that_could_not_be_read(tmp_path: Path) -> None:
+    with own_redis_server() as (url, proc):
+        scaler = make_scaler(tmp_path, make_app(url))
+        healthy = scaler.collector.collect({"io": ["io_intensive"]}, scaler.backend)
+        assert blind_spots(healthy, "io") == []
+        proc.kill()
+        proc.wait(10)
+        report = scaler.cycle()
+    assert report.decisions["io"].action == "hold"
+    assert any("depth of io_intensive unreadable" in e for e in report.errors)
+    # Even a "down" handed to the loop is refused while the signals are missing.
+    down = Decision("io", current=2, desired=0, action="down", reasons=("test",))
+    outcome = scaler._act(report.observations, down)
+    assert not outcome.acted and "refused" in (outcome.error or "")
+    assert scaler.backend.calls == []  # type: ignore[attr-defined]
+    assert scaler.consecutive_failures == 1
+    assert scaler.next_delay() == pytest.approx(2 * scaler.source.policy.interval_s)
+
+
+def test_a_failed_scale_is_retried_with_backoff_then_reported(
+    tmp_path: Path, redis_url: str
+) -> None:
+    scaler = make_scaler(tmp_path, make_app(redis_url), failures=5)
+    up = Decision("io", current=0, desired=2, action="up", reasons=("test",))
+    obs = scaler.collector.collect({"io": ["io_intensive"]}, scaler.backend)
+    outcome = scaler._act(obs, up)
+    assert scaler.backend.calls == [2, 2, 2]  # type: ignore[attr-defined]
+    assert not outcome.acted and "failed after 3 attempts" in (outcome.error or "")
+
+    scaler.backend.failures = 4  # type: ignore[attr-defined]  # the next attempt succeeds
+    outcome = scaler._act(obs, up)
+    assert outcome.acted and outcome.result is not None and outcome.result.after == 2
+    assert scaler.backend.calls == [2, 2, 2, 2, 2]  # type: ignore[attr-defined]
+
+
+def test_dry_run_decides_and_reports_but_never_acts(tmp_path: Path, redis_url: str) -> None:
+    scaler = make_scaler(tmp_path, make_app(redis_url))
+    scaler.dry_run = True
+    scaler.source.policy = scaler.source.policy.model_copy(
+        update={
+            "services": {
+                "io": scaler.source.policy.services["io"].model_copy(update={"min_replicas": 2})
+            }
+        }
+    )
+    report = scaler.cycle()
+    report = scaler.cycle()  # the host CPU reading needs one cycle to prime
+    assert report.decisions["io"].action == "up"
+    assert scaler.backend.calls == []  # type: ignore[attr-defined]
+    snapshot = read_snapshot(scaler.state_file)  # type: ignore[arg-type]
+    assert snapshot["dry_run"] is True and snapshot["services"]["io"]["acted"] is False
+
+
+def test_a_cycle_whose_scale_fails_starts_no_cooldown(tmp_path: Path, redis_url: str) -> None:
+    scaler = make_scaler(tmp_path, make_app(redis_url), failures=100)
+    io = scaler.source.policy.services["io"].model_copy(update={"min_replicas": 2})
+    scaler.source.policy = scaler.source.policy.model_copy(update={"services": {"io": io}})
+    scaler.cycle()
+    report = scaler.cycle()  # the host CPU reading needs one cycle to prime
+    assert report.decisions["io"].action == "up"
+    assert report.outcomes["io"].error and not report.outcomes["io"].acted
+    assert scaler.history.get("io").last_scale_at is None
+    status = read_snapshot(scaler.state_file)["services"]["io"]  # type: ignore[arg-type]
+    assert status["action"] == "error" and "failed after 3 attempts" in status["error"]
