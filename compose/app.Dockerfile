@@ -9,7 +9,8 @@
 ARG PYTHON_IMAGE=python:3.12-slim
 
 FROM ${PYTHON_IMAGE} AS builder
-ENV PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_CACHE_DIR=1 PYTHONDONTWRITEBYTECODE=1
+# Bytecode is compiled here (pip's default): the non-root runtime user cannot write it later.
+ENV PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_CACHE_DIR=1
 # A venv, never the system interpreter: Debian's python refuses system installs (PEP 668), and the
 # venv is one directory the runtime stage copies. `python3` is found on PATH (/usr/local/bin in the
 # official image, /usr/bin in Debian's), never by a hard-coded path.
@@ -18,19 +19,17 @@ ENV PATH=/opt/venv/bin:$PATH
 # The glob keeps the build working when .wheelhouse/ does not exist (COPY needs one match, which
 # pyproject.toml always is); /wheels then holds no *.whl and pip goes to the index.
 COPY pyproject.toml .wheelhouse* /wheels/
+COPY compose/scripts/pip-install.sh /usr/local/bin/pip-install.sh
+RUN chmod 0755 /usr/local/bin/pip-install.sh
+# Dependencies first, from pyproject.toml alone (empty package directories), so that a change to
+# the application's code does not reinstall them: this layer is cached until pyproject changes.
+COPY pyproject.toml /src/
+RUN mkdir -p /src/services /src/scaler && pip-install.sh '/src[monitoring]'
 COPY pyproject.toml README.md* /src/
 COPY services /src/services
 COPY scaler /src/scaler
-RUN set -eu; \
-    if ls /wheels/*.whl >/dev/null 2>&1; then \
-      pip install --no-index --find-links /wheels '/src[monitoring]' \
-      || { echo "app.Dockerfile: the wheelhouse does not cover this interpreter; trying the index" >&2; \
-           pip install --find-links /wheels '/src[monitoring]'; }; \
-    else \
-      echo "app.Dockerfile: no wheelhouse (make wheels); installing from the index" >&2; \
-      pip install '/src[monitoring]'; \
-    fi; \
-    python -c "import celery, kombu, redis, psycopg2, flower, services, scaler"
+RUN pip-install.sh --no-deps --force-reinstall /src \
+ && python -c "import celery, kombu, redis, psycopg2, flower, services, scaler"
 
 FROM ${PYTHON_IMAGE} AS runtime
 ENV PATH=/opt/venv/bin:$PATH \

@@ -100,7 +100,8 @@ class ComposeProject:
             "postgres",
             "sh",
             "-c",
-            'psql -v ON_ERROR_STOP=1 -U "$POSTGRES_USER" -d "$POSTGRES_DB" -tA -F "|" -c "$0"',
+            'PGPASSWORD="$POSTGRES_PASSWORD" psql -h 127.0.0.1 -p 5432 -v ON_ERROR_STOP=1'
+            ' -U "$POSTGRES_USER" -d "$POSTGRES_DB" -tA -F "|" -c "$0"',
             sql,
         ).stdout
         return [line.split("|") for line in out.splitlines() if line]

@@ -1,0 +1,98 @@
+"""The stack under test: built once per session, brought up under a unique project name.
+
+The image variables (PYTHON_IMAGE, REDIS_IMAGE, POSTGRES_IMAGE) come from the environment; on a
+machine without a registry they name the local stand-ins (.ci/run exports them). When a test
+fails, `docker compose ps` and the logs are printed before the stack is torn down.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from compose_project import ROOT, ComposeProject
+
+# Settings the e2e run needs from the stack: a beat health check every few seconds instead of
+# every five minutes, and an image tag of its own (a developer's `make up` image stays untouched).
+E2E_SETTINGS = {
+    "HEALTH_CHECK_INTERVAL": "3",
+    "APP_IMAGE": "celery-stack/app:e2e",
+    "LOG_LEVEL": "INFO",
+}
+
+
+def docker_engine_available() -> bool:
+    if shutil.which("docker") is None:
+        return False
+    return subprocess.run(["docker", "info"], capture_output=True, timeout=60).returncode == 0
+
+
+def ensure_wheelhouse() -> None:
+    """Refresh the host-built wheelhouse when stale: containers here cannot reach the index."""
+    if shutil.which("make") is None:
+        return
+    proc = subprocess.run(
+        ["make", "--no-print-directory", "wheels", f"PYTHON={sys.executable}"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    if proc.returncode != 0:
+        print(f"e2e: `make wheels` failed; the image build will try the index:\n{proc.stderr}")
+
+
+def write_env_file(directory: Path) -> Path:
+    """A fresh .env made by the same script `make up` uses, plus the e2e settings."""
+    env_file = directory / ".env"
+    subprocess.run(
+        ["bash", str(ROOT / "compose/scripts/init-env.sh"), str(ROOT / ".env.example"), env_file],
+        check=True,
+        capture_output=True,
+    )
+    with env_file.open("a") as f:
+        f.writelines(f"{k}={v}\n" for k, v in E2E_SETTINGS.items())
+    check = subprocess.run(
+        ["bash", str(ROOT / "compose/scripts/check-env.sh"), str(env_file)],
+        capture_output=True,
+        text=True,
+    )
+    assert check.returncode == 0, check.stderr
+    return env_file
+
+
+@pytest.fixture(scope="session")
+def stack(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[ComposeProject]:
+    if not docker_engine_available():
+        pytest.skip(
+            "E2E STACK TESTS SKIPPED: no Docker engine here (install one with "
+            "../shared/tools/install-docker.sh); these tests are required in CI"
+        )
+    ensure_wheelhouse()
+    project = ComposeProject(
+        name=f"cst-test-e2e-{uuid.uuid4().hex[:8]}",
+        env_file=write_env_file(tmp_path_factory.mktemp("stack")),
+        env={**os.environ, **E2E_SETTINGS},
+    )
+    failed_before = request.session.testsfailed
+    try:
+        project.run("build", timeout=900)
+        project.run("up", "--detach", "--wait", "--wait-timeout", "180", timeout=300)
+    except BaseException:
+        print(project.diagnostics())
+        project.down()
+        raise
+    try:
+        yield project
+    finally:
+        if request.session.testsfailed > failed_before:
+            print(project.diagnostics())
+        project.down()
