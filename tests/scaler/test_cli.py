@@ -1,0 +1,133 @@
+"""`scaler validate | plan | run | status` as an operator runs them: real processes, real Redis."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+
+import pytest
+from scaler_support import poll_until
+
+POLICY = """
+interval_s: 0.5
+stale_after_s: 5
+services:
+  worker-io:
+    queues: [io_intensive]
+    min_replicas: 0
+    max_replicas: 3
+  worker-default:
+    queues: [default]
+    min_replicas: 0
+    max_replicas: 2
+"""
+
+
+def scaler(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "scaler.cli", *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+    )
+
+
+@pytest.fixture
+def env(redis_url: str, database_url: str, key_prefix: str) -> dict[str, str]:
+    return {
+        **os.environ,
+        "CELERY_BROKER_URL": redis_url,
+        "DATABASE_URL": database_url,
+        "CELERY_KEY_PREFIX": f"{key_prefix}cli{uuid.uuid4().hex[:6]}:",
+    }
+
+
+@pytest.fixture
+def policy(tmp_path: Path) -> Path:
+    path = tmp_path / "policy.yaml"
+    path.write_text(POLICY)
+    return path
+
+
+def test_validate_a_good_file(policy: Path) -> None:
+    result = scaler("validate", str(policy))
+    assert result.returncode == 0, result.stderr
+    assert f"{policy}: ok" in result.stdout and "worker-io" in result.stdout
+
+
+def test_validate_a_bad_file_names_the_file_the_field_and_the_value(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(POLICY.replace("max_replicas: 3", "max_replicas: -1").replace("0.5", "fast"))
+    result = scaler("validate", str(bad))
+    assert result.returncode == 1
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 2 and all(line.startswith(f"{bad}: ") for line in lines)
+    assert any("services.worker-io.max_replicas" in line and "-1" in line for line in lines)
+    assert any("interval_s" in line and "fast" in line for line in lines)
+
+
+def test_validate_a_missing_file_fails_naming_it(tmp_path: Path) -> None:
+    result = scaler("validate", str(tmp_path / "nope.yaml"))
+    assert result.returncode == 1 and "nope.yaml" in result.stderr
+
+
+def test_plan_prints_what_it_would_do_and_why(policy: Path, env: dict[str, str]) -> None:
+    result = scaler("plan", "--policy", str(policy), "--json", env=env)
+    assert result.returncode == 0, result.stderr
+    plan = json.loads(result.stdout)
+    assert plan["dry_run"] is True
+    assert set(plan["services"]) == {"worker-io", "worker-default"}
+    io = plan["services"]["worker-io"]
+    assert io["current"] == 0 and io["waiting"] == 0 and io["acted"] is False
+    assert io["reasons"], "every decision says why"
+
+    table = scaler("plan", "--policy", str(policy), env=env)
+    assert table.returncode == 0, table.stderr
+    assert "SERVICE" in table.stdout and "worker-io" in table.stdout and "(dry run)" in table.stdout
+
+
+def test_run_writes_status_and_sighup_refuses_a_bad_policy(
+    policy: Path, env: dict[str, str], tmp_path: Path
+) -> None:
+    state = tmp_path / "state.json"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "scaler.cli", "run", "--dry-run", "--policy", str(policy),
+         "--state-file", str(state), "--workdir", str(tmp_path / "w")],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        poll_until(state.exists, "the first status snapshot", timeout_s=30)
+        status = scaler("status", "--state-file", str(state))
+        assert status.returncode == 0, status.stderr
+        header, *rows = status.stdout.splitlines()
+        assert "backend local (dry run)" in header
+        assert any(r.startswith("worker-io") for r in rows)
+
+        policy.write_text(POLICY.replace("max_replicas: 2", "max_replicas: 0"))
+        proc.send_signal(signal.SIGHUP)
+
+        def refused() -> str | None:
+            out = scaler("status", "--state-file", str(state)).stdout
+            return out if "policy reload refused" in out else None
+
+        shown = poll_until(refused, "the refused reload in status", timeout_s=30)
+        assert "max_replicas" in shown and str(policy) in shown
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        _, stderr = proc.communicate(timeout=30)
+    assert proc.returncode == 0, stderr
+    logs = [json.loads(line) for line in stderr.splitlines() if line.startswith("{")]
+    decisions = [entry for entry in logs if entry.get("event") == "decision"]
+    assert decisions and all("reasons" in d and "service" in d for d in decisions)
+    assert any(entry.get("event") == "policy-reload-refused" for entry in logs)
+
+
+def test_status_without_a_running_scaler_fails_clearly(tmp_path: Path) -> None:
+    result = scaler("status", "--state-file", str(tmp_path / "none.json"))
+    assert result.returncode == 1 and "none.json" in result.stderr and "not found" in result.stderr
