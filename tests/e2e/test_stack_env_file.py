@@ -45,7 +45,7 @@ def read_env(path: Path) -> dict[str, str]:
     pairs = (
         line.split("=", 1) for line in path.read_text().splitlines() if re.match(r"^[A-Z_]+=", line)
     )
-    return dict(pairs)  # type: ignore[arg-type]
+    return dict(pairs)
 
 
 def init_env(tmp_path: Path, name: str = ".env") -> Path:
