@@ -191,6 +191,7 @@ class ComposeBackend:
         self._draining: dict[str, threading.Thread] = {}  # container id -> drain thread
         self._events: list[BackendEvent] = []
         self._nodes: dict[str, str] = {}  # container id -> Celery node name (immutable)
+        self._parked: set[str] = set()  # stopped by us to wake from zero, whatever its exit code
         self._templates: dict[str, dict[str, Any]] = {}  # service -> last inspected replica
         self._last: dict[str, list[ComposeContainer]] = {}  # last listing, for resources()
         self._last_error: str = ""
@@ -218,7 +219,7 @@ class ComposeBackend:
                 state = "draining"
             elif c.live:
                 state = "running"
-            elif c.died:
+            elif c.died and c.id not in self._parked:
                 state = "dead"
             else:
                 state = "stopped"
@@ -252,7 +253,8 @@ class ComposeBackend:
         events: list[BackendEvent] = []
         draining = self._draining_ids()
         for service in self._specs:
-            for dead in [c for c in listing.get(service, []) if c.died and c.id not in draining]:
+            skip = draining | self._parked
+            for dead in [c for c in listing.get(service, []) if c.died and c.id not in skip]:
                 events.append(self._replace(service, dead, listing.get(service, [])))
         self._stats.track(c.id for cs in listing.values() for c in cs if c.live)
         with self._lock:
@@ -386,9 +388,11 @@ class ComposeBackend:
         started: list[str] = []
         errors: list[str] = []
         # Wake parked replicas (stopped by a warm shutdown) first: they are the service's own.
-        for parked in [c for c in containers if not c.live and not c.died][:count]:
+        sleeping = [c for c in containers if not c.live and (c.id in self._parked or not c.died)]
+        for parked in sleeping[:count]:
             try:
                 self._call(f"start {parked.name}", partial(_start, parked.id))
+                self._parked.discard(parked.id)
                 started.append(parked.name)
             except BackendError as exc:
                 errors.append(str(exc))
@@ -560,6 +564,8 @@ class ComposeBackend:
             try:
                 info = client.api.inspect_container(container.id)
                 grace = int((info.get("Config") or {}).get("StopTimeout") or DEFAULT_STOP_TIMEOUT_S)
+                if park:
+                    self._parked.add(container.id)  # even if the grace period runs out
                 client.api.stop(container.id, timeout=grace)
                 if not park:
                     client.api.remove_container(container.id)
