@@ -7,6 +7,7 @@ RabbitMQ, its own queue-name prefix, and deletes what it created.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -221,19 +222,16 @@ class WorkerProcess:
 
     def kill(self) -> None:
         """SIGKILL the whole process group: main process and pool children at once."""
-        try:
+        with contextlib.suppress(ProcessLookupError):
             os.killpg(self.proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
         self.proc.wait(10)
 
     def cleanup(self) -> None:
         if self.proc.poll() is None:
             self.terminate(timeout=15)
-        try:  # children orphaned by a kill of the main process only
+        # Children orphaned by a kill of the main process only.
+        with contextlib.suppress(ProcessLookupError):
             os.killpg(self.proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
         self._log.close()
 
 

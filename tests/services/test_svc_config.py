@@ -52,7 +52,7 @@ def test_app_configuration_carries_the_reliability_settings() -> None:
 
 
 def test_result_backend_is_required_with_rabbitmq() -> None:
-    with pytest.raises(ConfigError, match="CELERY_RESULT_BACKEND=None: expected .*required"):
+    with pytest.raises(ConfigError, match=r"CELERY_RESULT_BACKEND=None: expected .*required"):
         load_settings({"CELERY_BROKER_URL": "amqp://guest:guest@localhost:5672//"})
     settings = load_settings(
         {

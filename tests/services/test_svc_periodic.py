@@ -91,8 +91,8 @@ def test_periodic_tasks_do_their_work(redis_env: Any, start_worker: Any, db: Any
     marker = uuid.uuid4().hex[:8]
     with db.cursor() as cur:
         cur.execute(
-            "INSERT INTO sessions (session_id, expires_at) VALUES (%s, now() - interval '1 minute'),"
-            " (%s, now() + interval '1 hour')",
+            "INSERT INTO sessions (session_id, expires_at)"
+            " VALUES (%s, now() - interval '1 minute'), (%s, now() + interval '1 hour')",
             (f"old-{marker}", f"live-{marker}"),
         )
     start_worker(redis_env, ["scheduled", "priority"], concurrency=2)

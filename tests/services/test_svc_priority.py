@@ -15,9 +15,7 @@ pytestmark = pytest.mark.slow
 SENT = [1, 1, 5, 9, 1, 9, 5, 0, 9]
 
 
-def execution_order(
-    db: psycopg2.extensions.connection, task_ids: list[str]
-) -> list[str]:
+def execution_order(db: psycopg2.extensions.connection, task_ids: list[str]) -> list[str]:
     with db.cursor() as cur:
         cur.execute(
             "SELECT task_id FROM task_effects WHERE task_id = ANY(%s) ORDER BY created_at",
@@ -34,7 +32,9 @@ def run_priority_order(
     for priority in SENT:
         task_id = str(uuid.uuid4())
         app.send_task(
-            "tasks.priority.expedite", kwargs={"key": f"p{priority}"}, task_id=task_id,
+            "tasks.priority.expedite",
+            kwargs={"key": f"p{priority}"},
+            task_id=task_id,
             priority=priority,
         )
         ids[task_id] = priority

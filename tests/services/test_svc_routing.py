@@ -61,12 +61,11 @@ def test_enqueued_at_header_is_stamped(redis_env: Any, redis_url: str) -> None:
 
 
 @pytest.mark.slow
-def test_workers_run_each_family_from_its_queue(
-    redis_env: Any, start_worker: Any, db: Any
-) -> None:
+def test_workers_run_each_family_from_its_queue(redis_env: Any, start_worker: Any, db: Any) -> None:
     app = redis_env.app()
     start_worker(
-        redis_env, ["default", "cpu_intensive", "io_intensive", "priority", "scheduled"],
+        redis_env,
+        ["default", "cpu_intensive", "io_intensive", "priority", "scheduled"],
         concurrency=2,
     )
     calls = {
