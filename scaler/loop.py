@@ -154,7 +154,8 @@ class Scaler:
                 for event in self.backend.reconcile():
                     text = f"{event.service} {event.kind}: {event.detail}"
                     self.events.append(text)
-                    log.warning(json.dumps({"event": "backend", "detail": text}))
+                    level = logging.INFO if event.kind == "drained" else logging.WARNING
+                    log.log(level, json.dumps({"event": "backend", "detail": text}))
             except Exception as exc:
                 errors.append(f"backend: reconcile failed: {exc}")
         queues = {name: list(svc.queues) for name, svc in policy.services.items()}

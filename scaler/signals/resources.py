@@ -2,7 +2,8 @@
 
 CPU percentages are read with ``interval=None``: psutil then reports the usage since the previous
 call on the same object, so nothing in the cycle blocks (``interval=1`` would cost a second per
-reading). The first reading of a new object has no previous call and is reported as missing.
+reading). The host's very first reading samples for 0.1 s once (so a one-shot `scaler plan` sees
+the host); a new worker process's first reading has no previous call and is reported as missing.
 """
 
 from __future__ import annotations
@@ -21,14 +22,16 @@ class HostStats:
     """Whole-host CPU and memory, in percent."""
 
     clock: Callable[[], float] = time.time
+    first_sample_s: float = 0.1
     _primed: bool = field(default=False, init=False)
 
     def read(self) -> Resources:
-        """CPU since the previous read (missing on the first) and memory in use now."""
-        cpu = psutil.cpu_percent(interval=None)
-        primed, self._primed = self._primed, True
+        """CPU since the previous read (a short sample the first time) and memory in use now."""
+        interval = None if self._primed else self.first_sample_s
+        cpu = psutil.cpu_percent(interval=interval)
+        self._primed = True
         memory = psutil.virtual_memory().percent
-        return Resources(cpu if primed else None, memory, read_at=self.clock())
+        return Resources(cpu, memory, read_at=self.clock())
 
 
 @dataclass
