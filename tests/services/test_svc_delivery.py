@@ -96,3 +96,23 @@ def test_killed_pool_child_requeues_its_task(
     assert result.get(timeout=30)["key"] == "child"
     assert "WorkerLostError" in worker.log()
     assert len(effect_rows(db, result.id)) == 1
+
+
+def test_pickled_message_is_rejected_never_run(
+    redis_env: Any, start_worker: Any, db: Any, poll: Any
+) -> None:
+    app = redis_env.app()
+    evil_id = str(uuid.uuid4())
+    with app.producer_or_acquire() as producer:
+        producer.publish(
+            [[], {"key": "pickled"}, {}],
+            serializer="pickle",
+            routing_key=redis_env.queue("default"),
+            exchange="",
+            headers={"task": "tasks.default.record", "id": evil_id, "lang": "py"},
+        )
+    worker = start_worker(redis_env, ["default"])
+    ok = app.send_task("tasks.default.record", kwargs={"key": "after"}).get(timeout=30)
+    assert ok["key"] == "after"
+    poll(lambda: "ContentDisallowed" in worker.log() or "disallowed" in worker.log(), "refusal")
+    assert effect_rows(db, evil_id) == []
