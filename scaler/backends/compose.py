@@ -94,7 +94,7 @@ _EXITED = re.compile(r"Exited \((-?\d+)\)")
 
 
 def worker_node_name(inspected: dict[str, Any]) -> str:
-    """The Celery node name of the worker in a container, from its command and hostname.
+    """The Celery node name a container's command line suggests (the workers confirm it).
 
     Celery names a worker ``celery@<hostname>`` unless the command passes ``-n``/``--hostname``
     (where ``%h``, ``%n``, ``%d`` and ``$HOSTNAME`` expand as in the worker). The container's
@@ -190,7 +190,8 @@ class ComposeBackend:
         self._lock = threading.Lock()
         self._draining: dict[str, threading.Thread] = {}  # container id -> drain thread
         self._events: list[BackendEvent] = []
-        self._nodes: dict[str, str] = {}  # container id -> Celery node name (immutable)
+        self._nodes: dict[str, str] = {}  # container id -> Celery node name, confirmed
+        self._guesses: dict[str, tuple[str, str]] = {}  # container id -> (hostname, parsed name)
         self._parked: set[str] = set()  # stopped by us to wake from zero, whatever its exit code
         self._templates: dict[str, dict[str, Any]] = {}  # service -> last inspected replica
         self._last: dict[str, list[ComposeContainer]] = {}  # last listing, for resources()
@@ -223,7 +224,7 @@ class ComposeBackend:
                 state = "dead"
             else:
                 state = "stopped"
-            node = self._nodes.get(c.id) or (self._node(c.id) if c.live else c.name)
+            node = self._nodes.get(c.id) or (self._guess(c.id)[1] if c.live else c.name)
             out.append(WorkerInfo(service=service, name=node, ident=c.id, state=state))
         return out
 
@@ -361,11 +362,37 @@ class ComposeBackend:
             lambda client: client.api.inspect_container(container_id),
         )
 
-    def _node(self, container_id: str) -> str:
-        node = self._nodes.get(container_id)
-        if node is None:
-            node = self._nodes[container_id] = worker_node_name(self._inspect(container_id))
-        return node
+    def _guess(self, container_id: str) -> tuple[str, str]:
+        """The container's hostname and the node name its command line suggests."""
+        guess = self._guesses.get(container_id)
+        if guess is None:
+            inspected = self._inspect(container_id)
+            host = str((inspected.get("Config") or {}).get("Hostname") or container_id[:12])
+            guess = self._guesses[container_id] = (host, worker_node_name(inspected))
+        return guess
+
+    def _node_names(self, container_ids: list[str]) -> dict[str, str]:
+        """Celery node names of containers, confirmed by the workers themselves where possible.
+
+        The command line does not always tell (a start script may pass ``-n "$QUEUE@%h"``), but
+        every worker named with ``%h`` (or by default) has the container's hostname after the
+        ``@``: one ping broadcast, for containers not yet confirmed, maps replies to containers.
+        An unconfirmed worker keeps its parsed name (it may still be starting).
+        """
+        unknown = [cid for cid in container_ids if cid not in self._nodes]
+        if unknown:
+            try:
+                replies = self.app.control.ping(timeout=self._inspect_timeout_s) or []
+            except Exception as exc:
+                log.warning("ping broadcast to name workers failed: %s", exc)
+                replies = []
+            answered = [node for reply in replies for node in reply]
+            for cid in unknown:
+                host = self._guess(cid)[0]
+                found = [n for n in answered if n.split("@", 1)[-1].split(".", 1)[0] == host]
+                if len(found) == 1:
+                    self._nodes[cid] = found[0]
+        return {cid: self._nodes.get(cid) or self._guess(cid)[1] for cid in container_ids}
 
     # -- scaling up: clones of replica 1 --------------------------------------------------------
 
@@ -505,7 +532,7 @@ class ComposeBackend:
     def _scale_down(
         self, service: str, live: list[ComposeContainer], count: int, *, park: bool
     ) -> tuple[str, ...]:
-        nodes = {c.id: self._node(c.id) for c in live}
+        nodes = self._node_names([c.id for c in live])
         busy = self._busy(list(nodes.values()))
         idle = [c for c in live if busy[nodes[c.id]] is False]
         idle.sort(key=lambda c: c.number, reverse=True)  # Compose removes the highest first
@@ -578,6 +605,9 @@ class ComposeBackend:
         finally:
             with self._lock:
                 self._draining.pop(container.id, None)
+            if not park:
+                self._nodes.pop(container.id, None)
+                self._guesses.pop(container.id, None)
 
     # -- replacing dead containers --------------------------------------------------------------
 
@@ -590,6 +620,7 @@ class ComposeBackend:
             template = self._template(service, containers)
             self._call(f"remove {dead.name}", lambda cl: cl.api.remove_container(dead.id))
             self._nodes.pop(dead.id, None)
+            self._guesses.pop(dead.id, None)
             name = self._clone(service, template, dead.number)
         except BackendError as exc:
             return BackendEvent(service, "replace-failed", f"{detail}: {exc}")

@@ -171,8 +171,9 @@ def _await_worker(stack: Stack, node: str) -> None:
     poll_until(lambda: stack.app.control.ping([node], timeout=0.5), f"{node} to answer a ping", 30)
 
 
-def _node(container_name: str) -> str:
-    return worker_node_name(docker.from_env().api.inspect_container(container_name))
+def _node(container: str) -> str:
+    """The fixture's workers are named ``$WORKER_QUEUE@%h`` (work@<container hostname>)."""
+    return f"work@{docker.from_env().api.inspect_container(container)['Config']['Hostname']}"
 
 
 # -- scaling up: clones Compose recognises --------------------------------------------------------
@@ -205,7 +206,7 @@ def test_scale_up_clones_are_listed_and_removed_by_compose(
         (network,) = clone["NetworkSettings"]["Networks"].values()
         assert {name, "worker"} <= set(network["Aliases"])
         # A real worker runs in it, under the node name the backend derives.
-        _await_worker(stack, worker_node_name(clone))
+        _await_worker(stack, _node(name))
     assert len(stack.names("bystander")) == 1  # never touched
 
     # A plain `up` resets the count to the file's without recreating replica 1; converge again.
@@ -249,6 +250,9 @@ def test_scale_down_drains_an_idle_worker_and_never_a_busy_one(
     result = backend.scale("worker", 1)
 
     assert result.draining == (one,)  # the idle one, although it has the lower number
+    # Node names confirmed with the workers (the command line only says "$WORKER_QUEUE@%h").
+    states = {w.name: w.state for w in backend.workers("worker")}
+    assert states[node_two] == "running" and states.get(node_one, "draining") == "draining"
     assert backend.replicas("worker") == 1
     events: list[Any] = []
     poll_until(lambda: _drained(backend, events), "the drain of worker-1", 60)
@@ -303,7 +307,7 @@ def test_killed_container_is_reported_and_replaced(stack: Stack, backend: Compos
     assert backend.replicas("worker") == 2
     fresh = docker.from_env().api.inspect_container(f"{stack.project}-worker-2")
     assert fresh["Id"] != victim["Id"]
-    _await_worker(stack, worker_node_name(fresh))
+    _await_worker(stack, _node(fresh["Id"]))
 
 
 # -- the engine unreachable for a while -----------------------------------------------------------
