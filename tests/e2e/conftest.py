@@ -2,7 +2,7 @@
 
 The image variables (PYTHON_IMAGE, REDIS_IMAGE, POSTGRES_IMAGE) come from the environment; on a
 machine without a registry they name the local stand-ins (.ci/run exports them). When a test
-fails, `docker compose ps` and the logs are printed before the stack is torn down.
+fails, `docker compose ps` and the logs are attached to its report (the stack is still up then).
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import shutil
 import subprocess
 import sys
 import uuid
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
 from pathlib import Path
 
 import pytest
@@ -69,7 +69,7 @@ def write_env_file(directory: Path) -> Path:
 
 @pytest.fixture(scope="session")
 def stack(
-    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+    tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[ComposeProject]:
     if not docker_engine_available():
         pytest.skip(
@@ -82,7 +82,6 @@ def stack(
         env_file=write_env_file(tmp_path_factory.mktemp("stack")),
         env={**os.environ, **E2E_SETTINGS},
     )
-    failed_before = request.session.testsfailed
     try:
         project.run("build", timeout=900)
         project.run("up", "--detach", "--wait", "--wait-timeout", "180", timeout=300)
@@ -93,6 +92,16 @@ def stack(
     try:
         yield project
     finally:
-        if request.session.testsfailed > failed_before:
-            print(project.diagnostics())
         project.down()
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(
+    item: pytest.Item, call: pytest.CallInfo[None]
+) -> Generator[None, pytest.TestReport, pytest.TestReport]:
+    """On a failed stack test, attach `docker compose ps` and the logs while the stack runs."""
+    report = yield
+    stack = getattr(item, "funcargs", {}).get("stack")
+    if report.when == "call" and report.failed and isinstance(stack, ComposeProject):
+        report.sections.append((f"docker compose ps and logs ({stack.name})", stack.diagnostics()))
+    return report

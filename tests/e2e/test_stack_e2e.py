@@ -122,6 +122,8 @@ def test_app_containers_are_non_root_with_init_and_scaler_labels(stack: ComposeP
         assert container["Config"]["StopTimeout"] > int(env["CELERY_TASK_TIME_LIMIT"]), service
     (beat,) = stack.inspect(stack.container_ids("beat"))
     assert beat["Config"]["Labels"]["autoscale.managed"] == "false"
+    # The same image runs the scaler (its compose service comes with the scaler issue).
+    stack.run("exec", "-T", "beat", "scaler", "--help")
 
 
 def test_down_with_volumes_leaves_nothing_of_the_project(stack: ComposeProject) -> None:
