@@ -150,7 +150,7 @@ def create_app(settings: Settings, main: str = "services") -> ServiceApp:
         task_send_sent_event=True,
         worker_hijack_root_logger=False,
         worker_log_color=False,
-        beat_schedule=beat_schedule(),
+        beat_schedule=beat_schedule(settings.health_check_interval),
     )
     app.steps["consumer"].add(HeartbeatFile)
     logging.getLogger("services").setLevel(settings.log_level)

@@ -70,6 +70,7 @@ class Settings:
     record_max_chars: int
     worker_heartbeat_file: Path | None
     worker_heartbeat_interval: float
+    health_check_interval: float
     log_level: str
 
     @property
@@ -255,6 +256,7 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         record_max_chars=r.integer("TASK_RECORD_MAX_CHARS", 2000, 100, 1_000_000),
         worker_heartbeat_file=heartbeat_file,
         worker_heartbeat_interval=r.number("WORKER_HEARTBEAT_INTERVAL", 10.0, 0.0, exclusive=True),
+        health_check_interval=r.number("HEALTH_CHECK_INTERVAL", 300.0, 0.0, exclusive=True),
         log_level=r.choice("LOG_LEVEL", "INFO", LOG_LEVELS),
     )
     if r.problems:

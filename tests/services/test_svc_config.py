@@ -92,6 +92,7 @@ BAD_VALUES = [
     ("TASK_RECORD_MAX_CHARS", "10", "between 100 and"),
     ("WORKER_HEARTBEAT_FILE", "/no/such/dir/heartbeat", "existing directory"),
     ("WORKER_HEARTBEAT_INTERVAL", "0", "number > 0"),
+    ("HEALTH_CHECK_INTERVAL", "soon", "number > 0"),
     ("LOG_LEVEL", "LOUD", "one of DEBUG"),
 ]
 

@@ -41,6 +41,15 @@ def test_schedule_matches_the_seed() -> None:
     assert daily.hour == {2} and daily.minute == {0}
 
 
+def test_health_check_period_follows_the_setting() -> None:
+    from services.config import load_settings
+
+    settings = load_settings({"HEALTH_CHECK_INTERVAL": "3"})
+    by_task = {e["task"]: e for e in beat_schedule(settings.health_check_interval).values()}
+    assert by_task[HEALTH_TASK]["schedule"] == timedelta(seconds=3)
+    assert by_task[HEALTH_TASK]["options"]["expires"] == 3
+
+
 @pytest.mark.slow
 def test_fast_beat_enqueues_the_three_tasks(
     redis_env: Any, redis_url: str, tmp_path: Path, poll: Any
