@@ -1,13 +1,23 @@
-"""`scaler`: run the loop, plan one dry-run cycle, show status, validate a policy file.
+"""`scaler`: run the loop, plan one dry-run cycle, show status, validate a policy, pause or pin.
 
     scaler validate FILE                    exit 0 if usable, 1 with one line per problem
     scaler plan --policy FILE               one dry-run cycle: what it would do and why
     scaler run --policy FILE [--dry-run]    the loop; SIGHUP reloads the policy
     scaler status [--json]                  the running scaler's last snapshot as a table
+    scaler pause SERVICE [--reason TEXT]    hold the service at its current count
+    scaler resume SERVICE                   undo a pause
+    scaler pin SERVICE N [--reason TEXT]    hold the service at exactly N replicas
+    scaler unpin SERVICE                    undo a pin
 
 Logs go to stderr as one JSON object per line. The Celery app (for broker settings and the
 control API) is ``services.celery_app:app`` unless --app says otherwise; it reads its broker URL
 and key prefix from the environment, exactly as the workers do.
+
+The scaler's own Redis (leader lease, pause/pin overrides) is SCALER_REDIS_URL, else the broker
+when it is Redis, else the result backend when that is Redis; its keys start with
+SCALER_KEY_PREFIX. `scaler run` elects a leader there unless --no-leader-election or --dry-run
+(a dry run never takes the lease from a scaler that acts), and serves HTTP (/metrics, /status,
+/healthz, control) on SCALER_HTTP_HOST:SCALER_HTTP_PORT unless --no-http.
 """
 
 from __future__ import annotations
@@ -18,21 +28,31 @@ import json
 import logging
 import os
 import signal
+import socket
 import sys
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from scaler.api import HttpSettings, ScalerHTTPServer
 from scaler.backends.base import Backend
-from scaler.loop import PolicySource, Scaler
-from scaler.policy import PolicyError, load_policy
+from scaler.control import ControlError, ControlStore, ControlUnavailable, Override
+from scaler.leader import LeaderLease, LeaseSettings
+from scaler.loop import MAX_BACKOFF_FACTOR, PolicySource, Scaler
+from scaler.metrics import ScalerMetrics
+from scaler.policy import Policy, PolicyError, load_policy
 from scaler.signals.collector import Collector, queue_reader_for_app
 from scaler.status import STATE_FILE_ENV, default_state_file, read_snapshot, render
 
 POLICY_ENV = "SCALER_POLICY"
+REDIS_ENV = "SCALER_REDIS_URL"
+KEY_PREFIX_ENV = "SCALER_KEY_PREFIX"
 DEFAULT_APP = "services.celery_app:app"
+REDIS_SCHEMES = ("redis", "rediss", "unix")
+
+log = logging.getLogger("scaler.cli")
 
 
 class JsonLines(logging.Formatter):
@@ -99,17 +119,51 @@ def _policy_path(args: argparse.Namespace) -> Path:
     return Path(raw)
 
 
-def _build(args: argparse.Namespace, dry_run: bool) -> tuple[Scaler, Backend]:
+def _load_source(args: argparse.Namespace) -> PolicySource:
+    path = _policy_path(args)
     try:
-        source = PolicySource.from_file(_policy_path(args))
+        return PolicySource.from_file(path)
     except PolicyError as exc:
-        path = _policy_path(args)
         raise SystemExit("\n".join(_prefixed(path, exc.problems))) from None
+
+
+def _build(args: argparse.Namespace, dry_run: bool) -> tuple[Scaler, Backend, Any]:
+    source = _load_source(args)
     app = load_app(args.app)
     backend = BACKENDS[args.backend](args, app)
     collector = Collector(queue_reader_for_app(app))
     state = Path(args.state_file) if getattr(args, "state_file", None) else None
-    return Scaler(source, backend, collector, state_file=state, dry_run=dry_run), backend
+    scaler = Scaler(source, backend, collector, state_file=state, dry_run=dry_run)
+    return scaler, backend, app
+
+
+def scaler_redis_url(app: Any, env: Mapping[str, str] | None = None) -> str | None:
+    """Where the lease and overrides live: SCALER_REDIS_URL, else the app's broker if it is
+    Redis, else its result backend if that is; None when there is no Redis at all."""
+    env = os.environ if env is None else env
+    explicit = env.get(REDIS_ENV, "").strip()
+    if explicit:
+        if explicit.split("://", 1)[0] not in REDIS_SCHEMES:
+            raise SystemExit(
+                f"{REDIS_ENV}: expected a redis://, rediss:// or unix:// URL, got "
+                f"{explicit.split('://', 1)[0]!r}://..."
+            )
+        return explicit
+    for candidate in (app.conf.broker_url, app.conf.result_backend):
+        url = str(candidate or "")
+        if url.split("://", 1)[0] in REDIS_SCHEMES:
+            return url
+    return None
+
+
+def _limits(policy: Policy) -> dict[str, int]:
+    return {name: svc.max_replicas for name, svc in policy.services.items()}
+
+
+def _control_store(url: str, source: PolicySource) -> ControlStore:
+    """Overrides checked against the policy in force (a reload's new max applies at once)."""
+    prefix = os.environ.get(KEY_PREFIX_ENV, "")
+    return ControlStore.from_url(url, lambda: _limits(source.policy), prefix=prefix)
 
 
 def _prefixed(path: Path, problems: Sequence[str]) -> list[str]:
@@ -131,8 +185,12 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
-    """One dry-run cycle: observe, decide, print what would happen and why; act on nothing."""
-    scaler, backend = _build(args, dry_run=True)
+    """One dry-run cycle: observe, decide, print what would happen and why; act on nothing.
+    Operator overrides are read, so the plan shows what a pause or pin would hold."""
+    scaler, backend, app = _build(args, dry_run=True)
+    url = scaler_redis_url(app)
+    if url is not None:
+        scaler.control = _control_store(url, scaler.source)
     try:
         report = scaler.cycle()
     finally:
@@ -157,24 +215,127 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
+def _env_settings() -> tuple[LeaseSettings, HttpSettings]:
+    try:
+        return LeaseSettings.from_env(), HttpSettings.from_env()
+    except ValueError as exc:
+        raise SystemExit(str(exc)) from None
+
+
+def _http_server(settings: HttpSettings, scaler: Scaler) -> ScalerHTTPServer:
+    assert scaler.metrics is not None
+    # Healthy while cycles keep coming, allowing for the loop's own backoff on errors.
+    max_age = max(30.0, 3 * scaler.source.policy.interval_s * MAX_BACKOFF_FACTOR)
+    try:
+        return ScalerHTTPServer.from_settings(
+            settings,
+            metrics=scaler.metrics,
+            status=scaler.status_view,
+            control=scaler.control,
+            health_max_age_s=max_age,
+        )
+    except OSError as exc:
+        raise SystemExit(
+            f"SCALER_HTTP_HOST/SCALER_HTTP_PORT: cannot listen on {settings.host}:{settings.port}: "
+            f"{exc} (set another port, or pass --no-http)"
+        ) from None
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     """The loop until SIGTERM/SIGINT; SIGHUP reloads the policy."""
-    scaler, backend = _build(args, dry_run=args.dry_run)
+    lease_settings, http_settings = _env_settings()
+    scaler, backend, app = _build(args, dry_run=args.dry_run)
+    scaler.metrics = ScalerMetrics()
+    url = scaler_redis_url(app)
+    if url is None:
+        detail = f"no {REDIS_ENV} and no Redis broker or result backend"
+        log.warning(json.dumps({"event": "no-redis", "detail": detail,
+                                "effect": "no pause/pin, no leader election"}))  # fmt: skip
+    else:
+        scaler.control = _control_store(url, scaler.source)
+        if not args.no_leader_election and not args.dry_run:
+            scaler.leader = LeaderLease.from_settings(url, lease_settings)
     stop = threading.Event()
     signal.signal(signal.SIGHUP, lambda *_: scaler.request_reload())
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
-    logging.getLogger("scaler.cli").info(
-        json.dumps({"event": "start", "backend": backend.name, "dry_run": args.dry_run})
+    http = None if args.no_http else _http_server(http_settings, scaler)
+    log.info(
+        json.dumps(
+            {
+                "event": "start",
+                "backend": backend.name,
+                "dry_run": args.dry_run,
+                "leader_election": scaler.leader is not None,
+                "owner": scaler.leader.owner if scaler.leader else None,
+                "http": http.url if http else None,
+            }
+        )
     )
     try:
+        if http is not None:
+            http.start()
+        if scaler.leader is not None:
+            scaler.leader.step()  # settle the first cycle's role before it runs
+            scaler.leader.start()
         scaler.run(stop, max_cycles=args.max_cycles)
     finally:
+        if scaler.leader is not None:
+            scaler.leader.stop(release=True)  # a standby takes over at its next attempt
+        if http is not None:
+            http.stop()
+        # With leader election the workers outlive this replica: the next leader adopts them.
         stop_all = getattr(backend, "stop_all", None)
-        if stop_all is not None and not args.keep_workers and not args.dry_run:
+        alone = scaler.leader is None
+        if stop_all is not None and alone and not args.keep_workers and not args.dry_run:
             stop_all()
         backend.close()
     return 0
+
+
+def _who(args: argparse.Namespace) -> str:
+    if args.by:
+        return str(args.by)
+    user = os.environ.get("USER") or os.environ.get("LOGNAME") or "unknown"
+    return f"cli:{user}@{socket.gethostname()}"
+
+
+def cmd_control(args: argparse.Namespace) -> int:
+    """pause / resume / pin / unpin, straight to the overrides every scaler replica reads."""
+    source = _load_source(args)
+    url = scaler_redis_url(load_app(args.app))
+    if url is None:
+        print(
+            f"scaler {args.command}: no Redis for overrides: set {REDIS_ENV} (or use a Redis "
+            "broker or result backend)",
+            file=sys.stderr,
+        )
+        return 1
+    store = _control_store(url, source)
+    try:
+        if args.command == "pause":
+            print(_describe("set", store.pause(args.service, by=_who(args), reason=args.reason)))
+        elif args.command == "pin":
+            pinned = store.pin(args.service, args.replicas, by=_who(args), reason=args.reason)
+            print(_describe("set", pinned))
+        else:
+            undo = store.resume if args.command == "resume" else store.unpin
+            removed = undo(args.service)
+            if removed is None:
+                kind = "paused" if args.command == "resume" else "pinned"
+                print(f"{args.service}: was not {kind}; nothing to undo")
+            else:
+                print(_describe("removed", removed))
+    except (ControlError, ControlUnavailable) as exc:
+        print(f"scaler {args.command}: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        store.client.close()
+    return 0
+
+
+def _describe(verb: str, override: Override) -> str:
+    return f"{override.service}: {verb} {override.explanation}"
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -207,8 +368,32 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--dry-run", action="store_true", help="decide and report, never act")
     run.add_argument("--max-cycles", type=int, default=None)
     run.add_argument("--keep-workers", action="store_true",
-                     help="local backend: leave workers running on exit")  # fmt: skip
+                     help="local backend: leave workers running on exit (always so with "
+                          "leader election: the next leader adopts them)")  # fmt: skip
+    run.add_argument("--no-leader-election", action="store_true",
+                     help="act without a lease (only when exactly one scaler runs)")  # fmt: skip
+    run.add_argument("--no-http", action="store_true", help="serve no HTTP endpoints")
     run.set_defaults(func=cmd_run)
+
+    def control_args(p: argparse.ArgumentParser, note: bool) -> None:
+        p.add_argument("service", help="a service the policy manages")
+        p.add_argument("--policy", help=f"policy YAML (default ${POLICY_ENV}): the services "
+                       "and their max replicas")  # fmt: skip
+        p.add_argument("--app", default=DEFAULT_APP, help="Celery app as module:attribute")
+        if note:
+            p.add_argument("--reason", "--note", default="", help="why (shown in status)")
+            p.add_argument("--by", default=None, help="who (default cli:$USER@host)")
+        p.set_defaults(func=cmd_control)
+
+    pause = sub.add_parser("pause", help="hold a service at its current count")
+    control_args(pause, note=True)
+    resume = sub.add_parser("resume", help="undo a pause")
+    control_args(resume, note=False)
+    pin = sub.add_parser("pin", help="hold a service at exactly N replicas")
+    control_args(pin, note=True)
+    pin.add_argument("replicas", type=int, help="the count to hold, 0..max_replicas")
+    unpin = sub.add_parser("unpin", help="undo a pin")
+    control_args(unpin, note=False)
 
     status = sub.add_parser("status", help="the running scaler's status table")
     status.add_argument("--state-file", default=None)

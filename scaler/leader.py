@@ -168,6 +168,16 @@ class LeaderLease:
         with self._lock:
             return self._clock() < self._valid_until
 
+    def holder(self) -> str | None:
+        """Who holds the lease key now (any replica), None if nobody or Redis cannot say."""
+        try:
+            value = self.client.get(self.key)
+        except (redis.RedisError, OSError):
+            return None
+        if isinstance(value, bytes):
+            return value.decode()
+        return None if value is None else str(value)
+
     def state(self) -> LeaseState:
         with self._lock:
             remaining = self._valid_until - self._clock()

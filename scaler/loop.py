@@ -12,7 +12,13 @@ module does the I/O around it and the safety rules that belong to acting:
 - SIGHUP reloads the policy between cycles; an invalid file is refused, the last good policy stays
   in force and the error is logged and shown in status until a good file loads;
 - cycles that hit errors back off (the interval doubles, up to a cap) so a dead broker is not
-  hammered, and the first clean cycle returns to the normal pace.
+  hammered, and the first clean cycle returns to the normal pace;
+- with a leader lease, only the leader acts (reconcile and scale). The flag is read once per
+  cycle and checked again right before every scale call, so a lease lost mid-cycle stops action.
+  A standby still observes, decides and reports (marked "standby: not the leader"), and re-reads
+  the backend's view each cycle so that, on taking over, it knows the workers the old leader ran;
+- operator overrides (pause, pin) are read every cycle; if they cannot be read every service
+  holds, because an operator may have paused one and we cannot tell.
 """
 
 from __future__ import annotations
@@ -25,10 +31,14 @@ from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from scaler.backends.base import Backend, ScaleResult, ServiceSpec
-from scaler.decide import Decision, decide
+from scaler.control import ControlStore, ControlUnavailable, Override
+from scaler.decide import Decision, ServiceControl, decide
 from scaler.history import History
+from scaler.leader import LeaderLease
+from scaler.metrics import ScalerMetrics
 from scaler.observations import Observations
 from scaler.policy import Policy, PolicyError, load_policy
 from scaler.signals.collector import Collector
@@ -38,6 +48,8 @@ log = logging.getLogger("scaler.loop")
 decision_log = logging.getLogger("scaler.decisions")
 
 MAX_BACKOFF_FACTOR = 8  # a failing scaler still looks every 8 intervals at most
+STANDBY_NOTE = "standby: not the leader"
+UNREADABLE_NOTE = "overrides unreadable: holding in case one is set"
 
 
 @dataclass
@@ -85,6 +97,7 @@ class ActOutcome:
     acted: bool
     result: ScaleResult | None = None
     error: str | None = None
+    note: str | None = None  # why nothing was done when that is not an error (standby)
 
 
 @dataclass(frozen=True)
@@ -95,6 +108,8 @@ class CycleReport:
     decisions: Mapping[str, Decision]
     outcomes: Mapping[str, ActOutcome]
     errors: tuple[str, ...]
+    leading: bool = True  # this replica could act this cycle (leader, or no election)
+    overrides: Mapping[str, Override] = field(default_factory=dict)
 
 
 def blind_spots(obs: Observations, service: str) -> list[str]:
@@ -109,7 +124,11 @@ def blind_spots(obs: Observations, service: str) -> list[str]:
 
 @dataclass
 class Scaler:
-    """Runs cycles against one backend; writes a status snapshot after each."""
+    """Runs cycles against one backend; writes a status snapshot after each.
+
+    ``leader`` (None: a single scaler, always acts), ``control`` (None: no pause/pin) and
+    ``metrics`` (None: no Prometheus registry) are the optional surfaces of issue 5.
+    """
 
     source: PolicySource
     backend: Backend
@@ -120,25 +139,48 @@ class Scaler:
     clock: Callable[[], float] = time.time
     sleep: Callable[[float], None] = time.sleep
     history: History = field(default_factory=History)
+    leader: LeaderLease | None = None
+    control: ControlStore | None = None
+    metrics: ScalerMetrics | None = None
     cycles: int = 0
     consecutive_failures: int = 0
     events: deque[str] = field(default_factory=lambda: deque(maxlen=20))
     _reload: threading.Event = field(default_factory=threading.Event, init=False)
     _managed: tuple[ServiceSpec, ...] = field(default=(), init=False)
     last_snapshot: Snapshot | None = field(default=None, init=False)
+    _was_leading: bool = field(default=False, init=False)
 
     def request_reload(self) -> None:
         """Ask for a policy reload before the next cycle (safe from a signal handler)."""
         self._reload.set()
 
-    def _sync_backend(self) -> None:
+    def _sync_backend(self, refresh: bool = False) -> None:
+        """Tell the backend which services it manages; ``refresh`` re-reads its view even when
+        the policy did not change (a standby adopting what the leader runs)."""
         specs = tuple(
             ServiceSpec(name, tuple(svc.queues))
             for name, svc in self.source.policy.services.items()
         )
-        if specs != self._managed:
+        if refresh or specs != self._managed:
             self.backend.manage(list(specs))
             self._managed = specs
+
+    def is_leading(self) -> bool:
+        """May this replica act? Always without a lease; otherwise only while it holds it."""
+        return self.leader is None or self.leader.is_leader()
+
+    def _read_controls(
+        self, policy: Policy, errors: list[str]
+    ) -> tuple[dict[str, ServiceControl], dict[str, Override]]:
+        if self.control is None:
+            return {}, {}
+        try:
+            overrides = self.control.overrides()
+        except ControlUnavailable as exc:
+            errors.append(f"control: {exc}")
+            held = ServiceControl(paused=True, note=UNREADABLE_NOTE)
+            return {name: held for name in policy.services}, {}
+        return {s: o.as_control() for s, o in overrides.items()}, overrides
 
     def cycle(self) -> CycleReport:
         """One observe -> decide -> act -> record pass."""
@@ -148,8 +190,14 @@ class Scaler:
             self.source.reload()
         policy = self.source.policy
         errors: list[str] = []
-        self._sync_backend()
-        if not self.dry_run:
+        leading = self.is_leading()  # once per cycle; _act checks again before each scale
+        # A standby re-reads the backend every cycle, and so does a replica that just became
+        # leader: either way the workers may have been started by another scaler.
+        self._sync_backend(refresh=not leading or not self._was_leading)
+        self._was_leading = leading
+        if self.leader is not None and self.leader.last_error:
+            errors.append(f"leader: {self.leader.last_error}")
+        if leading and not self.dry_run:
             try:
                 for event in self.backend.reconcile():
                     text = f"{event.service} {event.kind}: {event.detail}"
@@ -161,11 +209,12 @@ class Scaler:
         queues = {name: list(svc.queues) for name, svc in policy.services.items()}
         obs = self.collector.collect(queues, self.backend)
         errors.extend(obs.errors)
+        controls, overrides = self._read_controls(policy, errors)
         now = self.clock()
-        decisions, history = decide(policy, obs, self.history, now)
+        decisions, history = decide(policy, obs, self.history, now, controls)
         outcomes: dict[str, ActOutcome] = {}
         for service, decision in decisions.items():
-            outcome = self._act(obs, decision)
+            outcome = self._act(obs, decision, leading=leading)
             if outcome.result is not None:
                 r = outcome.result
                 history = history.record_action(service, r.before, r.after, now)
@@ -176,13 +225,25 @@ class Scaler:
         self.history = history
         self.cycles += 1
         self.consecutive_failures = self.consecutive_failures + 1 if errors else 0
-        report = CycleReport(obs, decisions, outcomes, tuple(errors))
-        self._record(report, time.monotonic() - started)
+        report = CycleReport(obs, decisions, outcomes, tuple(errors), leading, overrides)
+        duration = time.monotonic() - started
+        self._record(report, duration)
+        if self.metrics is not None:
+            self.metrics.record_cycle(
+                observations=obs,
+                decisions=decisions.values(),
+                duration_s=duration,
+                leader=leading,
+                errors=errors,
+                overrides={s: o.mode for s, o in overrides.items()},
+            )
         return report
 
-    def _act(self, obs: Observations, decision: Decision) -> ActOutcome:
+    def _act(self, obs: Observations, decision: Decision, *, leading: bool = True) -> ActOutcome:
         if decision.action == "hold" or decision.desired is None or self.dry_run:
             return ActOutcome(acted=False)
+        if not leading:
+            return ActOutcome(acted=False, note=STANDBY_NOTE)
         if decision.action == "down":
             missing = blind_spots(obs, decision.service)
             if missing:
@@ -193,6 +254,12 @@ class Scaler:
         delay = self.retry.first_delay_s
         last = ""
         for attempt in range(1, self.retry.attempts + 1):
+            if not self.is_leading():  # the lease may have lapsed since the cycle began
+                return ActOutcome(
+                    acted=False,
+                    error=f"leader: lease lost before scaling {decision.service} to "
+                    f"{decision.desired}: not acting",
+                )
             try:
                 result = self.backend.scale(decision.service, decision.desired)
                 return ActOutcome(acted=True, result=result)
@@ -228,6 +295,7 @@ class Scaler:
                     "acted": outcome.acted,
                     "dry_run": self.dry_run,
                     "error": outcome.error,
+                    "note": outcome.note,
                 }
             )
         )
@@ -243,6 +311,7 @@ class Scaler:
             waiting = [s.waiting for s in signals]
             flight = [s.in_flight for s in signals]
             ages = [s.oldest_age_s for s in signals if s.oldest_age_s is not None]
+            override = report.overrides.get(name)
             services[name] = ServiceStatus(
                 service=name,
                 current=seen.replicas if seen else None,
@@ -257,6 +326,8 @@ class Scaler:
                 emergency=bool(decision.emergency) if decision else False,
                 acted=outcome.acted,
                 error=outcome.error,
+                note=outcome.note,
+                override=_override_label(override),
             )
         host = report.observations.host
         snapshot = Snapshot(
@@ -273,6 +344,9 @@ class Scaler:
             events=tuple(self.events),
             host={"cpu_percent": host.cpu_percent, "memory_percent": host.memory_percent},
             services=services,
+            role=self._role(report.leading),
+            leader=self._lease_view(),
+            overrides={s: o.as_json() for s, o in report.overrides.items()},
         )
         self.last_snapshot = snapshot
         if self.state_file is not None:
@@ -280,6 +354,26 @@ class Scaler:
                 write_snapshot(self.state_file, snapshot)
             except OSError as exc:
                 log.error(json.dumps({"event": "status-write-failed", "error": str(exc)}))
+
+    def _role(self, leading: bool) -> str:
+        if self.leader is None:
+            return "single"
+        return "leader" if leading else "standby"
+
+    def _lease_view(self) -> dict[str, Any] | None:
+        """This replica's lease state plus who holds the key now (None without election)."""
+        if self.leader is None:
+            return None
+        view = self.leader.state().as_json()
+        view["holder"] = self.leader.holder()
+        return view
+
+    def status_view(self) -> dict[str, Any]:
+        """The last snapshot as a dict, for HTTP /status (a stub before the first cycle)."""
+        snapshot = self.last_snapshot
+        if snapshot is None:
+            return {"cycle": 0, "services": {}, "note": "no cycle finished yet"}
+        return snapshot.to_dict()
 
     def next_delay(self) -> float:
         """The interval, doubled per consecutive failing cycle up to MAX_BACKOFF_FACTOR."""
@@ -297,3 +391,9 @@ class Scaler:
             if max_cycles is not None and self.cycles >= max_cycles:
                 return
             stop.wait(self.next_delay())
+
+
+def _override_label(override: Override | None) -> str | None:
+    if override is None:
+        return None
+    return "paused" if override.mode == "pause" else f"pinned {override.replicas}"

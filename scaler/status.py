@@ -1,4 +1,4 @@
-"""The scaler's status snapshot: what `scaler status` (and later HTTP /status) shows.
+"""The scaler's status snapshot: what `scaler status` and HTTP /status show.
 
 `scaler run` rewrites one JSON file after every cycle (write to a temporary file, then rename,
 so a reader never sees half a file); `scaler status` reads it from another process and prints a
@@ -37,6 +37,8 @@ class ServiceStatus:
     emergency: bool = False
     acted: bool = False  # the backend was asked to change the count this cycle
     error: str | None = None
+    note: str | None = None  # why a wanted change was not made, e.g. "standby: not the leader"
+    override: str | None = None  # "paused" or "pinned N" while an operator override holds
 
 
 @dataclass(frozen=True)
@@ -56,6 +58,9 @@ class Snapshot:
     events: tuple[str, ...]  # recent backend events, newest last
     host: Mapping[str, float | None]
     services: Mapping[str, ServiceStatus] = field(default_factory=dict)
+    role: str = "single"  # "leader" or "standby" with a leader lease; "single" without one
+    leader: Mapping[str, Any] | None = None  # this replica's lease state and the key's holder
+    overrides: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready form (the same shape HTTP /status can serve)."""
@@ -116,11 +121,15 @@ def render(data: Mapping[str, Any], now: float | None = None) -> str:
     lines = [
         f"backend {data.get('backend')}{mode}, cycle {data.get('cycle')}, "
         f"updated {age:.1f}s ago, policy {data.get('policy_file') or '-'}",
+        _role_line(data),
     ]
-    header = ["SERVICE", "CURRENT", "DESIRED", "WAITING", "IN-FLIGHT", "OLDEST(s)", "LAST", "WHY"]
+    header = ["SERVICE", "CURRENT", "DESIRED", "WAITING", "IN-FLIGHT", "OLDEST(s)", "LAST",
+              "OVERRIDE", "WHY"]  # fmt: skip
     rows = [header]
     for name, svc in sorted((data.get("services") or {}).items()):
         why = "; ".join(svc.get("reasons") or [])
+        if svc.get("note"):
+            why = f"({svc['note']}) {why}"
         if svc.get("error"):
             why = f"ERROR {svc['error']}; {why}"
         rows.append(
@@ -132,6 +141,7 @@ def render(data: Mapping[str, Any], now: float | None = None) -> str:
                 _cell(svc.get("in_flight")),
                 _cell(svc.get("oldest_age_s")),
                 str(svc.get("action", "?")) + ("!" if svc.get("emergency") else ""),
+                svc.get("override") or "-",
                 why,
             ]
         )
@@ -149,3 +159,17 @@ def render(data: Mapping[str, Any], now: float | None = None) -> str:
     for event in (data.get("events") or [])[-5:]:
         lines.append(f"event: {event}")
     return "\n".join(lines)
+
+
+def _role_line(data: Mapping[str, Any]) -> str:
+    """Whether this scaler acts, and who does: the operator's first question with two scalers."""
+    role = data.get("role") or "single"
+    lease = data.get("leader")
+    if role == "single" or not lease:
+        return "role single (no leader election: this scaler acts alone)"
+    holder = lease.get("holder")
+    if role == "leader":
+        return f"role leader (lease {lease.get('key')} held by this scaler, {lease.get('owner')})"
+    who = f"held by {holder}" if holder else "held by nobody"
+    owner = lease.get("owner")
+    return f"role standby, not acting (lease {lease.get('key')} {who}; this is {owner})"
