@@ -8,19 +8,25 @@ fault injection (nothing here can make process spawning fail on cue), and it say
 from __future__ import annotations
 
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+import redis
 from celery import Celery
+from prometheus_client.parser import text_string_to_metric_families
 from scaler_support import own_redis_server
 
 from scaler.backends.base import BackendError, ScaleResult, ServiceSpec
 from scaler.backends.local import LocalBackend
+from scaler.control import ControlStore
 from scaler.decide import Decision
-from scaler.loop import PolicySource, Retry, Scaler, blind_spots
+from scaler.leader import LeaderLease
+from scaler.loop import STANDBY_NOTE, PolicySource, Retry, Scaler, blind_spots
+from scaler.metrics import ScalerMetrics
 from scaler.signals.collector import Collector, queue_reader_for_app
-from scaler.status import read_snapshot
+from scaler.status import read_snapshot, render
 
 GOOD = """
 interval_s: 0.5
@@ -151,3 +157,125 @@ def test_a_cycle_whose_scale_fails_starts_no_cooldown(tmp_path: Path, redis_url:
     assert scaler.history.get("io").last_scale_at is None
     status = read_snapshot(scaler.state_file)["services"]["io"]  # type: ignore[arg-type]
     assert status["action"] == "error" and "failed after 3 attempts" in status["error"]
+
+
+# -- issue 5: leader lease, operator overrides and metrics in the cycle --------------------------
+
+
+def with_min(scaler: Scaler, replicas: int) -> None:
+    """Raise io's min so every cycle wants to scale up (something a standby must not do)."""
+    io = scaler.source.policy.services["io"].model_copy(update={"min_replicas": replicas})
+    scaler.source.policy = scaler.source.policy.model_copy(update={"services": {"io": io}})
+
+
+@pytest.fixture
+def scoped(redis_url: str, key_prefix: str) -> Iterator[str]:
+    """A key prefix of this test's own for leases and overrides; its keys deleted afterwards."""
+    prefix = f"{key_prefix}loop{uuid.uuid4().hex[:6]}:"
+    yield prefix
+    client = redis.Redis.from_url(redis_url)
+    for key in client.scan_iter(match=f"{prefix}*"):
+        client.delete(key)
+    client.close()
+
+
+def lease(redis_url: str, prefix: str, owner: str) -> LeaderLease:
+    return LeaderLease.from_url(redis_url, name="scaler", prefix=prefix, owner=owner, lease_s=5)
+
+
+def test_a_standby_decides_but_never_scales_until_it_holds_the_lease(
+    tmp_path: Path, redis_url: str, scoped: str
+) -> None:
+    scaler = make_scaler(tmp_path, make_app(redis_url))
+    with_min(scaler, 2)
+    other = lease(redis_url, scoped, "other-replica")
+    assert other.step()
+    scaler.leader = lease(redis_url, scoped, "this-replica")
+    assert not scaler.leader.step()
+
+    report = scaler.cycle()
+    assert report.decisions["io"].action == "up"  # it decides like the leader would...
+    assert scaler.backend.calls == []  # type: ignore[attr-defined]  # ...but never acts
+    assert report.outcomes["io"].note == STANDBY_NOTE and not report.leading
+    snapshot = read_snapshot(scaler.state_file)  # type: ignore[arg-type]
+    assert snapshot["role"] == "standby" and snapshot["leader"]["holder"] == "other-replica"
+    assert snapshot["services"]["io"]["note"] == STANDBY_NOTE
+    assert "role standby, not acting" in render(snapshot)
+
+    other.release()  # the old leader stops cleanly
+    assert scaler.leader.step()
+    report = scaler.cycle()
+    assert report.leading and report.outcomes["io"].acted
+    assert scaler.backend.calls == [2]  # type: ignore[attr-defined]
+    assert read_snapshot(scaler.state_file)["role"] == "leader"  # type: ignore[arg-type]
+
+
+class LeaseLosingBackend(FailingBackend):
+    """Fault injection: the scale call hangs long enough for the lease to lapse, then fails.
+    (Releasing the lease stands in for the lapse; waiting out a real one would only be slower.)"""
+
+    lease: LeaderLease
+
+    def scale(self, service: str, replicas: int) -> ScaleResult:
+        self.calls.append(replicas)
+        self.lease.release()
+        raise BackendError("injected: engine call timed out")
+
+
+def test_a_lease_lost_mid_cycle_stops_the_retries(
+    tmp_path: Path, redis_url: str, scoped: str
+) -> None:
+    scaler = make_scaler(tmp_path, make_app(redis_url))
+    with_min(scaler, 2)
+    backend = LeaseLosingBackend(app=scaler.backend.app, workdir=tmp_path / "w2")  # type: ignore[attr-defined]
+    backend.calls, backend.lease = [], lease(redis_url, scoped, "this-replica")
+    scaler.backend, scaler.leader = backend, backend.lease
+    assert scaler.leader.step()
+
+    report = scaler.cycle()
+    assert backend.calls == [2], "no retry once the lease is gone (retry allows 3 attempts)"
+    error = report.outcomes["io"].error or ""
+    assert error.startswith("leader: lease lost") and not report.outcomes["io"].acted
+
+
+def test_unreadable_overrides_hold_every_service(tmp_path: Path, redis_url: str) -> None:
+    scaler = make_scaler(tmp_path, make_app(redis_url))
+    with_min(scaler, 2)
+    with own_redis_server() as (url, proc):
+        scaler.control = ControlStore.from_url(url, {"io": 3})
+        proc.kill()
+        proc.wait(10)
+        report = scaler.cycle()
+    decision = report.decisions["io"]
+    assert decision.action == "hold" and "overrides unreadable" in " ".join(decision.reasons)
+    assert any(e.startswith("control: cannot read overrides") for e in report.errors)
+    assert scaler.backend.calls == []  # type: ignore[attr-defined]
+
+
+def test_pause_and_pin_steer_the_decisions_and_the_metrics_show_them(
+    tmp_path: Path, redis_url: str, scoped: str
+) -> None:
+    scaler = make_scaler(tmp_path, make_app(redis_url))
+    scaler.control = ControlStore.from_url(redis_url, {"io": 3}, prefix=scoped)
+    scaler.metrics = ScalerMetrics()
+
+    scaler.control.pin("io", 3, by="test", reason="load test")
+    report = scaler.cycle()
+    assert report.decisions["io"].desired == 3 and scaler.backend.calls == [3]  # type: ignore[attr-defined]
+    assert "pinned to 3" in report.decisions["io"].reasons[0]
+    assert read_snapshot(scaler.state_file)["services"]["io"]["override"] == "pinned 3"  # type: ignore[arg-type]
+    samples = {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(scaler.metrics.exposition().decode())
+        for s in family.samples
+    }
+    assert samples[("scaler_replicas_desired", (("service", "io"),))] == 3
+    assert samples[("scaler_override", (("mode", "pin"), ("service", "io")))] == 1
+    assert samples[("scaler_leader", ())] == 1  # no lease: a single scaler acts
+
+    with_min(scaler, 2)
+    scaler.control.pause("io", by="test")  # replaces the pin
+    report = scaler.cycle()
+    assert report.decisions["io"].action == "hold"
+    assert "paused by operator" in report.decisions["io"].reasons[0]
+    assert scaler.backend.calls == [3]  # type: ignore[attr-defined]  # nothing more
