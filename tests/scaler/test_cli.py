@@ -8,10 +8,13 @@ import signal
 import subprocess
 import sys
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
-from scaler_support import poll_until
+import redis
+from scaler_support import free_port, poll_until
 
 POLICY = """
 interval_s: 0.5
@@ -39,13 +42,20 @@ def scaler(*args: str, env: dict[str, str] | None = None) -> subprocess.Complete
 
 
 @pytest.fixture
-def env(redis_url: str, database_url: str, key_prefix: str) -> dict[str, str]:
-    return {
+def env(redis_url: str, database_url: str, key_prefix: str) -> Iterator[dict[str, str]]:
+    own = f"{key_prefix}cli{uuid.uuid4().hex[:6]}:"
+    yield {
         **os.environ,
         "CELERY_BROKER_URL": redis_url,
         "DATABASE_URL": database_url,
-        "CELERY_KEY_PREFIX": f"{key_prefix}cli{uuid.uuid4().hex[:6]}:",
+        "CELERY_KEY_PREFIX": own,
+        "SCALER_KEY_PREFIX": own,  # lease and overrides of this test's own
+        "SCALER_HTTP_PORT": str(free_port()),
     }
+    client = redis.Redis.from_url(redis_url)
+    for key in client.scan_iter(match=f"{own}*"):
+        client.delete(key)
+    client.close()
 
 
 @pytest.fixture
@@ -131,3 +141,53 @@ def test_run_writes_status_and_sighup_refuses_a_bad_policy(
 def test_status_without_a_running_scaler_fails_clearly(tmp_path: Path) -> None:
     result = scaler("status", "--state-file", str(tmp_path / "none.json"))
     assert result.returncode == 1 and "none.json" in result.stderr and "not found" in result.stderr
+
+
+def plan(policy: Path, env: dict[str, str]) -> dict[str, Any]:
+    result = scaler("plan", "--policy", str(policy), "--json", env=env)
+    assert result.returncode == 0, result.stderr
+    services: dict[str, Any] = json.loads(result.stdout)["services"]
+    return services
+
+
+def test_pause_pin_resume_unpin_reach_the_decisions(policy: Path, env: dict[str, str]) -> None:
+    paused = scaler("pause", "worker-io", "--policy", str(policy), "--reason", "deploy", env=env)
+    assert paused.returncode == 0, paused.stderr
+    assert "worker-io: set paused by operator" in paused.stdout and "deploy" in paused.stdout
+    pinned = scaler("pin", "worker-default", "2", "--policy", str(policy), "--by", "alice", env=env)
+    assert pinned.returncode == 0, pinned.stderr
+
+    services = plan(policy, env)
+    io, default = services["worker-io"], services["worker-default"]
+    assert io["override"] == "paused" and "paused by operator" in io["reasons"][0]
+    assert default["override"] == "pinned 2" and default["desired"] == 2
+    assert "pinned to 2 by operator (alice)" in default["reasons"][0]
+
+    wrong = scaler("resume", "worker-default", "--policy", str(policy), env=env)
+    assert (
+        wrong.returncode == 1 and "has a pin override" in wrong.stderr and "unpin" in wrong.stderr
+    )
+    for verb, service in (("unpin", "worker-default"), ("resume", "worker-io")):
+        undone = scaler(verb, service, "--policy", str(policy), env=env)
+        assert undone.returncode == 0 and f"{service}: removed" in undone.stdout, undone.stderr
+    again = scaler("resume", "worker-io", "--policy", str(policy), env=env)
+    assert again.returncode == 0 and "was not paused" in again.stdout
+
+    services = plan(policy, env)
+    assert services["worker-io"]["override"] is None
+    assert services["worker-default"]["desired"] == 0  # back to the policy (min 0, no work)
+
+
+def test_control_errors_name_the_service_the_value_and_what_was_expected(
+    policy: Path, env: dict[str, str]
+) -> None:
+    unknown = scaler("pause", "worker-nope", "--policy", str(policy), env=env)
+    assert unknown.returncode == 1
+    assert "'worker-nope'" in unknown.stderr and "worker-io" in unknown.stderr
+
+    too_many = scaler("pin", "worker-io", "9", "--policy", str(policy), env=env)
+    assert too_many.returncode == 1
+    assert "[0, 3]" in too_many.stderr and "got 9" in too_many.stderr
+
+    no_policy = scaler("pause", "worker-io", env={**env, "SCALER_POLICY": ""})
+    assert no_policy.returncode != 0 and "SCALER_POLICY" in no_policy.stderr
