@@ -96,3 +96,11 @@ logs: ## Follow the logs (SERVICE=worker-io for one service)
 load: ## Send a burst of tasks: QUEUE="io_intensive cpu_intensive" (or all) COUNT=200
 	$(COMPOSE) run --rm --no-deps migrate python -m services.load \
 	  $(foreach q,$(QUEUE),--queue $(q)) --count $(COUNT) $(LOAD_ARGS)
+
+# Benchmarks (bench/): measured on this machine, written to docs/benchmarks.md with plots under
+# docs/img/. matplotlib is installed into the venv on first use (optional group "bench").
+.PHONY: bench
+BENCH ?=
+bench: $(STAMP) ## Run the benchmarks and write docs/benchmarks.md (BENCH="throughput" for one)
+	@$(VENV)/bin/python -c 'import matplotlib' 2>/dev/null || $(VENV)/bin/pip install -q matplotlib
+	$(VENV)/bin/python -m bench $(BENCH)
