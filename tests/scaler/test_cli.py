@@ -14,7 +14,8 @@ from typing import Any
 
 import pytest
 import redis
-from scaler_support import free_port, poll_until
+from scaler_runs import ScalerRun, start_scaler_run, stop_workers
+from scaler_support import free_port, migrate, poll_until, service_app, worker_env
 
 POLICY = """
 interval_s: 0.5
@@ -191,3 +192,87 @@ def test_control_errors_name_the_service_the_value_and_what_was_expected(
 
     no_policy = scaler("pause", "worker-io", env={**env, "SCALER_POLICY": ""})
     assert no_policy.returncode != 0 and "SCALER_POLICY" in no_policy.stderr
+
+
+STEERED = """
+interval_s: 0.3
+stale_after_s: 5
+host: {cpu_percent: 100, memory_percent: 100}  # a busy CI host must not block scaling
+defaults:
+  min_replicas: 1
+  max_replicas: 3
+  target: {tasks_per_replica: 5, tolerance: 0.1}
+  scale_up: {stabilization_s: 0, cooldown_s: 0.5, max_step: 3}
+  scale_down: {stabilization_s: 30, cooldown_s: 0.5, max_step: 3}
+services:
+  io: {queues: [io_intensive]}
+  calm: {queues: [default]}
+"""
+
+
+@pytest.fixture
+def steered(
+    tmp_path: Path, env: dict[str, str], database_url: str
+) -> Iterator[tuple[ScalerRun, Path, dict[str, str]]]:
+    """One `scaler run` (leader election on, as by default) with real local workers."""
+    migrate(database_url)
+    run_env = {**worker_env(env["CELERY_BROKER_URL"], database_url, env["CELERY_KEY_PREFIX"]),
+               "SCALER_KEY_PREFIX": env["SCALER_KEY_PREFIX"]}  # fmt: skip
+    policy = tmp_path / "steered.yaml"
+    policy.write_text(STEERED)
+    workdir = tmp_path / "workers"
+    run = start_scaler_run("steered", policy, workdir, tmp_path, run_env)
+    try:
+        yield run, workdir, run_env
+    finally:
+        run.stop()
+        stop_workers(workdir)
+
+
+def workers_of(workdir: Path, service: str) -> int:
+    return len(list(workdir.glob(f"{service}-*.pid")))
+
+
+@pytest.mark.slow
+def test_pause_and_pin_from_the_cli_steer_a_running_scaler(
+    steered: tuple[ScalerRun, Path, dict[str, str]], tmp_path: Path
+) -> None:
+    run, workdir, run_env = steered
+    policy = str(tmp_path / "steered.yaml")
+    poll_until(
+        lambda: run.service("io").get("current") == 1 and run.service("calm").get("current") == 1,
+        "both services at their minimum",
+    )
+    for args in (("pause", "io", "--reason", "investigating"), ("pin", "calm", "2")):
+        result = scaler(*args, "--policy", policy, env=run_env)
+        assert result.returncode == 0, result.stderr
+
+    app = service_app(run_env)
+    try:
+        for _ in range(30):
+            app.send_task("tasks.io_intensive.wait", kwargs={"duration": 0.3})
+    finally:
+        app.close()
+
+    # The pin takes calm to 2 with no work at all; the pause holds io at 1 under a burst.
+    poll_until(lambda: workers_of(workdir, "calm") == 2, "calm pinned to 2 workers")
+    paused = poll_until(
+        lambda: (
+            (row := run.service("io")).get("override") == "paused"
+            and (row.get("waiting") or 0) >= 10
+            and row
+        ),
+        "io paused with a backlog",
+    )
+    assert "paused by operator" in paused["reasons"][0] and "investigating" in paused["reasons"][0]
+    seen_at = (run.state() or {})["cycle"]
+    poll_until(lambda: (run.state() or {})["cycle"] >= seen_at + 5, "five more cycles")
+    assert workers_of(workdir, "io") == 1
+    held = [d for d in run.decisions("io") if d["cycle"] >= seen_at]
+    assert held and all(d["action"] == "hold" and not d["acted"] for d in held)
+    assert "OVERRIDE" in (table := scaler("status", "--state-file", str(run.state_file)).stdout)
+    assert "paused" in table and "pinned 2" in table and "role leader" in table
+
+    resumed = scaler("resume", "io", "--policy", policy, env=run_env)
+    assert resumed.returncode == 0, resumed.stderr
+    poll_until(lambda: workers_of(workdir, "io") >= 2, "io to scale up once resumed")
