@@ -2,7 +2,7 @@
 
     scaler validate FILE                    exit 0 if usable, 1 with one line per problem
     scaler plan --policy FILE               one dry-run cycle: what it would do and why
-    scaler run --policy FILE [--dry-run]    the loop; SIGHUP reloads the policy
+    scaler run --policy FILE [--dry-run]    the loop (--backend local or compose); SIGHUP reloads
     scaler status [--json]                  the running scaler's last snapshot as a table
     scaler pause SERVICE [--reason TEXT]    hold the service at its current count
     scaler resume SERVICE                   undo a pause
@@ -47,6 +47,8 @@ from scaler.signals.collector import Collector, queue_reader_for_app
 from scaler.status import STATE_FILE_ENV, default_state_file, read_snapshot, render
 
 POLICY_ENV = "SCALER_POLICY"
+BACKEND_ENV = "SCALER_BACKEND"
+PROJECT_ENV = "SCALER_COMPOSE_PROJECT"
 REDIS_ENV = "SCALER_REDIS_URL"
 KEY_PREFIX_ENV = "SCALER_KEY_PREFIX"
 DEFAULT_APP = "services.celery_app:app"
@@ -108,8 +110,25 @@ def _local_backend(args: argparse.Namespace, app: Any) -> Backend:
     )
 
 
-#: Backend name -> factory. Part 2 adds "compose" here.
-BACKENDS: dict[str, Callable[[argparse.Namespace, Any], Backend]] = {"local": _local_backend}
+def _compose_backend(args: argparse.Namespace, app: Any) -> Backend:
+    from scaler.backends.compose import ComposeBackend
+
+    project = args.project or os.environ.get(PROJECT_ENV) or os.environ.get("COMPOSE_PROJECT_NAME")
+    if not project:
+        raise SystemExit(
+            f"--project: no Compose project given (pass --project NAME or set {PROJECT_ENV})"
+        )
+    try:
+        return ComposeBackend(project, app, drain_timeout_s=args.drain_timeout)
+    except ValueError as exc:
+        raise SystemExit(f"--project / --drain-timeout: {exc}") from None
+
+
+#: Backend name -> factory.
+BACKENDS: dict[str, Callable[[argparse.Namespace, Any], Backend]] = {
+    "local": _local_backend,
+    "compose": _compose_backend,
+}
 
 
 def _policy_path(args: argparse.Namespace) -> Path:
@@ -128,6 +147,10 @@ def _load_source(args: argparse.Namespace) -> PolicySource:
 
 
 def _build(args: argparse.Namespace, dry_run: bool) -> tuple[Scaler, Backend, Any]:
+    if args.backend not in BACKENDS:  # argparse does not check a default taken from the env
+        raise SystemExit(
+            f"{BACKEND_ENV}: unknown backend {args.backend!r}; expected one of {sorted(BACKENDS)}"
+        )
     source = _load_source(args)
     app = load_app(args.app)
     backend = BACKENDS[args.backend](args, app)
@@ -349,7 +372,24 @@ def _parser() -> argparse.ArgumentParser:
 
     def loop_args(p: argparse.ArgumentParser) -> None:
         p.add_argument("--policy", help=f"policy YAML (default ${POLICY_ENV})")
-        p.add_argument("--backend", choices=sorted(BACKENDS), default="local")
+        p.add_argument(
+            "--backend",
+            choices=sorted(BACKENDS),
+            default=os.environ.get(BACKEND_ENV) or "local",
+            help=f"where the workers run (default ${BACKEND_ENV}, else local)",
+        )
+        p.add_argument(
+            "--project",
+            default=None,
+            help=f"compose backend: the Compose project (default ${PROJECT_ENV}, "
+            "else $COMPOSE_PROJECT_NAME)",
+        )
+        p.add_argument(
+            "--drain-timeout",
+            type=float,
+            default=3600.0,
+            help="compose backend: longest wait for a drained worker's tasks, seconds",
+        )
         p.add_argument("--app", default=DEFAULT_APP, help="Celery app as module:attribute")
         p.add_argument("--workdir", default=os.environ.get("SCALER_WORKDIR", ".scaler/workers"),
                        help="local backend: pidfiles and worker logs")  # fmt: skip

@@ -194,6 +194,19 @@ def test_control_errors_name_the_service_the_value_and_what_was_expected(
     assert no_policy.returncode != 0 and "SCALER_POLICY" in no_policy.stderr
 
 
+def test_a_backend_without_what_it_needs_is_refused_naming_the_setting(
+    policy: Path, env: dict[str, str]
+) -> None:
+    bogus = scaler("plan", "--policy", str(policy), env={**env, "SCALER_BACKEND": "kubernetes"})
+    assert bogus.returncode != 0 and "SCALER_BACKEND" in bogus.stderr
+    assert "'kubernetes'" in bogus.stderr and "compose" in bogus.stderr
+    clean = {
+        k: v for k, v in env.items() if k not in ("COMPOSE_PROJECT_NAME", "SCALER_COMPOSE_PROJECT")
+    }
+    no_project = scaler("plan", "--policy", str(policy), "--backend", "compose", env=clean)
+    assert no_project.returncode != 0 and "--project" in no_project.stderr
+
+
 STEERED = """
 interval_s: 0.3
 stale_after_s: 5
