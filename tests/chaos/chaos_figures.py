@@ -12,6 +12,7 @@ import platform
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 REPORT_ENV = "CHAOS_REPORT"
 
@@ -42,13 +43,13 @@ def append(figures: Figures, path: Path | None = None) -> None:
     target = path or (Path(os.environ[REPORT_ENV]) if os.environ.get(REPORT_ENV) else None)
     if target is None:
         return
-    document = {"machine": {}, "scenarios": []}
+    document: dict[str, Any] = {"machine": {}, "scenarios": []}
     if target.exists() and target.stat().st_size:
         document = json.loads(target.read_text())
     document["machine"] = {
         "cpus": os.cpu_count(),
         "python": platform.python_version(),
-        "system": f"{platform.system()} {platform.release()}",
+        "system": platform.system(),
         "written_at": datetime.now(UTC).isoformat(timespec="seconds"),
     }
     scenarios = document["scenarios"]

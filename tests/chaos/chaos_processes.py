@@ -38,7 +38,7 @@ def poll_until(
     while time.monotonic() < deadline:
         last = probe()
         if last:
-            return last  # type: ignore[return-value]
+            return last  # type: ignore[return-value,unused-ignore]
         time.sleep(interval)
     raise AssertionError(f"timed out after {timeout}s waiting for {what} (last: {last!r})")
 

@@ -17,7 +17,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 import psycopg2
 import redis
@@ -74,10 +74,11 @@ class RedisBroker:
         return [base] + [f"{base}{PRIORITY_SEP}{step}" for step in PRIORITY_STEPS if step]
 
     def waiting(self, queues: list[str]) -> int:
-        return sum(int(self.client.llen(key)) for q in queues for key in self.keys(q))
+        lengths = [cast(int, self.client.llen(key)) for q in queues for key in self.keys(q)]
+        return sum(lengths)
 
     def unacked(self) -> int:
-        return int(self.client.hlen(f"{self.key_prefix}unacked"))
+        return cast(int, self.client.hlen(f"{self.key_prefix}unacked"))
 
     def close(self) -> None:
         self.client.close()
@@ -145,7 +146,7 @@ def absorbed_redeliveries(records_url: str, key_prefix: str, task_ids: Iterable[
     wanted = set(task_ids)
     client = redis.Redis.from_url(records_url)
     try:
-        raw = client.lrange(f"{key_prefix}task_successes", 0, -1)
+        raw = cast(list[bytes], client.lrange(f"{key_prefix}task_successes", 0, -1))
     finally:
         client.close()
     count = 0
