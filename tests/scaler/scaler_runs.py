@@ -15,6 +15,7 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
@@ -79,6 +80,15 @@ class ScalerRun:
             for family in text_string_to_metric_families(text)
             for s in family.samples
         }
+
+    def get_json(self, path: str) -> tuple[int, dict[str, Any]]:
+        """GET an HTTP endpoint of the scaler: (status code, JSON body)."""
+        url = f"http://127.0.0.1:{self.http_port}{path}"
+        try:
+            with urllib.request.urlopen(url, timeout=5) as response:
+                return int(response.status), json.loads(response.read())
+        except urllib.error.HTTPError as exc:
+            return int(exc.code), json.loads(exc.read())
 
     def stop(self, sig: signal.Signals = signal.SIGTERM, timeout_s: float = 30.0) -> int:
         """Signal the scaler and wait for it; SIGKILL if it will not go. Returns the exit code."""

@@ -109,11 +109,15 @@ def test_only_the_leader_acts_and_the_standby_takes_over_when_it_dies(
     )
     assert (b.state() or {})["leader"]["holder"] == owner(a)
 
-    # Both serve metrics that parse; only one says it leads; both know the desired count.
+    # Both serve metrics that parse and a live /status; only one leads; both know the desired
+    # count.
     for run, leading in ((a, 1.0), (b, 0.0)):
         samples = run.metrics()
         assert samples[("scaler_leader", ())] == leading, run.name
         assert samples[("scaler_replicas_desired", (("service", "io"),))] == 1, run.name
+        code, status = run.get_json("/status")
+        assert code == 200 and status["role"] == ("leader" if leading else "standby")
+        assert run.get_json("/healthz")[0] == 200, "a standby that cycles is healthy"
 
     ids = [
         app.send_task("tasks.io_intensive.wait", kwargs={"duration": 0.4}).id for _ in range(BURST)
