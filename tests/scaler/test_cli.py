@@ -262,7 +262,7 @@ def test_pause_and_pin_from_the_cli_steer_a_running_scaler(
 
     app = service_app(run_env)
     try:
-        for _ in range(30):
+        for _ in range(60):  # 18 s of work for one worker: still a backlog when resumed
             app.send_task("tasks.io_intensive.wait", kwargs={"duration": 0.3})
     finally:
         app.close()

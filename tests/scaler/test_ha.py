@@ -34,7 +34,9 @@ defaults:
   min_replicas: 1
   max_replicas: 3
   target: {tasks_per_replica: 5, tolerance: 0.1}
-  scale_up: {stabilization_s: 0, cooldown_s: 0.5, max_step: 3}
+  # One step up per second: the standby, seeing the same backlog, wants more than the workers it
+  # sees for several cycles (and must not act on it).
+  scale_up: {stabilization_s: 0, cooldown_s: 1, max_step: 1}
   scale_down: {stabilization_s: 2, cooldown_s: 0.5, max_step: 3}
 services:
   io:
