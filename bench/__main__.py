@@ -8,6 +8,7 @@ of the machinery, not figures to publish).
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import traceback
 
@@ -36,6 +37,7 @@ def main(argv: list[str] | None = None) -> int:
         facts = machine_facts()
         for bench in benchmarks:
             ctx.log(f"{bench.NAME}: starting")
+            load_before = os.getloadavg()[0]
             try:
                 result = bench.run(ctx)
             except Exception:
@@ -43,7 +45,9 @@ def main(argv: list[str] | None = None) -> int:
                 failed.append(bench.NAME)
                 ctx.log(f"{bench.NAME}: FAILED (its previous results, if any, are kept)")
                 continue
-            result.machine = facts
+            # Other work on the machine moves every figure: say how busy it was.
+            result.machine = {**facts, "load_1min_before": load_before,
+                              "load_1min_after": os.getloadavg()[0]}  # fmt: skip
             path = result.save(ctx.results_dir)
             ctx.log(f"{bench.NAME}: done in {result.duration_s:.0f}s, saved {path}")
     report = write_report(ctx)

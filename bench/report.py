@@ -7,6 +7,7 @@ The report states the machine and the settings next to every figure, because fig
 from __future__ import annotations
 
 import datetime as dt
+import inspect
 from pathlib import Path
 from typing import Any
 
@@ -54,6 +55,29 @@ def _settings(settings: dict[str, Any]) -> list[str]:
     return [f"- {key.replace('_', ' ')}: `{value}`" for key, value in settings.items()]
 
 
+def _method(bench: registry.Benchmark) -> str:
+    """The benchmark module's docstring after its first line: how it measures, in prose."""
+    doc = inspect.getdoc(bench) or ""
+    body = doc.split("\n\n", 1)[1] if "\n\n" in doc else ""
+    paragraphs = [" ".join(p.split()) for p in body.split("\n\n") if p.strip()]
+    return "\n\n".join(["**Method.** " + paragraphs[0], *paragraphs[1:]]) if paragraphs else ""
+
+
+def _load(result: Result) -> str:
+    before = result.machine.get("load_1min_before")
+    after = result.machine.get("load_1min_after")
+    if before is None or after is None:
+        return ""
+    text = f"; 1-minute load average {before:.1f} before and {after:.1f} after"
+    cpus = result.machine.get("cpus") or 1
+    if max(before, after) > cpus:
+        text += (
+            f". **The machine was busy with other work** (load above its {cpus} CPUs): absolute "
+            "figures are lower bounds and ratios are rough; re-run on a quiet machine"
+        )
+    return text
+
+
 def _when(epoch: float) -> str:
     return dt.datetime.fromtimestamp(epoch, tz=dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
 
@@ -75,7 +99,9 @@ def write_report(ctx: Context) -> Path:
         sections += [
             f"## {result.title}",
             "",
-            f"Run {_when(result.started_at)}, took {result.duration_s:.0f} s.",
+            _method(bench),
+            "",
+            f"Run {_when(result.started_at)}, took {result.duration_s:.0f} s{_load(result)}.",
             "",
             "Settings:",
             "",

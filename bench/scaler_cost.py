@@ -304,6 +304,24 @@ def run(ctx: Context) -> Result:
         + ("met" if at_max <= GOAL_MS else f"missed by {at_max - GOAL_MS:.1f} ms")
         + f" ({at_max:.1f} ms)."
     ]
+    if summaries:
+        worst_step = max(STEPS, key=lambda st: summaries[-1]["steps_median_ms"][st])
+        share = summaries[-1]["steps_median_ms"][worst_step] / at_max * 100
+        notes.append(
+            f"Where the time goes at {LEVELS[-1]} containers: '{worst_step}' is {share:.0f}% of "
+            "the cycle. ComposeBackend.replicas() lists the project's containers from the engine "
+            f"on every call, so a cycle makes {len(SERVICES) + 1} listing calls (one in "
+            "reconcile, one per service) and each grows with the container count; listing once "
+            "per cycle would leave one call of the six."
+        )
+        first, last = summaries[0]["ms"], summaries[-1]["ms"]
+        notes.append(
+            f"The scaler's own CPU per cycle goes from {first['thread_cpu_s']['median']:.1f} to "
+            f"{last['thread_cpu_s']['median']:.1f} ms, the engine's from "
+            f"{first['dockerd_cpu_s']['mean']:.1f} to {last['dockerd_cpu_s']['mean']:.1f} ms: the "
+            "rest of the wall time is waiting for dockerd, which on 2 busy cores also waits "
+            "for a CPU, so wall figures move with the machine's load."
+        )
     for level in levels:
         for line in level["anomalies"][:3]:
             notes.append(f"{level['containers']} containers, not a clean hold: {line}")
@@ -391,7 +409,9 @@ def plot(result: Result, img_dir: Path) -> list[Path]:
     left.axhline(result.summary["goal_ms"], color="red", linestyle=":", label="goal")
     left.set(xlabel="managed containers", ylabel="wall time per cycle (ms)", xticks=xs,
              title="Cycle wall time and its parts (medians)")  # fmt: skip
-    left.legend(fontsize=7)
+    top = max(lv["ms"]["wall_s"]["p95"] for lv in levels)
+    left.set_ylim(0, max(top, result.summary["goal_ms"]) * 1.9)  # headroom for the legend
+    left.legend(fontsize=7, loc="upper left", ncol=2)
     for key, stat, label in (("process_cpu_s", "median", "scaler process (median)"),
                              ("thread_cpu_s", "median", "cycle thread (median)"),
                              ("dockerd_cpu_s", "mean", "dockerd (mean)")):  # fmt: skip
