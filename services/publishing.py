@@ -24,8 +24,14 @@ ENQUEUED_AT_HEADER = "enqueued_at"
 
 @before_task_publish.connect
 def stamp_enqueued_at(headers: dict[str, Any] | None = None, **_: Any) -> None:
-    """Set the header the scaler reads the age of the oldest waiting message from."""
-    if headers is not None:
+    """Set the header the scaler reads the age of the oldest waiting message from.
+
+    A stamp the publisher set itself is kept (a message moved between queues keeps its age), but a
+    retry is a new wait: Celery copies the request's headers into it, so it is stamped afresh.
+    """
+    if headers is None:
+        return
+    if ENQUEUED_AT_HEADER not in headers or headers.get("retries"):
         headers[ENQUEUED_AT_HEADER] = time.time()
 
 

@@ -90,3 +90,15 @@ def test_workers_run_each_family_from_its_queue(redis_env: Any, start_worker: An
             ([r["task_id"] for r in results.values()],),
         )
         assert dict(cur.fetchall()) == {name: EXPECTED_QUEUE[name] for name in calls}
+
+
+def test_enqueued_at_keeps_a_publishers_stamp_and_restamps_a_retry() -> None:
+    from services.publishing import stamp_enqueued_at
+
+    kept = {"enqueued_at": 100.0, "retries": 0}
+    stamp_enqueued_at(headers=kept)
+    assert kept["enqueued_at"] == 100.0
+    retried = {"enqueued_at": 100.0, "retries": 1}
+    before = time.time()
+    stamp_enqueued_at(headers=retried)
+    assert retried["enqueued_at"] >= before
