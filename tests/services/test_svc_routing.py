@@ -93,6 +93,8 @@ def test_workers_run_each_family_from_its_queue(redis_env: Any, start_worker: An
 
 
 def test_enqueued_at_keeps_a_publishers_stamp_and_restamps_a_retry() -> None:
+    import time
+
     from services.publishing import stamp_enqueued_at
 
     kept = {"enqueued_at": 100.0, "retries": 0}
