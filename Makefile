@@ -6,7 +6,7 @@ PYTHON ?= python3
 VENV ?= .venv
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: help venv test lint up down monitor clean ps logs load wheels
+.PHONY: help venv test lint up down monitor clean ps logs load wheels scaler-status
 
 # The stack: compose/compose.yaml, plus a local compose/compose.override.yaml when present, plus
 # the production override with PROD=1. Image variables exported in the shell win over .env (on a
@@ -17,7 +17,13 @@ COMPOSE_FILES := -f compose/compose.yaml \
   $(if $(wildcard compose/compose.override.yaml),-f compose/compose.override.yaml) \
   $(if $(PROD),-f compose/compose.prod.yaml)
 COMPOSE := docker compose --env-file $(ENV_FILE) $(COMPOSE_FILES)
-PROFILES := $(if $(MONITOR),--profile monitoring)
+PROFILES := $(if $(MONITOR),--profile monitoring) $(if $(HA),--profile ha)
+# The scaler's container joins the Docker socket's group (it runs as uid 10001, not root): the
+# group id is read off the socket here and handed to Compose (an exported DOCKER_GID wins).
+DOCKER_SOCKET ?= /var/run/docker.sock
+DOCKER_GID ?= $(shell stat -c %g $(DOCKER_SOCKET) 2>/dev/null)
+export DOCKER_SOCKET DOCKER_GID
+SCALER_SERVICE ?= scaler
 WHEELHOUSE := .wheelhouse
 WHEEL_STAMP := $(WHEELHOUSE)/.stamp
 QUEUE ?= io_intensive
@@ -59,8 +65,9 @@ $(WHEEL_STAMP): pyproject.toml
 
 wheels: $(WHEEL_STAMP) ## Build the dependency wheelhouse for offline image builds (when stale)
 
-up: $(ENV_FILE) ## Start the stack (creates .env with fresh secrets; MONITOR=1 adds Flower, PROD=1 limits)
+up: $(ENV_FILE) ## Start the stack (creates .env with fresh secrets; MONITOR=1 Flower, HA=1 standby scaler, PROD=1 limits)
 	@compose/scripts/check-env.sh $(ENV_FILE)
+	@[[ -S $(DOCKER_SOCKET) && -n "$(DOCKER_GID)" ]] || { echo "up: DOCKER_GID: cannot read the group of the Docker socket $(DOCKER_SOCKET) (set DOCKER_SOCKET or DOCKER_GID)" >&2; exit 1; }
 	@if command -v $(PYTHON) >/dev/null && $(PYTHON) -m pip --version >/dev/null 2>&1; then \
 	  $(MAKE) --no-print-directory wheels || echo "up: wheelhouse build failed; the image build will use the package index" >&2; \
 	else echo "up: no $(PYTHON) with pip on this host; the image build will use the package index" >&2; fi
@@ -70,6 +77,8 @@ up: $(ENV_FILE) ## Start the stack (creates .env with fresh secrets; MONITOR=1 a
 	@echo "The stack is up. Where to look:"
 	@echo "  make ps                              status and health of every container"
 	@echo "  make logs SERVICE=worker-io          follow one service's logs (all without SERVICE)"
+	@echo "  make scaler-status                   the scaler's table: replicas, queues, decisions"
+	@echo "                                       (HTTP: http://127.0.0.1:$${SCALER_HTTP_PORT_HOST:-9808}/status, /metrics)"
 	@echo "  make load QUEUE=io_intensive COUNT=500   send a burst of tasks (queues: default"
 	@echo "                                       cpu_intensive io_intensive priority scheduled)"
 	@echo "  make monitor                         Flower on http://127.0.0.1:$${FLOWER_HOST_PORT:-5555} (user/password in $(ENV_FILE))"
@@ -78,18 +87,21 @@ up: $(ENV_FILE) ## Start the stack (creates .env with fresh secrets; MONITOR=1 a
 monitor: ## Start the stack with Flower (127.0.0.1 only, basic auth from .env)
 	@$(MAKE) --no-print-directory up MONITOR=1
 
+scaler-status: ## Show the scaler's status table (SCALER_SERVICE=scaler-standby for the HA standby)
+	$(COMPOSE) exec -T $(SCALER_SERVICE) scaler status
+
 down: ## Stop the stack and remove its containers (keeps the data volumes)
-	$(COMPOSE) --profile monitoring down --remove-orphans
+	$(COMPOSE) --profile monitoring --profile ha down --remove-orphans
 
 clean: ## Stop the stack and DELETE its volumes (queued tasks, database, beat state)
 	@echo "clean: removing the stack's containers, networks and volumes: Redis queues, PostgreSQL data and beat state are deleted"
-	$(COMPOSE) --profile monitoring down --volumes --remove-orphans
+	$(COMPOSE) --profile monitoring --profile ha down --volumes --remove-orphans
 
 ps: ## Show the stack's containers and their health
-	$(COMPOSE) --profile monitoring ps
+	$(COMPOSE) --profile monitoring --profile ha ps
 
 logs: ## Follow the logs (SERVICE=worker-io for one service)
-	$(COMPOSE) --profile monitoring logs --follow --tail=100 $(SERVICE)
+	$(COMPOSE) --profile monitoring --profile ha logs --follow --tail=100 $(SERVICE)
 
 # A one-off container of the application image on the stack's network (the broker's port is not
 # published); the migrate service's definition carries no scaler label. LOAD_ARGS="--duration 1".

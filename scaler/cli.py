@@ -111,13 +111,18 @@ def _local_backend(args: argparse.Namespace, app: Any) -> Backend:
 
 
 def _compose_backend(args: argparse.Namespace, app: Any) -> Backend:
-    from scaler.backends.compose import ComposeBackend
+    from scaler.backends.compose import ComposeBackend, own_compose_project
 
     project = args.project or os.environ.get(PROJECT_ENV) or os.environ.get("COMPOSE_PROJECT_NAME")
     if not project:
-        raise SystemExit(
-            f"--project: no Compose project given (pass --project NAME or set {PROJECT_ENV})"
-        )
+        # Inside the stack: the project is the one this scaler's own container belongs to.
+        try:
+            project = own_compose_project()
+        except Exception as exc:
+            raise SystemExit(
+                f"--project: no Compose project given and none found from this container: {exc} "
+                f"(pass --project NAME or set {PROJECT_ENV})"
+            ) from None
     try:
         return ComposeBackend(project, app, drain_timeout_s=args.drain_timeout)
     except ValueError as exc:
@@ -382,7 +387,7 @@ def _parser() -> argparse.ArgumentParser:
             "--project",
             default=None,
             help=f"compose backend: the Compose project (default ${PROJECT_ENV}, "
-            "else $COMPOSE_PROJECT_NAME)",
+            "else $COMPOSE_PROJECT_NAME, else the project of the scaler's own container)",
         )
         p.add_argument(
             "--drain-timeout",

@@ -76,7 +76,8 @@ declare -A defaults=(
   [CELERY_VISIBILITY_TIMEOUT]=3600 [CELERY_TASK_TIME_LIMIT]=120 [CELERY_TASK_SOFT_TIME_LIMIT]=100
   [HEALTH_CHECK_INTERVAL]=300 [WORKER_STOP_GRACE_SECONDS]=150 [DB_POOL_MIN]=1 [DB_POOL_MAX]=4
   [DEFAULT_CONCURRENCY]=2 [CPU_CONCURRENCY]="" [IO_CONCURRENCY]=32 [PRIORITY_CONCURRENCY]=2
-  [SCHEDULED_CONCURRENCY]=1 [FLOWER_HOST_PORT]=5555
+  [SCHEDULED_CONCURRENCY]=1 [FLOWER_HOST_PORT]=5555 [SCALER_HTTP_PORT_HOST]=9808
+  [SCALER_STANDBY_HTTP_PORT_HOST]=9809 [SCALER_LEASE_S]=15
 )
 declare -A num=()
 for name in "${!defaults[@]}"; do
@@ -89,8 +90,18 @@ for name in "${!defaults[@]}"; do
     num[$name]=$v
   fi
 done
-if [[ -n ${num[FLOWER_HOST_PORT]-} ]] && (( num[FLOWER_HOST_PORT] > 65535 )); then
-  fail "FLOWER_HOST_PORT='${num[FLOWER_HOST_PORT]}' is not a TCP port: expected 1-65535"
+for name in FLOWER_HOST_PORT SCALER_HTTP_PORT_HOST SCALER_STANDBY_HTTP_PORT_HOST; do
+  if [[ -n ${num[$name]-} ]] && (( num[$name] > 65535 )); then
+    fail "$name='${num[$name]}' is not a TCP port: expected 1-65535"
+  fi
+done
+if [[ -n ${num[SCALER_LEASE_S]-} ]] && (( num[SCALER_LEASE_S] > 600 )); then
+  fail "SCALER_LEASE_S='${num[SCALER_LEASE_S]}' is out of range: expected 1-600 seconds"
+fi
+# The Docker socket's group, for the scaler (`make up` exports it from the socket): 0 is valid.
+v=$(value_of DOCKER_GID)
+if [[ -n $v && ! $v =~ ^[0-9]{1,9}$ ]]; then
+  fail "DOCKER_GID='$v' is malformed: expected a numeric group id (stat -c %g /var/run/docker.sock)"
 fi
 
 # The windows must nest, or a running task is killed or delivered twice:

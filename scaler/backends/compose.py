@@ -23,6 +23,7 @@ Compose has no "scale to N" API of its own that a sidecar could call, so this ba
 from __future__ import annotations
 
 import logging
+import os
 import re
 import shlex
 import threading
@@ -30,6 +31,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import partial
+from pathlib import Path
 from typing import Any, TypeVar
 
 import docker
@@ -124,6 +126,60 @@ def worker_node_name(inspected: dict[str, Any]) -> str:
     ):
         name = name.replace(token, value)
     return name if "@" in name else f"celery@{name}"
+
+
+# The mount of /etc/hostname (4th and 5th fields of a mountinfo line). Only that one: the host's
+# own namespace also lists /var/lib/docker/containers/<id>/mounts/shm of other containers.
+_CONTAINER_ID = re.compile(r"/containers/([0-9a-f]{64})/hostname /etc/hostname ")
+
+
+def own_container_ids(mountinfo: str, hostname: str) -> list[str]:
+    """Candidate ids of the container this process runs in, best first.
+
+    Docker bind-mounts /etc/hostname from ``/var/lib/docker/containers/<id>/hostname``, so
+    /proc/self/mountinfo names the full id even when the service sets its own hostname; Docker's
+    default hostname (the short id) is the fallback.
+    """
+    ids = list(dict.fromkeys(_CONTAINER_ID.findall(mountinfo)))
+    if re.fullmatch(r"[0-9a-f]{12,64}", hostname) and hostname not in ids:
+        ids.append(hostname)  # only an id: a name could match some other container
+    return ids
+
+
+def own_compose_project(
+    client_factory: ClientFactory | None = None,
+    *,
+    mountinfo: Path = Path("/proc/self/mountinfo"),
+    hostname: str | None = None,
+) -> str:
+    """The Compose project of the container this scaler runs in, from its own labels.
+
+    Lets the stack's scaler follow whatever project name Compose was given (``-p``,
+    COMPOSE_PROJECT_NAME, or the file's ``name:``) without every Compose version having to
+    interpolate it into the command. Raises ValueError naming what was tried.
+    """
+    try:
+        text = mountinfo.read_text()
+    except OSError:
+        text = ""
+    host = hostname if hostname is not None else os.environ.get("HOSTNAME", "")
+    candidates = own_container_ids(text, host)
+    client = (client_factory or default_client_factory())()
+    try:
+        for ref in candidates:
+            try:
+                labels = client.api.inspect_container(ref)["Config"].get("Labels") or {}
+            except docker.errors.NotFound:
+                continue
+            project = labels.get(PROJECT_LABEL)
+            if project:
+                return str(project)
+    finally:
+        client.close()
+    raise ValueError(
+        f"this process is not in a container with a {PROJECT_LABEL} label "
+        f"(tried container ids {[c[:12] for c in candidates]}): pass the project name"
+    )
 
 
 def _start(container_id: str, client: docker.DockerClient) -> None:

@@ -8,6 +8,8 @@ can find anything a crashed run leaves behind.
 from __future__ import annotations
 
 import json
+import os
+import socket
 import subprocess
 import time
 from collections.abc import Callable, Sequence
@@ -37,6 +39,25 @@ def wait_until(
         if time.monotonic() >= deadline:
             raise AssertionError(f"{what}: not true after {deadline_s:.0f}s (last: {last!r})")
         time.sleep(every_s)
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 right now (for a published port of the stack under test)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def docker_socket_gid(path: str = "/var/run/docker.sock") -> str:
+    """The Docker socket's group id, which the scaler's container joins (as `make up` does)."""
+    explicit = os.environ.get("DOCKER_GID", "").strip()
+    if explicit:
+        return explicit
+    try:
+        return str(os.stat(path).st_gid)
+    except OSError as exc:
+        raise RuntimeError(f"DOCKER_GID: cannot stat the Docker socket {path}: {exc}") from None
 
 
 @dataclass
@@ -129,4 +150,7 @@ class ComposeProject:
         )
 
     def down(self) -> None:
-        self.run("--profile", "monitoring", "down", "--volumes", "--remove-orphans", "-t", "20")
+        self.run(
+            "--profile", "monitoring", "--profile", "ha",
+            "down", "--volumes", "--remove-orphans", "-t", "20",
+        )  # fmt: skip

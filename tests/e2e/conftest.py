@@ -16,15 +16,22 @@ from collections.abc import Generator, Iterator
 from pathlib import Path
 
 import pytest
-from compose_project import ROOT, ComposeProject
+from compose_project import COMPOSE_DIR, ROOT, ComposeProject, docker_socket_gid, free_port
 
 # Settings the e2e run needs from the stack: a beat health check every few seconds instead of
-# every five minutes, and an image tag of its own (a developer's `make up` image stays untouched).
+# every five minutes, an image tag of its own (a developer's `make up` image stays untouched), and
+# fewer io threads per replica so that a test burst needs the scaler (scaler-test-policy.yaml).
 E2E_SETTINGS = {
     "HEALTH_CHECK_INTERVAL": "3",
     "APP_IMAGE": "celery-stack/app:e2e",
     "LOG_LEVEL": "INFO",
+    "IO_CONCURRENCY": "8",
 }
+E2E_FILES = (
+    COMPOSE_DIR / "compose.yaml",
+    COMPOSE_DIR / "compose.prod.yaml",
+    Path(__file__).with_name("compose.scaler-test.yaml"),
+)
 
 
 def docker_engine_available() -> bool:
@@ -48,7 +55,7 @@ def ensure_wheelhouse() -> None:
         print(f"e2e: `make wheels` failed; the image build will try the index:\n{proc.stderr}")
 
 
-def write_env_file(directory: Path) -> Path:
+def write_env_file(directory: Path, settings: dict[str, str]) -> Path:
     """A fresh .env made by the same script `make up` uses, plus the e2e settings."""
     env_file = directory / ".env"
     subprocess.run(
@@ -57,7 +64,7 @@ def write_env_file(directory: Path) -> Path:
         capture_output=True,
     )
     with env_file.open("a") as f:
-        f.writelines(f"{k}={v}\n" for k, v in E2E_SETTINGS.items())
+        f.writelines(f"{k}={v}\n" for k, v in settings.items())
     check = subprocess.run(
         ["bash", str(ROOT / "compose/scripts/check-env.sh"), str(env_file)],
         capture_output=True,
@@ -77,10 +84,18 @@ def stack(
             "../shared/tools/install-docker.sh); these tests are required in CI"
         )
     ensure_wheelhouse()
+    # The scaler's port on a free loopback port (a developer's `make up` may hold 9808), and the
+    # Docker socket's group, as `make up` detects it.
+    settings = {
+        **E2E_SETTINGS,
+        "SCALER_HTTP_PORT_HOST": str(free_port()),
+        "DOCKER_GID": docker_socket_gid(),
+    }
     project = ComposeProject(
         name=f"cst-test-e2e-{uuid.uuid4().hex[:8]}",
-        env_file=write_env_file(tmp_path_factory.mktemp("stack")),
-        env={**os.environ, **E2E_SETTINGS},
+        env_file=write_env_file(tmp_path_factory.mktemp("stack"), settings),
+        files=E2E_FILES,
+        env={**os.environ, **settings},
     )
     try:
         project.run("build", timeout=900)

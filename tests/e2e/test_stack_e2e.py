@@ -13,6 +13,7 @@ from typing import Any
 
 import pytest
 from compose_project import ComposeProject, wait_until
+from scaler_http import env_value, http, status
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow, pytest.mark.timeout(900)]
 
@@ -24,7 +25,7 @@ WORKER_SERVICES = {
     "priority": "worker-priority",
     "scheduled": "worker-scheduled",
 }
-APP_SERVICES = ["beat", *WORKER_SERVICES.values()]
+APP_SERVICES = ["beat", *WORKER_SERVICES.values(), "scaler"]
 LONG_RUNNING = ["redis", "postgres", *APP_SERVICES]
 
 
@@ -122,11 +123,39 @@ def test_app_containers_are_non_root_with_init_and_scaler_labels(stack: ComposeP
         assert container["Config"]["StopTimeout"] > int(env["CELERY_TASK_TIME_LIMIT"]), service
     (beat,) = stack.inspect(stack.container_ids("beat"))
     assert beat["Config"]["Labels"]["autoscale.managed"] == "false"
-    # The same image runs the scaler (its compose service comes with the scaler issue).
-    stack.run("exec", "-T", "beat", "scaler", "--help")
+
+
+def test_only_the_scaler_holds_the_docker_socket(stack: ComposeProject) -> None:
+    for service in ["redis", "postgres", *APP_SERVICES]:
+        (container,) = stack.inspect(stack.container_ids(service))
+        sources = {m.get("Source") for m in container["Mounts"]}
+        has_socket = any(str(src).endswith("docker.sock") for src in sources)
+        assert has_socket == (service == "scaler"), (service, sources)
+    (scaler,) = stack.inspect(stack.container_ids("scaler"))
+    assert scaler["Config"]["Labels"]["autoscale.managed"] == "false", "the scaler scales itself"
+    assert scaler["HostConfig"]["GroupAdd"] == [env_value(stack, "DOCKER_GID")]
+    bindings = scaler["HostConfig"]["PortBindings"]
+    assert {b["HostIp"] for bs in bindings.values() for b in bs} == {"127.0.0.1"}, bindings
+    policy = [m for m in scaler["Mounts"] if m["Destination"] == "/etc/scaler/policy.yaml"]
+    assert len(policy) == 1 and policy[0]["RW"] is False, policy
 
 
 def test_down_with_volumes_leaves_nothing_of_the_project(stack: ComposeProject) -> None:
+    # First have the scaler add a container of its own (pinned: no burst needed), so that `down`
+    # must also find and remove the scaler's clones.
+    token = env_value(stack, "SCALER_TOKEN")
+    code, body = http(stack, "POST", "/services/worker-default/pin", token, b'{"replicas": 2}')
+    assert code == 200, body
+    wait_until(
+        "the scaler starts a second worker-default container",
+        lambda: (
+            len(stack.container_ids("worker-default")) == 2
+            and status(stack)["services"]["worker-default"]["current"] == 2
+        ),
+        deadline_s=60,
+    )
+    names = {c["Name"].lstrip("/") for c in stack.inspect(stack.container_ids("worker-default"))}
+    assert f"{stack.name}-worker-default-2" in names, names
     before = stack.leftovers()
     assert before["containers"] and before["volumes"] and before["networks"], before
     stack.down()
