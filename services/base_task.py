@@ -6,6 +6,7 @@ import logging
 import socket
 from typing import TYPE_CHECKING, Any, cast
 
+import psycopg2
 from celery import Task
 
 from services import priorities
@@ -20,6 +21,14 @@ class RecordingTask(Task):
     """Records every success and failure in the bounded Redis lists (never failing the task)."""
 
     abstract = True
+
+    # A PostgreSQL outage must not turn into acked, failed tasks: the effect's transaction rolls
+    # back (services.effects.apply_once), so retrying with backoff is safe and runs it once.
+    autoretry_for = (psycopg2.OperationalError, psycopg2.InterfaceError)
+    retry_backoff = True
+    retry_backoff_max = 30
+    retry_jitter = True
+    max_retries = 10
 
     @property
     def service(self) -> ServiceApp:

@@ -87,16 +87,6 @@ def test_beat_killed_and_restarted_does_not_double_dispatch(
     figures.notes.append("gaps between dispatches (s): " + ", ".join(f"{g:.1f}" for g in gaps))
     short = [g for g in gaps if g < SHORTEST_GAP_S]
     figures.duplicated_effects = len(short)
-    syncs_every_run = chaos.app().conf.beat_sync_every == 1
-    if short and sig == signal.SIGKILL and not syncs_every_run:
-        figures.notes.append(
-            "beat syncs its schedule file every 3 minutes (beat_sync_every=0): a SIGKILL loses "
-            "the last run times and the restarted beat sends due entries again"
-        )
-        pytest.xfail(
-            f"double dispatch after SIGKILL (gaps {gaps}): the shelve schedule is synced only "
-            "every 180 s; beat_sync_every=1 in services/application.py would persist each run"
-        )
     assert not short, f"dispatched twice within one {PERIOD_S} s period: gaps {gaps}"
 
 
