@@ -66,6 +66,11 @@ def test_scaler_is_healthy_leader_and_sees_every_worker_service(stack: ComposePr
     assert running_counts(stack) == dict.fromkeys(WORKERS, 1)
     uid = stack.run("exec", "-T", "scaler", "id", "-u").stdout.strip()
     assert uid != "0", "the scaler runs as root"
+    # What `make scaler-status` runs: the table from the scaler's own state file.
+    table = stack.run("exec", "-T", "scaler", "scaler", "status").stdout
+    assert "role leader" in table, table
+    for worker in WORKERS:
+        assert worker in table, table
 
 
 def test_burst_scales_only_its_service_then_drains_and_returns_to_min(
@@ -168,3 +173,10 @@ def test_control_is_refused_without_the_token(stack: ComposeProject) -> None:
         lambda: status(stack)["services"]["worker-default"].get("override") is None,
         deadline_s=20,
     )
+    # The CLI inside the scaler's container needs no token (its environment is the credential).
+    out = stack.run("exec", "-T", "scaler", "scaler", "pause", "worker-cpu", "--reason", "e2e")
+    assert "worker-cpu: set" in out.stdout, out.stdout
+    overrides = json.loads(http(stack, "GET", "/overrides")[1])["overrides"]
+    assert set(overrides) == {"worker-cpu"}, overrides
+    stack.run("exec", "-T", "scaler", "scaler", "resume", "worker-cpu")
+    assert json.loads(http(stack, "GET", "/overrides")[1])["overrides"] == {}
