@@ -88,7 +88,7 @@ monitor: ## Start the stack with Flower (127.0.0.1 only, basic auth from .env)
 	@$(MAKE) --no-print-directory up MONITOR=1
 
 scaler-status: ## Show the scaler's status table (SCALER_SERVICE=scaler-standby for the HA standby)
-	$(COMPOSE) exec -T $(SCALER_SERVICE) scaler status
+	@$(COMPOSE) exec -T $(SCALER_SERVICE) scaler status
 
 down: ## Stop the stack and remove its containers (keeps the data volumes)
 	$(COMPOSE) --profile monitoring --profile ha down --remove-orphans
