@@ -17,6 +17,8 @@ from bench.result import Result
 
 # name -> module, in the order the report shows them
 MODULES: dict[str, str] = {
+    "reaction": "bench.reaction",
+    "burst_drain": "bench.burst_drain",
     "scaler_cost": "bench.scaler_cost",
     "throughput": "bench.throughput",
 }

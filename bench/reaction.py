@@ -1,0 +1,187 @@
+"""Benchmark 1: a backlog appears on a queue whose service is at its minimum; how long until the
+first worker the scaler adds starts consuming it?
+
+The whole stack runs in a throwaway Compose project (bench/stack_project.py): the stack's image,
+its worker-io service (threads, 32 per replica) and its scaler with the stack's default policy
+(compose/scaler-policy.yaml: a 2 s cycle, scale up at once). Only the scale-down window is
+shortened (4 s instead of 30 s) so that worker-io is back at its minimum of one replica within
+seconds between trials; nothing on the way up is changed. Each trial publishes 100 io tasks of
+0.5 s from the host onto `io_intensive` and times the way to the first task started on a new
+container, in four parts: **detection** (backlog published to the start of the scaler cycle that
+saw it: the cycle starts one interval after the previous cycle's last decision log line),
+**decision** (that cycle's start to the new container's creation by the engine: reading the
+queues and the engine, deciding, cloning), **container start** (created to the engine's
+StartedAt), **worker ready** (StartedAt to the worker's `ready.` log line) and **first task**
+(ready to the first task's start on that container, from its effect row in PostgreSQL). Between
+trials the rest of the backlog is purged and the benchmark waits for one replica again.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import subprocess
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from bench.context import Context
+from bench.polling import poll_until
+from bench.result import Result
+from bench.stack_project import BenchStack
+from bench.stats import summary
+
+NAME = "reaction"
+TITLE = "Reaction: backlog at minimum to the first added worker consuming (benchmark 1)"
+SERVICE = "worker-io"
+QUEUE = "io_intensive"
+TASKS = 100
+TASK_S = 0.5
+TRIALS = 10
+GOAL_S = 3.0
+PARTS = ("detection", "decision", "container_start", "worker_ready", "first_task")
+
+
+def reaction_policy(root: Path) -> tuple[str, float]:
+    """The stack's default policy with a short scale-down window; and its cycle interval."""
+    policy: dict[str, Any] = yaml.safe_load((root / "compose/scaler-policy.yaml").read_text())
+    policy["defaults"]["scale_down"] = {"stabilization_s": 4, "cooldown_s": 2, "max_step": 4}
+    for service in policy["services"].values():
+        service.pop("scale_down", None)
+    return yaml.safe_dump(policy, sort_keys=False), float(policy["interval_s"])
+
+
+def _epoch(iso: str) -> float:
+    """Docker's RFC 3339 time with nanoseconds -> epoch seconds."""
+    head, _, frac = iso.rstrip("Z").partition(".")
+    base = dt.datetime.fromisoformat(head).replace(tzinfo=dt.UTC).timestamp()
+    return base + (float(f"0.{frac}") if frac else 0.0)
+
+
+def _ready_at(container_id: str) -> float | None:
+    out = subprocess.run(["docker", "logs", "-t", container_id], capture_output=True, text=True)
+    for line in (out.stdout + out.stderr).splitlines():
+        if " ready." in line:
+            return _epoch(line.split(" ", 1)[0])
+    return None
+
+
+def _cycle_start(records: list[dict[str, Any]], interval: float) -> tuple[float, float] | None:
+    """(start of the cycle that first scaled worker-io up, when its decision was logged)."""
+    decisions = [r for r in records if r.get("event") == "decision"]
+    ups = [r for r in decisions if r.get("service") == SERVICE and r.get("action") == "up"
+           and r.get("acted")]  # fmt: skip
+    if not ups:
+        return None
+    up = min(ups, key=lambda r: r["ts"])
+    previous = [r["ts"] for r in decisions if r.get("cycle") == up["cycle"] - 1]
+    start = max(previous) + interval if previous else up["ts"]
+    return min(start, up["ts"]), up["ts"]
+
+
+def trial(stack: BenchStack, index: int, interval: float) -> dict[str, float]:
+    """One backlog; the parts of the way to the first task on a new container."""
+    stack.purge(QUEUE)
+    poll_until(lambda: len(stack.running(SERVICE)) == 1
+               and stack.status()["services"][SERVICE]["current"] == 1,
+               f"{SERVICE} at its minimum before trial {index}", 120, 0.5)  # fmt: skip
+    before = set(stack.running(SERVICE))
+    prefix = f"react-{uuid.uuid4().hex[:6]}-{index}-"
+    assert stack.app is not None
+    published = time.time()
+    for i in range(TASKS):
+        stack.app.send_task("tasks.io_intensive.wait", task_id=f"{prefix}{i:03d}",
+                            kwargs={"duration": TASK_S, "key": f"{prefix}{i}"})  # fmt: skip
+
+    def first_on_new() -> tuple[str, float] | None:
+        new = [c for c in stack.running(SERVICE) if c not in before]
+        if not new:
+            return None
+        hosts = {c: stack.inspect(c)["Config"]["Hostname"] for c in new}
+        rows = stack.effects("task_id LIKE %s", (prefix + "%",))
+        starts = [(c, float(start)) for _, host, start, _ in rows for c, h in hosts.items()
+                  if h in str(host)]  # fmt: skip
+        return min(starts, key=lambda x: x[1]) if starts else None
+
+    container, first_start = poll_until(first_on_new, "a task on a new container", 60, 0.1)
+    stack.purge(QUEUE)
+    info = stack.inspect(container)
+    created, started = _epoch(info["Created"]), _epoch(info["State"]["StartedAt"])
+    ready = _ready_at(container) or started
+    cycle = _cycle_start(stack.scaler_logs(published), interval)
+    cycle_start = cycle[0] if cycle else published
+    return {
+        "detection": max(cycle_start - published, 0.0),
+        "decision": created - cycle_start,
+        "container_start": started - created,
+        "worker_ready": ready - started,
+        "first_task": max(first_start - ready, 0.0),
+        "total": first_start - published,
+    }
+
+
+def run(ctx: Context) -> Result:
+    policy, interval = reaction_policy(ctx.root)
+    trials = 3 if ctx.quick else TRIALS
+    started_at, t0 = time.time(), time.monotonic()
+    samples: list[dict[str, float]] = []
+    with BenchStack(ctx, "reaction", {"LOG_LEVEL": "INFO"}, policy) as stack:
+        for i in range(trials):
+            samples.append(trial(stack, i, interval))
+            ctx.log(f"reaction trial {i + 1}/{trials}: {samples[-1]['total']:.2f} s")
+    totals = [s["total"] for s in samples]
+    summ = {part: summary([s[part] for s in samples]) for part in (*PARTS, "total")}
+    notes = []
+    median_total = summ["total"]["median"]
+    if median_total >= GOAL_S:
+        notes.append(f"Goal missed: median {median_total:.2f} s, goal under {GOAL_S:.0f} s.")
+    else:
+        notes.append(f"Goal met: median {median_total:.2f} s (goal under {GOAL_S:.0f} s); "
+                     f"worst {max(totals):.2f} s.")  # fmt: skip
+    return Result(
+        name=NAME, title=TITLE, started_at=started_at, duration_s=time.monotonic() - t0,
+        settings={"trials": trials, "backlog": f"{TASKS} tasks of {TASK_S} s on {QUEUE}",
+                  "service": f"{SERVICE} (threads, 32 per replica), min 1 replica",
+                  "policy": "compose/scaler-policy.yaml, scale-down window 4 s",
+                  "scaler_interval_s": interval},
+        samples={"trials": samples}, summary=summ, notes=notes,
+    )  # fmt: skip
+
+
+def render(result: Result) -> str:
+    labels = {"detection": "Detection", "decision": "Decision (observe, decide, create)",
+              "container_start": "Container start", "worker_ready": "Worker ready",
+              "first_task": "First task", "total": "**Total**"}  # fmt: skip
+    lines = ["| Part | Median (s) | p95 (s) | Worst (s) |", "|---|---|---|---|"]
+    for part, label in labels.items():
+        s = result.summary[part]
+        lines.append(f"| {label} | {s['median']:.2f} | {s['p95']:.2f} | {s['worst']:.2f} |")
+    return "\n".join(lines)
+
+
+def plot(result: Result, img_dir: Path) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    trials = result.samples["trials"]
+    fig, ax = plt.subplots(figsize=(8, 3.8))
+    bottoms = [0.0] * len(trials)
+    for part in PARTS:
+        values = [t[part] for t in trials]
+        ax.bar(range(1, len(trials) + 1), values, bottom=bottoms, label=part.replace("_", " "))
+        bottoms = [b + v for b, v in zip(bottoms, values, strict=True)]
+    ax.axhline(GOAL_S, color="red", linestyle="--", linewidth=1, label=f"goal {GOAL_S:.0f} s")
+    ax.set_xlabel("trial")
+    ax.set_ylabel("seconds")
+    ax.set_title("Backlog to the first task on an added worker")
+    ax.legend(fontsize=7, ncol=3)
+    fig.tight_layout()
+    img_dir.mkdir(parents=True, exist_ok=True)
+    path = img_dir / "reaction.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return [path]

@@ -1,0 +1,317 @@
+"""The whole Compose stack for the stack-level chaos scenarios, brought up once and shared.
+
+The same compose files an operator runs (compose.yaml + compose.prod.yaml) plus a test-only
+override that publishes Redis and PostgreSQL on ephemeral loopback ports, under a project named
+``cst-test-chaos-<id>``. The scaler runs a short-window policy from a writable copy (so a scenario
+can write a malformed one and SIGHUP it), and reaches the Docker engine through a socket proxy the
+test can cut. Bursts are sent from the test process through the application's own Celery app;
+effects are read from the stack's PostgreSQL; the broker is read where kombu keeps its lists.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from docker_socket_proxy import DockerSocketProxy
+from exactly_once import PostgresEffects, RedisBroker, Verdict, send_burst, verdict
+
+from services.application import ServiceApp, create_app
+from services.config import load_settings
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "e2e"))
+from compose_project import (
+    COMPOSE_DIR,
+    ROOT,
+    ComposeProject,
+    docker_socket_gid,
+    free_port,
+    wait_until,
+)
+
+WORKERS = ("worker-default", "worker-cpu", "worker-io", "worker-priority", "worker-scheduled")
+IO_SERVICE = "worker-io"
+IO_QUEUE = "io_intensive"
+WAIT_TASK = "tasks.io_intensive.wait"
+FILES = (
+    COMPOSE_DIR / "compose.yaml",
+    COMPOSE_DIR / "compose.prod.yaml",
+    Path(__file__).with_name("compose.stack-chaos.yaml"),
+)
+# Short windows so each scenario scales within seconds. Redis redelivers an unacked task after
+# CELERY_VISIBILITY_TIMEOUT: 15 s keeps a SIGKILL scenario short (time limit 10 s below it, the
+# stop grace above it, as the settings check demands). A 3 s lease: a standby takes over in ~4 s.
+SETTINGS = {
+    "APP_IMAGE": "celery-stack/app:chaos",
+    "IO_CONCURRENCY": "4",
+    "CELERY_VISIBILITY_TIMEOUT": "15",
+    "CELERY_TASK_TIME_LIMIT": "10",
+    "CELERY_TASK_SOFT_TIME_LIMIT": "8",
+    "WORKER_STOP_GRACE_SECONDS": "12",
+    "SCALER_LEASE_S": "3",
+    "LOG_LEVEL": "INFO",
+}
+POLICY = """\
+# The stack chaos suite's policy: windows of seconds; worker-io (4 threads) scales 1..3.
+interval_s: 1.0
+stale_after_s: 6.0
+host: {cpu_percent: 100, memory_percent: 95}
+defaults:
+  min_replicas: 1
+  max_replicas: 2
+  target: {tasks_per_replica: 10, tolerance: 0.1}
+  scale_up: {stabilization_s: 0, cooldown_s: 2, max_step: 4, max_step_percent: 100}
+  scale_down: {stabilization_s: 6, cooldown_s: 2, max_step: 4}
+  resources: {cpu_percent: 100, memory_percent: 95}
+services:
+  worker-default: {queues: [default]}
+  worker-cpu: {queues: [cpu_intensive]}
+  worker-io:
+    queues: [io_intensive]
+    max_replicas: 3
+    target: {tasks_per_replica: 4}
+  worker-priority: {queues: [priority]}
+  worker-scheduled: {queues: [scheduled]}
+"""
+
+
+def docker_engine_available() -> bool:
+    if shutil.which("docker") is None:
+        return False
+    return subprocess.run(["docker", "info"], capture_output=True, timeout=60).returncode == 0
+
+
+def env_file_for(directory: Path, settings: dict[str, str]) -> Path:
+    """A fresh .env from the same script `make up` uses, plus the suite's settings."""
+    env_file = directory / ".env"
+    subprocess.run(
+        ["bash", str(ROOT / "compose/scripts/init-env.sh"), str(ROOT / ".env.example"), env_file],
+        check=True,
+        capture_output=True,
+    )
+    with env_file.open("a") as f:
+        f.writelines(f"{k}={v}\n" for k, v in settings.items())
+    return env_file
+
+
+def read_env(env_file: Path) -> dict[str, str]:
+    pairs = (line.split("=", 1) for line in env_file.read_text().splitlines() if "=" in line)
+    return {k.strip(): v.strip() for k, v in pairs if not k.startswith("#")}
+
+
+@dataclass
+class ChaosStack:
+    """The running stack and the handles a scenario needs."""
+
+    project: ComposeProject
+    proxy: DockerSocketProxy
+    policy_file: Path
+    values: dict[str, str]
+    redis_port: int = 0
+    postgres_port: int = 0
+    app: ServiceApp | None = None
+    stopped_standby: bool = True
+    _effects: PostgresEffects | None = field(default=None, repr=False)
+
+    # -- addresses -------------------------------------------------------------------------
+    @property
+    def broker_url(self) -> str:
+        return f"redis://:{self.values['REDIS_PASSWORD']}@127.0.0.1:{self.redis_port}/0"
+
+    @property
+    def records_url(self) -> str:
+        return f"redis://:{self.values['REDIS_PASSWORD']}@127.0.0.1:{self.redis_port}/1"
+
+    @property
+    def database_url(self) -> str:
+        v = self.values
+        return (
+            f"postgresql://{v.get('POSTGRES_USER', 'celery')}:{v['POSTGRES_PASSWORD']}"
+            f"@127.0.0.1:{self.postgres_port}/{v.get('POSTGRES_DB', 'celery')}"
+        )
+
+    @property
+    def effects(self) -> PostgresEffects:
+        if self._effects is None:
+            self._effects = PostgresEffects(self.database_url)
+        return self._effects
+
+    def connect(self) -> None:
+        """Find the published ports and make the client app (the stack's own settings)."""
+        self.redis_port = int(self.project.run("port", "redis", "6379").stdout.rsplit(":", 1)[1])
+        self.postgres_port = int(
+            self.project.run("port", "postgres", "5432").stdout.rsplit(":", 1)[1]
+        )
+        env = {
+            "CELERY_BROKER_URL": self.broker_url,
+            "CELERY_RESULT_BACKEND": self.records_url,
+            "DATABASE_URL": self.database_url,
+            **{k: v for k, v in SETTINGS.items() if k.startswith("CELERY_")},
+        }
+        self.app = create_app(load_settings(env), main="stack-chaos-client")
+
+    # -- the scaler over HTTP --------------------------------------------------------------
+    def http(
+        self, path: str, method: str = "GET", body: bytes = b"", standby: bool = False
+    ) -> tuple[int, str]:
+        port = self.values["SCALER_STANDBY_HTTP_PORT_HOST" if standby else "SCALER_HTTP_PORT_HOST"]
+        request = urllib.request.Request(
+            f"http://127.0.0.1:{port}{path}", method=method, data=body or None
+        )
+        if method == "POST":
+            request.add_header("Authorization", f"Bearer {self.values['SCALER_TOKEN']}")
+        try:
+            with urllib.request.urlopen(request, timeout=5) as response:
+                return response.status, response.read().decode()
+        except urllib.error.HTTPError as err:
+            return err.code, err.read().decode()
+
+    def status(self, standby: bool = False) -> dict[str, Any]:
+        code, body = self.http("/status", standby=standby)
+        assert code == 200, f"/status answered {code}: {body[:300]}"
+        result: dict[str, Any] = json.loads(body)
+        return result
+
+    # -- containers ------------------------------------------------------------------------
+    def running(self, service: str) -> list[str]:
+        """Names of the service's running containers (Compose's and the scaler's clones)."""
+        out = subprocess.run(
+            ["docker", "ps", "--format", "{{.Names}}",
+             "--filter", f"label=com.docker.compose.project={self.project.name}",
+             "--filter", f"label=com.docker.compose.service={service}"],
+            capture_output=True, text=True, check=True,
+        ).stdout  # fmt: skip
+        return sorted(out.split())
+
+    def docker(self, *args: str, timeout: float = 60) -> str:
+        proc = subprocess.run(
+            ["docker", *args], capture_output=True, text=True, timeout=timeout, check=False
+        )
+        if proc.returncode != 0:
+            raise RuntimeError(f"docker {' '.join(args)} exited {proc.returncode}: {proc.stderr}")
+        return proc.stdout
+
+    def container(self, service: str, number: int = 1) -> str:
+        return f"{self.project.name}-{service}-{number}"
+
+    # -- bursts and verdicts ---------------------------------------------------------------
+    def burst(self, scenario: str, n: int, duration: float) -> list[str]:
+        """Send N io tasks with unique ids (the id is also the task id and the effect key)."""
+        assert self.app is not None
+        run = uuid.uuid4().hex[:6]
+        ids = [f"stack-{scenario}-{run}-{i:03d}" for i in range(n)]
+        send_burst(self.app, WAIT_TASK, ids, lambda t: {"duration": duration, "key": t})
+        return ids
+
+    def settle(self, ids: list[str], timeout: float) -> Verdict:
+        """Wait until every id has its effect and the broker holds nothing; then the verdict."""
+        broker = RedisBroker(self.broker_url, "")
+        try:
+            wait_until(
+                f"all {len(ids)} tasks have their effect",
+                lambda: len(self.effects.counts(ids)) == len(ids),
+                deadline_s=timeout,
+            )
+            wait_until(
+                "nothing waiting or unacked on the broker",
+                lambda: broker.waiting([IO_QUEUE]) == 0 and broker.unacked() == 0,
+                deadline_s=30,
+            )
+            return verdict(self.effects, broker, ids, [IO_QUEUE])
+        finally:
+            broker.close()
+
+    def healthy(self, deadline_s: float = 60) -> float:
+        """Wait for a healthy stack: every worker service running >= 1 replica as the scaler
+        sees it, the scaler healthy with no errors; returns the seconds it took."""
+        started = time.monotonic()
+
+        def ok() -> bool:
+            if self.http("/healthz")[0] != 200:
+                return False
+            s = self.status()
+            if s["errors"] or s.get("policy_error"):
+                return False
+            for w in WORKERS:
+                current = s["services"].get(w, {}).get("current")
+                if not current or current != len(self.running(w)):
+                    return False
+            return True
+
+        wait_until("the stack is healthy again (scaler ok, every service running)", ok,
+                   deadline_s=deadline_s)  # fmt: skip
+        return round(time.monotonic() - started, 2)
+
+    def at_min(self, deadline_s: float = 60) -> None:
+        """worker-io back at its minimum (one replica), seen by the scaler and the engine."""
+        wait_until(
+            f"{IO_SERVICE} back to 1 replica",
+            lambda: (
+                len(self.running(IO_SERVICE)) == 1
+                and self.status()["services"][IO_SERVICE]["current"] == 1
+            ),
+            deadline_s=deadline_s,
+        )
+
+    def write_policy(self, text: str) -> None:
+        """Rewrite the mounted policy in place (a rename would leave the bind mount on the old
+        file) and SIGHUP the scaler."""
+        with self.policy_file.open("r+") as f:
+            f.seek(0)
+            f.write(text)
+            f.truncate()
+        self.project.run("kill", "-s", "SIGHUP", "scaler")
+
+
+@contextmanager
+def chaos_stack(directory: Path) -> Iterator[ChaosStack]:
+    """Build and start the stack; ``down -v`` and the proxy closed on the way out."""
+    gid = docker_socket_gid()
+    proxy = DockerSocketProxy(directory / "docker.sock", gid=int(gid))
+    policy_file = directory / "policy.yaml"
+    policy_file.write_text(POLICY)
+    policy_file.chmod(0o644)
+    settings = {
+        **SETTINGS,
+        "SCALER_HTTP_PORT_HOST": str(free_port()),
+        "SCALER_STANDBY_HTTP_PORT_HOST": str(free_port()),
+        "CHAOS_REDIS_PORT": str(free_port()),
+        "CHAOS_POSTGRES_PORT": str(free_port()),
+        "DOCKER_GID": gid,
+        "DOCKER_SOCKET": str(proxy.path),
+        "SCALER_POLICY_FILE": str(policy_file),
+    }
+    env_file = env_file_for(directory, settings)
+    project = ComposeProject(
+        name=f"cst-test-chaos-{uuid.uuid4().hex[:8]}",
+        env_file=env_file,
+        files=FILES,
+        env={**os.environ, **settings},
+    )
+    stack = ChaosStack(project, proxy, policy_file, {**read_env(env_file), **settings})
+    proxy.start()
+    try:
+        project.run("build", timeout=900)
+        project.run("up", "--detach", "--wait", "--wait-timeout", "180", timeout=300)
+        stack.connect()
+        yield stack
+    except BaseException:
+        print(project.diagnostics())
+        raise
+    finally:
+        if stack.app is not None:
+            stack.app.close()
+        project.down()
+        proxy.close()

@@ -1,0 +1,273 @@
+"""Chaos on the whole stack: faults injected into a running Compose deployment mid-burst.
+
+One stack (stack_env.py) is brought up for the module and shared by the scenarios, in file order.
+Each scenario sends a burst of io tasks with unique ids (their effect written to PostgreSQL once
+per id), injects its fault, and asserts: every id done exactly once, nothing left on the broker,
+the stack healthy again (scaler healthy with no errors, each worker service running what the
+scaler sees). The figures go to $CHAOS_REPORT like the worker-level scenarios'.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+
+import pytest
+from chaos_figures import Figures
+from exactly_once import absorbed_redeliveries
+from prometheus_client.parser import text_string_to_metric_families
+from stack_env import (
+    IO_SERVICE,
+    POLICY,
+    ChaosStack,
+    chaos_stack,
+    docker_engine_available,
+    wait_until,
+)
+
+pytestmark = [pytest.mark.chaos, pytest.mark.e2e, pytest.mark.slow, pytest.mark.timeout(240)]
+
+N = 40
+DURATION = 0.4
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ChaosStack]:
+    if not docker_engine_available():
+        pytest.skip("STACK CHAOS SKIPPED: no Docker engine here; these tests are required in CI")
+    with chaos_stack(tmp_path_factory.mktemp("stack-chaos")) as running:
+        running.healthy(deadline_s=90)
+        yield running
+
+
+def finish(stack: ChaosStack, figures: Figures, ids: list[str], fault: str, t_fault: float,
+           timeout: float = 90) -> None:  # fmt: skip
+    """Settle, record the figures, assert exactly once and a healthy stack."""
+    result = stack.settle(ids, timeout=timeout)
+    figures.broker = "redis (stack)"
+    figures.fault = fault
+    figures.count(result.sent, result.done, len(result.lost), len(result.duplicated))
+    figures.absorbed_redeliveries = absorbed_redeliveries(stack.records_url, "", ids)
+    figures.recovery_s = round(time.time() - t_fault, 2)
+    figures.recovery_means = "fault injected to every effect written and the broker empty"
+    result.assert_exactly_once()
+    took = stack.healthy()
+    figures.notes.append(f"stack healthy again {took} s after the burst settled")
+
+
+def wait_scaled_up(stack: ChaosStack, at_least: int = 2, deadline_s: float = 30) -> int:
+    return wait_until(
+        f"{IO_SERVICE} scaled to >= {at_least}",
+        lambda: (n := len(stack.running(IO_SERVICE))) >= at_least and n,
+        deadline_s=deadline_s,
+        every_s=0.3,
+    )
+
+
+def test_scale_down_in_the_middle_of_a_burst(stack: ChaosStack, figures: Figures) -> None:
+    stack.at_min()
+    ids = stack.burst("scaledown", 100, DURATION)
+    peak = wait_scaled_up(stack)
+    done_at_pin = len(stack.effects.counts(ids))
+    # The operator pins worker-io to 1 while the backlog is still there: the scaler drains the
+    # replicas it removes (stop consuming, finish what they run, then SIGTERM).
+    t_fault = time.time()
+    code, body = stack.http(f"/services/{IO_SERVICE}/pin", "POST", b'{"replicas": 1}')
+    assert code == 200, body
+    try:
+        wait_until(f"{IO_SERVICE} drained to 1 mid-burst", lambda: len(stack.running(IO_SERVICE))
+                   == 1, deadline_s=40, every_s=0.3)  # fmt: skip
+        done_at_scale_down = len(stack.effects.counts(ids))
+    finally:
+        code, body = stack.http(f"/services/{IO_SERVICE}/unpin", "POST")
+        assert code == 200, body
+    finish(stack, figures, ids, f"pinned from {peak} replicas to 1 mid-burst of 100", t_fault)
+    figures.notes.append(
+        f"{done_at_pin} of 100 done at the pin, {done_at_scale_down} when the last removed "
+        "replica stopped"
+    )
+    assert done_at_pin < len(ids), "the burst was over before the scale-down"
+
+
+def test_sigkill_of_a_busy_worker_container(stack: ChaosStack, figures: Figures) -> None:
+    ids = stack.burst("sigkill", N, DURATION)
+    victim = stack.container(IO_SERVICE, 1)
+    wait_until("the burst is being worked on", lambda: 0 < len(stack.effects.counts(ids)) < N,
+               deadline_s=30, every_s=0.1)  # fmt: skip
+    t_fault = time.time()
+    stack.docker("kill", victim)
+    finish(stack, figures, ids, f"docker kill (SIGKILL) of busy {victim} mid-burst of {N}",
+           t_fault, timeout=120)  # fmt: skip
+    figures.notes.append("its in-flight tasks come back after the visibility timeout (15 s here)")
+
+
+def test_redis_restart_mid_burst(stack: ChaosStack, figures: Figures) -> None:
+    ids = stack.burst("redis", N, DURATION)
+    wait_until("the burst is being worked on", lambda: 0 < len(stack.effects.counts(ids)) < N,
+               deadline_s=30, every_s=0.1)  # fmt: skip
+    t_fault = time.time()
+    stack.docker("restart", stack.container("redis"))
+    finish(stack, figures, ids, f"docker restart of redis (AOF everysec) mid-burst of {N}",
+           t_fault, timeout=120)  # fmt: skip
+
+
+def test_postgres_restart_mid_burst(stack: ChaosStack, figures: Figures) -> None:
+    ids = stack.burst("postgres", N, DURATION)
+    wait_until("the burst is being worked on", lambda: 0 < len(stack.effects.counts(ids)) < N,
+               deadline_s=30, every_s=0.1)  # fmt: skip
+    t_fault = time.time()
+    stack.docker("restart", stack.container("postgres"))
+    finish(stack, figures, ids, f"docker restart of postgres mid-burst of {N}", t_fault,
+           timeout=120)  # fmt: skip
+    figures.notes.append("tasks retry database errors with backoff while it restarts")
+
+
+def test_scaler_killed_and_restarted_mid_burst(stack: ChaosStack, figures: Figures) -> None:
+    stack.at_min()
+    ids = stack.burst("scaler", 80, DURATION)
+    before = wait_scaled_up(stack)
+    scaler = stack.container("scaler")
+    t_fault = time.time()
+    stack.docker("kill", scaler)
+    # The restart policy may bring it back by itself; start it if it did not.
+    if stack.docker("inspect", "-f", "{{.State.Running}}", scaler).strip() != "true":
+        stack.docker("start", scaler)
+    lowest = before
+    samples: list[int] = []
+
+    def resumed() -> bool:
+        nonlocal lowest
+        n = len(stack.running(IO_SERVICE))
+        samples.append(n)
+        lowest = min(lowest, n)
+        s = stack.status()
+        return s["cycle"] >= 3 and s["role"] == "leader"
+
+    wait_until("the restarted scaler leads again", resumed, deadline_s=30, every_s=0.3)
+
+    # From observed state: no drop to min while the backlog is there.
+    def near_the_tail() -> bool:
+        nonlocal lowest
+        n = len(stack.running(IO_SERVICE))
+        samples.append(n)
+        lowest = min(lowest, n)
+        return len(stack.effects.counts(ids)) >= len(ids) - 10
+
+    wait_until("the burst nears its end", near_the_tail, deadline_s=60, every_s=0.3)
+    finish(stack, figures, ids, f"docker kill of the scaler at {before} replicas, restarted, "
+           "mid-burst of 80", t_fault)  # fmt: skip
+    figures.notes.append(f"{IO_SERVICE} replicas after the restart, before the tail: min "
+                         f"{lowest}, samples {sorted(set(samples))}")  # fmt: skip
+    assert lowest >= 2, f"the restarted scaler dropped {IO_SERVICE} to {lowest} mid-burst"
+    stack.at_min(deadline_s=60)
+    figures.notes.append("converged back to min_replicas after the burst")
+
+
+def test_leader_scaler_killed_while_a_standby_runs(stack: ChaosStack, figures: Figures) -> None:
+    stack.project.run("--profile", "ha", "up", "-d", "--wait", "scaler-standby", timeout=180)
+    try:
+        wait_until("the standby reports as standby", lambda: stack.status(standby=True)["role"]
+                   == "standby", deadline_s=30)  # fmt: skip
+        stack.at_min()
+        ids = stack.burst("leader", 60, DURATION)
+        t_fault = time.time()
+        stack.project.run("kill", "-s", "SIGKILL", "scaler")
+        stack.project.run("stop", "-t", "0", "scaler")  # no auto-restart: the standby must act
+        takeover = wait_until("the standby takes the lease",
+                              lambda: stack.status(standby=True)["role"] == "leader"
+                              and time.time(), deadline_s=20, every_s=0.2)  # fmt: skip
+        figures.notes.append(f"standby leader {takeover - t_fault:.1f} s after the kill "
+                             "(lease 3 s)")  # fmt: skip
+        wait_until("the new leader scales worker-io up",
+                   lambda: stack.status(standby=True)["services"][IO_SERVICE]["current"] >= 2,
+                   deadline_s=30, every_s=0.3)  # fmt: skip
+        result = stack.settle(ids, timeout=90)
+        figures.broker = "redis (stack)"
+        figures.fault = "leader scaler SIGKILLed (and kept down) mid-burst of 60, standby running"
+        figures.count(result.sent, result.done, len(result.lost), len(result.duplicated))
+        figures.absorbed_redeliveries = absorbed_redeliveries(stack.records_url, "", ids)
+        figures.recovery_s = round(takeover - t_fault, 2)
+        figures.recovery_means = "kill to the standby holding the lease"
+        result.assert_exactly_once()
+        stack.project.run("start", "scaler")
+        wait_until(
+            "the restarted scaler joins as standby or leader",
+            lambda: stack.status()["role"] in ("standby", "leader"),
+            deadline_s=30,
+        )
+    finally:
+        stack.project.run("--profile", "ha", "stop", "-t", "5", "scaler-standby", check=False)
+        stack.project.run("--profile", "ha", "rm", "-f", "scaler-standby", check=False)
+        stack.project.run("start", "scaler", check=False)
+    stack.healthy(deadline_s=60)
+
+
+def _errors_by_source(stack: ChaosStack) -> dict[str, float]:
+    code, body = stack.http("/metrics")
+    assert code == 200
+    return {
+        s.labels.get("source", ""): s.value
+        for family in text_string_to_metric_families(body)
+        for s in family.samples
+        if s.name == "scaler_errors_total"
+    }
+
+
+def test_docker_api_unreachable_for_a_while(stack: ChaosStack, figures: Figures) -> None:
+    stack.at_min()
+    ids = stack.burst("dockerapi", 60, DURATION)
+    before = wait_scaled_up(stack)
+    errors_before = sum(_errors_by_source(stack).values())
+    t_fault = time.time()
+    stack.proxy.cut()
+    try:
+        s = wait_until("the scaler reports the engine unreachable in /status",
+                       lambda: (st := stack.status())["errors"] and st, deadline_s=20)  # fmt: skip
+        counts_during: list[int] = []
+        # Hold for a while (10 s), sampling the engine's real counts directly.
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            counts_during.append(len(stack.running(IO_SERVICE)))
+            assert stack.http("/healthz")[0] in (200, 503)
+            time.sleep(0.5)
+        errors_during = sum(_errors_by_source(stack).values())
+    finally:
+        stack.proxy.restore()
+    t_restored = time.time()
+    assert errors_during > errors_before, "no error counted in scaler_errors_total"
+    # Held: nobody can act on the engine, and nothing was stopped blindly.
+    assert len(set(counts_during)) == 1, f"{IO_SERVICE} replicas moved while cut: {counts_during}"
+    wait_until("errors clear once the engine is back", lambda: not stack.status()["errors"],
+               deadline_s=30)  # fmt: skip
+    recovered = round(time.time() - t_restored, 2)
+    finish(stack, figures, ids, "Docker API cut for 10 s mid-burst (socket proxy closes every "
+           "connection and refuses new ones)", t_fault)  # fmt: skip
+    figures.notes.append(f"held at {counts_during[0]} replicas (from {before}) while cut; "
+                         f"/status errors: {s['errors'][:1]}")  # fmt: skip
+    figures.notes.append(f"errors cleared {recovered} s after the engine came back; "
+                         f"{stack.proxy.refused} connections refused while cut")  # fmt: skip
+    stack.at_min(deadline_s=60)
+
+
+def test_malformed_policy_reload_is_refused(stack: ChaosStack, figures: Figures) -> None:
+    ids = stack.burst("policy", N, DURATION)
+    t_fault = time.time()
+    bad = POLICY.replace("max_replicas: 3", "max_replicas: 0")
+    stack.write_policy(bad)
+    try:
+        s = wait_until("the refusal shows in /status", lambda: (st := stack.status())
+                       .get("policy_error") and st, deadline_s=20)  # fmt: skip
+        assert "max_replicas" in s["policy_error"], s["policy_error"]
+        # Last good policy kept: the loop still cycles with worker-io's max of 3.
+        cycle = s["cycle"]
+        wait_until("the loop keeps cycling on the last good policy",
+                   lambda: stack.status()["cycle"] >= cycle + 2, deadline_s=20)  # fmt: skip
+        assert stack.status()["services"][IO_SERVICE]["max_replicas"] == 3
+        assert stack.http("/healthz")[0] == 200
+    finally:
+        stack.write_policy(POLICY)
+    wait_until("the good policy reloads and the error clears",
+               lambda: not stack.status().get("policy_error"), deadline_s=20)  # fmt: skip
+    finish(stack, figures, ids, f"policy rewritten with max_replicas: 0 and SIGHUP mid-burst of "
+           f"{N}", t_fault)  # fmt: skip
+    figures.notes.append(f"refused with: {s['policy_error'][:160]}")
