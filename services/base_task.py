@@ -7,6 +7,7 @@ import socket
 from typing import TYPE_CHECKING, Any, cast
 
 import psycopg2
+import psycopg2.pool
 from celery import Task
 
 from services import priorities
@@ -24,7 +25,7 @@ class RecordingTask(Task):
 
     # A PostgreSQL outage must not turn into acked, failed tasks: the effect's transaction rolls
     # back (services.effects.apply_once), so retrying with backoff is safe and runs it once.
-    autoretry_for = (psycopg2.OperationalError, psycopg2.InterfaceError)
+    autoretry_for = (psycopg2.OperationalError, psycopg2.InterfaceError, psycopg2.pool.PoolError)
     retry_backoff = True
     retry_backoff_max = 30
     retry_jitter = True

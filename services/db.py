@@ -34,6 +34,10 @@ class DatabasePool:
         self._pool: psycopg2.pool.ThreadedConnectionPool | None = None
         self._pid: int | None = None
         self._lock = threading.Lock()
+        # psycopg2's pool raises PoolError when all connections are out; a thread pool with more
+        # threads than connections (worker-io: 32 threads) must wait for one instead.
+        self._slots = threading.BoundedSemaphore(maxconn)
+        self.wait_timeout = 60.0
 
     @property
     def is_open(self) -> bool:
@@ -52,6 +56,7 @@ class DatabasePool:
             # An inherited pool's sockets belong to the parent: forget them without closing,
             # closing would send a terminate message on the parent's connections.
             self._pool = None
+            self._slots = threading.BoundedSemaphore(self.maxconn)
             self._pool = psycopg2.pool.ThreadedConnectionPool(
                 self.minconn,
                 self.maxconn,
@@ -76,24 +81,33 @@ class DatabasePool:
         """A pooled connection: committed on success, rolled back on error, always returned.
 
         A connection that broke (server restart, network) is discarded instead of returned, so
-        the next caller gets a fresh one.
+        the next caller gets a fresh one. When every connection is in use the caller waits (up to
+        ``wait_timeout``, then PoolError, which tasks retry) rather than failing at once.
         """
         if not self.is_open:
             self.open()
-        pool = self._pool
+        pool, slots = self._pool, self._slots
         assert pool is not None
-        conn = pool.getconn()
-        broken = False
+        if not slots.acquire(timeout=self.wait_timeout):
+            raise psycopg2.pool.PoolError(
+                f"no free database connection within {self.wait_timeout:.0f} s "
+                f"(DB_POOL_MAX={self.maxconn})"
+            )
         try:
-            yield conn
-            conn.commit()
-        except BaseException as exc:
-            broken = isinstance(exc, psycopg2.OperationalError | psycopg2.InterfaceError)
-            if not conn.closed:
-                try:
-                    conn.rollback()
-                except psycopg2.Error:
-                    broken = True
-            raise
+            conn = pool.getconn()
+            broken = False
+            try:
+                yield conn
+                conn.commit()
+            except BaseException as exc:
+                broken = isinstance(exc, psycopg2.OperationalError | psycopg2.InterfaceError)
+                if not conn.closed:
+                    try:
+                        conn.rollback()
+                    except psycopg2.Error:
+                        broken = True
+                raise
+            finally:
+                pool.putconn(conn, close=broken or bool(conn.closed))
         finally:
-            pool.putconn(conn, close=broken or bool(conn.closed))
+            slots.release()

@@ -6,6 +6,7 @@ import os
 from typing import Any
 
 import psycopg2
+import psycopg2.pool
 import pytest
 
 from services.db import DatabasePool
@@ -40,6 +41,56 @@ def test_context_manager_commits_rolls_back_and_returns(service_database: str, d
         pool.close()
         with db.cursor() as cur:
             cur.execute("DELETE FROM sessions WHERE session_id = 'c1'")
+
+
+def test_more_threads_than_connections_wait_instead_of_failing(service_database: str) -> None:
+    import threading
+
+    pool = DatabasePool(service_database, 1, 2)
+    errors: list[BaseException] = []
+    done: list[int] = []
+    inside = threading.Semaphore(0)
+    release = threading.Event()
+
+    def work(i: int) -> None:
+        try:
+            with pool.connection() as conn, conn.cursor() as cur:
+                inside.release()
+                release.wait(10)
+                cur.execute("SELECT %s", (i,))
+                done.append(cur.fetchone()[0])
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(8)]
+    try:
+        for t in threads:
+            t.start()
+        # Two threads hold both connections; the other six wait rather than raise PoolError.
+        assert inside.acquire(timeout=10) and inside.acquire(timeout=10)
+        assert not inside.acquire(timeout=0.3)
+        release.set()
+        for t in threads:
+            t.join(20)
+        assert errors == []
+        assert sorted(done) == list(range(8))
+    finally:
+        release.set()
+        pool.close()
+
+
+def test_a_pool_that_stays_full_raises_pool_error_naming_the_setting(service_database: str) -> None:
+    pool = DatabasePool(service_database, 1, 1)
+    pool.wait_timeout = 0.2
+    try:
+        with (
+            pool.connection(),
+            pytest.raises(psycopg2.pool.PoolError, match="DB_POOL_MAX=1"),
+            pool.connection(),
+        ):
+            pass
+    finally:
+        pool.close()
 
 
 def test_broken_connection_is_discarded(service_database: str, db: Any) -> None:
