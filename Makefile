@@ -46,8 +46,8 @@ test: $(STAMP) ## Run the whole test suite (starts throwaway Redis/Postgres/Rabb
 	$(VENV)/bin/pytest $(PYTEST_ARGS)
 
 lint: $(STAMP) ## Run ruff and mypy
-	$(VENV)/bin/ruff check services scaler tests
-	$(VENV)/bin/ruff format --check services scaler tests
+	$(VENV)/bin/ruff check services scaler tests bench
+	$(VENV)/bin/ruff format --check services scaler tests bench
 	$(VENV)/bin/mypy
 
 $(ENV_FILE):

@@ -15,7 +15,7 @@ import shutil
 import subprocess
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
@@ -53,14 +53,14 @@ def _compose(project: str, env: dict[str, str], *args: str, check: bool = True) 
     return proc.stdout
 
 
-def _wait_until(what: str, probe: object, deadline_s: float = 90.0) -> None:
+def _wait_until(what: str, probe: Callable[[], object], deadline_s: float = 90.0) -> None:
     deadline = time.monotonic() + deadline_s
     last: Exception | None = None
     while time.monotonic() < deadline:
         try:
-            probe()  # type: ignore[operator]
+            probe()
             return
-        except Exception as exc:  # noqa: BLE001 - retried until the deadline
+        except Exception as exc:  # any failure is retried until the deadline
             last = exc
             time.sleep(0.2)
     raise RuntimeError(f"{what} not ready after {deadline_s}s: {last}")
