@@ -112,6 +112,9 @@ class TimedBackend:
     def manage(self, specs: Sequence[ServiceSpec]) -> None:
         self.inner.manage(specs)
 
+    def begin_cycle(self) -> None:
+        self.inner.begin_cycle()
+
     def services(self) -> list[str]:
         return self.inner.services()
 
@@ -309,10 +312,10 @@ def run(ctx: Context) -> Result:
         share = summaries[-1]["steps_median_ms"][worst_step] / at_max * 100
         notes.append(
             f"Where the time goes at {LEVELS[-1]} containers: '{worst_step}' is {share:.0f}% of "
-            "the cycle. ComposeBackend.replicas() lists the project's containers from the engine "
-            f"on every call, so a cycle makes {len(SERVICES) + 1} listing calls (one in "
-            "reconcile, one per service) and each grows with the container count; listing once "
-            "per cycle would leave one call of the six."
+            "the cycle. The Compose backend lists the project's containers once per cycle (in "
+            "reconcile; the per-service replica reads share that listing, "
+            f"{len(SERVICES) + 1} listing calls per cycle before that change), and that one "
+            "call grows with the container count."
         )
         first, last = summaries[0]["ms"], summaries[-1]["ms"]
         notes.append(

@@ -191,6 +191,7 @@ class Scaler:
         policy = self.source.policy
         errors: list[str] = []
         leading = self.is_leading()  # once per cycle; _act checks again before each scale
+        self.backend.begin_cycle()  # the cycle's reads may share one listing; actions re-list
         # A standby re-reads the backend every cycle, and so does a replica that just became
         # leader: either way the workers may have been started by another scaler.
         self._sync_backend(refresh=not leading or not self._was_leading)

@@ -75,6 +75,14 @@ class Backend(Protocol):
     def manage(self, specs: Sequence[ServiceSpec]) -> None:
         """Set the services under management (called at start and when the policy reloads)."""
 
+    def begin_cycle(self) -> None:
+        """A new loop cycle starts: reads may share one view of the workers until the next call.
+
+        Lets a backend whose listing is expensive (the Compose backend asks the engine) list once
+        per cycle instead of once per read. Actions (scale, reconcile) always read afresh, so
+        nothing is ever done on a shared view. Backends with cheap reads do nothing here.
+        """
+
     def services(self) -> list[str]:
         """Names of the managed services."""
 

@@ -18,6 +18,16 @@ Compose has no "scale to N" API of its own that a sidecar could call, so this ba
 - A container that died (exited non-zero, or "dead") is reported, removed and recreated.
 - Engine and broker errors are retried with a short backoff, then raised as BackendError and shown
   in health(): the loop holds, and nothing is ever stopped on data that could not be read.
+- One container listing per loop cycle: after ``begin_cycle()`` the first listing (reconcile's, or
+  the first read's) is shared by the cycle's reads (``replicas``, ``workers``), a failed one too
+  (the cycle holds without asking again). ``scale`` and ``reconcile`` always list afresh, and
+  every action (scale, replacement, a drain ending, ``manage``) drops the shared listing. Without
+  ``begin_cycle()`` (tests, one-off callers) every read lists.
+- Adoption: the first reconcile after ``manage()`` (a scaler start, a standby taking over) asks
+  the live workers which queues they consume and gives the ones consuming none back their
+  queues (``scaler.backends.stranded``), so a worker whose drain was cut short by a scaler's
+  death takes work again; a worker whose own drain here failed after the cancel is checked the
+  same way at the next reconcile.
 """
 
 from __future__ import annotations
@@ -47,6 +57,7 @@ from scaler.backends.base import (
     ServiceSpec,
     WorkerInfo,
 )
+from scaler.backends.stranded import restore_stranded
 from scaler.observations import Resources
 from scaler.signals.containers import ContainerStats
 
@@ -252,6 +263,13 @@ class ComposeBackend:
         self._templates: dict[str, dict[str, Any]] = {}  # service -> last inspected replica
         self._last: dict[str, list[ComposeContainer]] = {}  # last listing, for resources()
         self._last_error: str = ""
+        # The cycle's shared listing (or the error listing it raised); see the module docstring.
+        # _generation counts invalidations, so a listing taken across one is never stored.
+        self._in_cycle = False
+        self._snapshot: dict[str, list[ComposeContainer]] | BackendError | None = None
+        self._generation = 0
+        self._adopt_pending = True  # check every live worker's consumers at the next reconcile
+        self._suspects: set[str] = set()  # container ids whose drain stopped after the cancel
         self._stats = ContainerStats(lambda: self._factory().api, stale_after_s=stats_stale_after_s)
 
     # -- the Backend interface ---------------------------------------------------------------
@@ -263,13 +281,20 @@ class ComposeBackend:
                 raise ValueError(f"service name {spec.name!r}: expected a non-empty name")
         with self._lock:
             self._specs = {spec.name: spec for spec in specs}
+            self._adopt_pending = True
+        self._invalidate()
+
+    def begin_cycle(self) -> None:
+        """Start a cycle: the next listing is taken afresh and shared by the cycle's reads."""
+        with self._lock:
+            self._in_cycle = True
+        self._invalidate()
 
     def services(self) -> list[str]:
         return list(self._specs)
 
     def workers(self, service: str) -> list[WorkerInfo]:
-        containers = self._containers(service)
-        draining = self._draining_ids()
+        draining, containers = self._view(service)
         out = []
         for c in containers:
             if c.id in draining:
@@ -286,33 +311,41 @@ class ComposeBackend:
 
     def replicas(self, service: str) -> int:
         """Live containers that are not draining; BackendError when the engine cannot be read."""
-        draining = self._draining_ids()
-        return sum(1 for c in self._containers(service) if c.live and c.id not in draining)
+        draining, containers = self._view(service)
+        return sum(1 for c in containers if c.live and c.id not in draining)
 
     def scale(self, service: str, replicas: int) -> ScaleResult:
         if replicas < 0:
             raise ValueError(f"replicas={replicas!r} for service {service!r}: expected >= 0")
-        containers = self._containers(service)
+        self._check_managed(service)
         draining = self._draining_ids()
+        containers = self._list()[service]  # never act on the cycle's shared listing
         live = [c for c in containers if c.live and c.id not in draining]
         before = len(live)
-        if replicas > before:
-            started = self._scale_up(service, containers, replicas - before)
-            return ScaleResult(service, before, before + len(started), started=started)
-        if replicas < before:
-            chosen = self._scale_down(service, live, before - replicas, park=replicas == 0)
-            return ScaleResult(service, before, before - len(chosen), draining=chosen)
-        return ScaleResult(service, before, before)
+        try:
+            if replicas > before:
+                started = self._scale_up(service, containers, replicas - before)
+                return ScaleResult(service, before, before + len(started), started=started)
+            if replicas < before:
+                chosen = self._scale_down(service, live, before - replicas, park=replicas == 0)
+                return ScaleResult(service, before, before - len(chosen), draining=chosen)
+            return ScaleResult(service, before, before)
+        finally:
+            self._invalidate()
 
     def reconcile(self) -> list[BackendEvent]:
-        """Replace dead containers, keep one stats reader per live container, report drains."""
-        listing = self._list()
-        events: list[BackendEvent] = []
+        """Replace dead containers, keep one stats reader per live container, report drains,
+        and give stranded workers their queues back (on adoption, and after a failed drain)."""
         draining = self._draining_ids()
+        listing = self._list()  # afresh; it becomes the cycle's shared listing
+        events: list[BackendEvent] = []
         for service in self._specs:
             skip = draining | self._parked
             for dead in [c for c in listing.get(service, []) if c.died and c.id not in skip]:
                 events.append(self._replace(service, dead, listing.get(service, [])))
+        if events:
+            self._invalidate()  # the listing still shows the dead, not their replacements
+        events += self._restore_stranded(listing, draining)
         self._stats.track(c.id for cs in listing.values() for c in cs if c.live)
         with self._lock:
             events, self._events = [*self._events, *events], []
@@ -371,14 +404,42 @@ class ComposeBackend:
             delay *= 2
         raise AssertionError("unreachable")  # pragma: no cover
 
+    def _invalidate(self) -> None:
+        """Drop the cycle's shared listing: something changed, or may have, since it was taken."""
+        with self._lock:
+            self._snapshot = None
+            self._generation += 1
+
+    def _view(self, service: str) -> tuple[set[str], list[ComposeContainer]]:
+        """Draining ids and the service's containers, for reads: the cycle's shared listing if
+        there is one (read together with the draining set, which a drain's end changes only
+        together with dropping the listing), else a fresh one."""
+        self._check_managed(service)
+        with self._lock:
+            draining, shared = set(self._draining), self._snapshot
+        if isinstance(shared, BackendError):
+            raise BackendError(f"{shared} (this cycle's listing; not asked again)")
+        listing = shared if shared is not None else self._list()
+        return draining, listing[service]
+
     def _list(self) -> dict[str, list[ComposeContainer]]:
-        """Every opted-in container of the managed services, grouped by service, by number."""
+        """Every opted-in container of the managed services, grouped by service, by number.
+
+        Within a cycle the result (or the error) becomes the shared listing, unless something
+        dropped the shared listing while this one was being taken.
+        """
         filters = {
             "label": [f"{PROJECT_LABEL}={self.project}", f"{MANAGED_LABEL}=true"],
         }
-        rows = self._call(
-            "list containers", lambda client: client.api.containers(all=True, filters=filters)
-        )
+        with self._lock:
+            generation = self._generation
+        try:
+            rows = self._call(
+                "list containers", lambda client: client.api.containers(all=True, filters=filters)
+            )
+        except BackendError as exc:
+            self._share(generation, exc)
+            raise
         grouped: dict[str, list[ComposeContainer]] = {name: [] for name in self._specs}
         for row in rows:
             labels = row.get("Labels") or {}
@@ -399,14 +460,21 @@ class ComposeBackend:
         for cs in grouped.values():
             cs.sort(key=lambda c: c.number)
         self._last = grouped
+        self._share(generation, grouped)
         return grouped
 
-    def _containers(self, service: str) -> list[ComposeContainer]:
+    def _share(
+        self, generation: int, listing: dict[str, list[ComposeContainer]] | BackendError
+    ) -> None:
+        with self._lock:
+            if self._in_cycle and generation == self._generation:
+                self._snapshot = listing
+
+    def _check_managed(self, service: str) -> None:
         if service not in self._specs:
             raise BackendError(
                 f"service {service!r} is not managed here (policy names: {sorted(self._specs)})"
             )
-        return self._list()[service]
 
     def _draining_ids(self) -> set[str]:
         with self._lock:
@@ -618,7 +686,12 @@ class ComposeBackend:
         return tuple(c.name for c in chosen)
 
     def _drain(self, service: str, container: ComposeContainer, node: str, park: bool) -> None:
-        """Cancel the worker's consumers, wait until it is idle, warm-stop it, remove it."""
+        """Cancel the worker's consumers, wait until it is idle, warm-stop it, remove it.
+
+        If it ends early after a cancel may have reached the worker (aborted, or an error), the
+        container is a suspect: the next reconcile gives it its queues back if it consumes none.
+        """
+        stopped = False
         try:
             spec = self._specs.get(service)
             queues = spec.queues if spec else ()
@@ -650,6 +723,7 @@ class ComposeBackend:
                 if park:
                     self._parked.add(container.id)  # even if the grace period runs out
                 client.api.stop(container.id, timeout=grace)
+                stopped = True
                 if not park:
                     client.api.remove_container(container.id)
             finally:
@@ -660,10 +734,59 @@ class ComposeBackend:
             self._note(service, "drain-error", f"{container.name} ({node}): {exc}")
         finally:
             with self._lock:
+                # One step: a read sees either this drain still on or the listing dropped.
                 self._draining.pop(container.id, None)
-            if not park:
+                self._snapshot = None
+                self._generation += 1
+                if not stopped:
+                    self._suspects.add(container.id)
+            if not park and stopped:
                 self._nodes.pop(container.id, None)
                 self._guesses.pop(container.id, None)
+
+    # -- workers left consuming nothing --------------------------------------------------------
+
+    def _restore_stranded(
+        self, listing: dict[str, list[ComposeContainer]], draining: set[str]
+    ) -> list[BackendEvent]:
+        """On adoption every live worker, else only suspects: re-add the queues of those that
+        consume none of their service's (see scaler.backends.stranded for the rule)."""
+        with self._lock:
+            everyone, suspects = self._adopt_pending, set(self._suspects)
+        candidates = {
+            c.id: service
+            for service, cs in listing.items()
+            for c in cs
+            if c.live and c.id not in draining and (everyone or c.id in suspects)
+        }
+        if not candidates:
+            with self._lock:
+                self._adopt_pending = False
+                self._suspects -= suspects
+            return []
+        try:
+            nodes = self._node_names(list(candidates))
+            wanted = {nodes[cid]: self._specs[svc].queues for cid, svc in candidates.items()}
+            restores = restore_stranded(self.app, wanted, self._inspect_timeout_s)
+        except Exception as exc:  # broker or engine trouble: keep the check pending, try again
+            log.warning("consumer check of %d workers failed: %s", len(candidates), exc)
+            services = ",".join(sorted(set(candidates.values())))
+            detail = f"{type(exc).__name__}: {exc}; tried again at the next reconcile"
+            return [BackendEvent(services, "consumer-check-failed", detail)]
+        container_of = {nodes[cid]: cid for cid in candidates}
+        with self._lock:
+            self._adopt_pending = False
+            self._suspects -= suspects
+            self._suspects |= {container_of[r.node] for r in restores if not r.confirmed}
+        service_of = {nodes[cid]: svc for cid, svc in candidates.items()}
+        return [
+            BackendEvent(
+                service_of[r.node],
+                "consumers-restored" if r.confirmed else "consumers-restore-failed",
+                r.detail,
+            )
+            for r in restores
+        ]
 
     # -- replacing dead containers --------------------------------------------------------------
 

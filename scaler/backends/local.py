@@ -9,6 +9,10 @@ through Celery's control API, so it takes nothing new; once it runs and holds no
 active`` and ``reserved`` both empty) it gets SIGTERM, Celery's warm shutdown; only if it is still
 alive after the grace period is it sent SIGQUIT (cold: acks_late tasks go back to the queue), then
 SIGKILL. Drains run in background threads so one slow drain never stalls the loop.
+
+A scaler that died mid-drain leaves a worker with its consumers cancelled: the first reconcile
+after ``manage()`` asks the running workers which queues they consume and gives the ones that
+consume none of their service's queues those queues back (``scaler.backends.stranded``).
 """
 
 from __future__ import annotations
@@ -37,6 +41,7 @@ from scaler.backends.base import (
     ServiceSpec,
     WorkerInfo,
 )
+from scaler.backends.stranded import restore_stranded
 from scaler.observations import Resources
 from scaler.signals.resources import ProcessStats
 
@@ -103,6 +108,7 @@ class LocalBackend:
     _lock: threading.RLock = field(default_factory=threading.RLock, init=False)
     _drains: list[threading.Thread] = field(default_factory=list, init=False)
     _stats: ProcessStats = field(default_factory=ProcessStats, init=False)
+    _adopt_pending: bool = field(default=False, init=False)  # check consumers at next reconcile
 
     def __post_init__(self) -> None:
         if self.concurrency < 1:
@@ -120,6 +126,10 @@ class LocalBackend:
             for spec in specs:
                 self._workers.setdefault(spec.name, [])
                 self._adopt(spec.name)
+            self._adopt_pending = True
+
+    def begin_cycle(self) -> None:
+        """Nothing to share: reads are the backend's own process table, cheap every time."""
 
     def _adopt(self, service: str) -> None:
         known = {w.pidfile for w in self._workers[service]}
@@ -294,8 +304,34 @@ class LocalBackend:
                                 f"{worker.name} died (exit {code}); started {replacement.name}",
                             )
                         )
-            events, self._events = self._events, []
+            pending = self._adopt_pending
+        restored = self._restore_stranded() if pending else []  # a broker round trip: unlocked
+        with self._lock:
+            events, self._events = [*self._events, *restored], []
         return events
+
+    def _restore_stranded(self) -> list[BackendEvent]:
+        """Give running workers that consume none of their queues those queues back (a drain
+        cut short by a scaler's death); see scaler.backends.stranded for the rule."""
+        with self._lock:
+            service_of = {w.name: s for s in self._specs for w in self._running(s)}
+            wanted = {name: self._specs[s].queues for name, s in service_of.items()}
+        try:
+            restores = restore_stranded(self.app, wanted, self.control_timeout_s)
+        except Exception as exc:  # the broker: keep the check pending, try again next time
+            log.warning("consumer check failed: %s", exc)
+            detail = f"{type(exc).__name__}: {exc}; tried again at the next reconcile"
+            return [BackendEvent(",".join(self._specs), "consumer-check-failed", detail)]
+        with self._lock:
+            self._adopt_pending = False
+        return [
+            BackendEvent(
+                service_of[r.node],
+                "consumers-restored" if r.confirmed else "consumers-restore-failed",
+                r.detail,
+            )
+            for r in restores
+        ]
 
     def resources(self, service: str) -> Resources:
         """Mean CPU and memory of the service's running worker process trees."""

@@ -37,7 +37,11 @@ from scaler.backends.compose import (
     default_client_factory,
     worker_node_name,
 )
+from scaler.loop import PolicySource, Scaler
+from scaler.policy import parse_policy
+from scaler.signals.collector import Collector
 from scaler.signals.containers import resources_from_sample
+from scaler.signals.redis_queues import RedisQueueReader
 
 pytestmark = [pytest.mark.docker, pytest.mark.slow]
 
@@ -438,6 +442,144 @@ def test_engine_unreachable_holds_reports_and_recovers(
         assert len(stack.names("worker")) == 1
     finally:
         b.close()
+
+
+# -- one container listing per cycle --------------------------------------------------------------
+
+
+class CountingClients:
+    """Real engine clients whose container-list calls are counted.
+
+    Instrumentation, not a mock: every call still goes to the real engine and returns its answer.
+    """
+
+    def __init__(self, docker_host: str | None = None) -> None:
+        self._make = default_client_factory(docker_host, timeout_s=5)
+        self.lists = 0
+
+    def __call__(self) -> docker.DockerClient:
+        client = self._make()
+        real = client.api.containers
+
+        def counted(*args: Any, **kwargs: Any) -> Any:
+            self.lists += 1
+            return real(*args, **kwargs)
+
+        client.api.containers = counted  # type: ignore[method-assign]
+        return client
+
+
+def test_one_loop_cycle_lists_the_containers_once(stack: Stack) -> None:
+    counter = CountingClients()
+    b = ComposeBackend(stack.project, stack.app, client_factory=counter, stats_stale_after_s=3)
+    # Two services (the bystander is not opted in: it reads 0) make three reads of the listing
+    # per cycle: reconcile's and one replica count each. All hold, so nothing acts.
+    policy = parse_policy(
+        {
+            "interval_s": 1.0,
+            "services": {
+                "worker": {"queues": ["work"], "min_replicas": 1, "max_replicas": 1},
+                "bystander": {"queues": ["other"], "min_replicas": 0, "max_replicas": 1},
+            },
+        },
+        env={},
+    )
+    reader = RedisQueueReader.from_url(stack.app.conf.broker_url)
+    scaler = Scaler(PolicySource(policy), b, Collector(queues=reader))
+    try:
+        scaler.cycle()  # the first cycle also checks every worker's consumers (adoption)
+        before = counter.lists
+        for _ in range(3):
+            report = scaler.cycle()
+            assert report.errors == ()
+            assert {s: o.replicas for s, o in report.observations.services.items()} == {
+                "worker": 1,
+                "bystander": 0,
+            }
+            assert {d.action for d in report.decisions.values()} == {"hold"}
+        assert counter.lists - before == 3
+    finally:
+        b.close()
+        reader.client.close()
+
+
+def test_actions_never_use_the_cycles_listing_and_a_failed_one_holds_the_cycle(
+    stack: Stack, proxy: SwitchableDockerProxy
+) -> None:
+    counter = CountingClients(proxy.url)
+    b = ComposeBackend(
+        stack.project, stack.app, client_factory=counter, attempts=2, backoff_s=0.1,
+        drain_timeout_s=60, stats_stale_after_s=3,
+    )  # fmt: skip
+    b.manage([SPEC])
+    try:
+        b.begin_cycle()
+        assert b.replicas("worker") == 1
+        listed = counter.lists
+        assert b.replicas("worker") == 1 and [w.state for w in b.workers("worker")] == ["running"]
+        assert counter.lists == listed  # the cycle's reads share one listing
+        # A change behind the cycle's back: its reads keep their view, an action does not.
+        stack.compose("up", "-d", "--wait", "--no-recreate", "--scale", "worker=2", "worker")
+        assert b.replicas("worker") == 1
+        result = b.scale("worker", 2)
+        assert (result.before, result.started) == (2, ())  # it re-listed: nothing to start
+        assert b.replicas("worker") == 2  # the action dropped the shared listing
+
+        # A drain that ends mid-cycle drops the listing too: the stopped worker is not counted.
+        b.begin_cycle()
+        assert b.scale("worker", 1).after == 1
+        assert b.replicas("worker") == 1  # shared listing taken while the drain runs
+        poll_until(lambda: b.health().extra["draining"] == 0, "the drain to end", 60)
+        assert b.replicas("worker") == 1
+        assert len(stack.names("worker")) == 1
+
+        # A failed listing fails the cycle's reads too, without asking the engine again.
+        b.begin_cycle()
+        proxy.down()
+        with pytest.raises(BackendError, match="list containers"):
+            b.reconcile()
+        listed = counter.lists
+        with pytest.raises(BackendError, match="list containers"):
+            b.replicas("worker")
+        assert counter.lists == listed
+        proxy.up()
+        b.begin_cycle()
+        assert b.replicas("worker") == 1
+    finally:
+        b.close()
+
+
+# -- a worker left consuming nothing by a drain cut short ------------------------------------------
+
+
+def _queues(stack: Stack, node: str) -> list[str] | None:
+    """The queues ``node`` consumes, as it says itself (None: no answer)."""
+    replies = stack.app.control.inspect([node], timeout=1.0).active_queues() or {}
+    return None if node not in replies else [q["name"] for q in replies[node]]
+
+
+def test_adoption_gives_a_worker_without_consumers_its_queues_back(
+    stack: Stack, backend: ComposeBackend
+) -> None:
+    one = f"{stack.project}-worker-1"
+    node = _node(one)
+    assert _queues(stack, node) == ["work"]
+    # As if a scaler died between a drain's cancel and its stop: the worker runs, takes nothing.
+    stack.app.control.cancel_consumer("work", destination=[node], reply=True)
+    poll_until(lambda: _queues(stack, node) == [], "the cancel to take effect", 10)
+    assert backend.replicas("worker") == 1  # the container list cannot tell
+
+    events = backend.reconcile()  # this backend's first: it adopts the running workers
+
+    assert [(e.service, e.kind) for e in events] == [("worker", "consumers-restored")], events
+    assert node in events[0].detail
+    poll_until(lambda: _queues(stack, node) == ["work"], "the worker consuming again", 10)
+    assert backend.reconcile() == []  # checked once, on adoption
+    release = f"release-{uuid.uuid4().hex}"
+    redis.Redis.from_url(stack.app.conf.broker_url).rpush(release, 1)
+    task = stack.app.send_task("cst.hold", args=[release, 30], queue="work")
+    hostname = docker.from_env().api.inspect_container(one)["Config"]["Hostname"]
+    assert task.get(timeout=30) == hostname
 
 
 # -- container resources off the critical path ----------------------------------------------------

@@ -117,3 +117,35 @@ def test_a_killed_worker_is_replaced(backend: LocalBackend, app: Any) -> None:
     assert replacement.ident != victim.ident
     assert backend.replicas(SERVICE) == 1
     poll_until(lambda: replacement.name in ping_names(app), "the replacement answering ping")
+
+
+def consumed(app: Any, node: str) -> list[str] | None:
+    """The queues ``node`` consumes, as it says itself (None: no answer)."""
+    replies = app.control.inspect([node], timeout=1.0).active_queues() or {}
+    return None if node not in replies else [q["name"] for q in replies[node]]
+
+
+def test_an_adopted_worker_without_consumers_gets_its_queues_back(
+    backend: LocalBackend, app: Any, env: dict[str, str], database_url: str
+) -> None:
+    backend.scale(SERVICE, 1)
+    (worker,) = backend.workers(SERVICE)
+    poll_until(lambda: consumed(app, worker.name) == ["io_intensive"], "the worker consuming")
+    assert backend.reconcile() == []  # adoption check: a consuming worker is left as it is
+    # As if the scaler died between a drain's cancel and its stop: the worker runs, takes nothing.
+    app.control.cancel_consumer("io_intensive", destination=[worker.name], reply=True)
+    poll_until(lambda: consumed(app, worker.name) == [], "the cancel to take effect")
+
+    # A restarted scaler adopts the worker from its pidfile and checks its consumers.
+    fresh = LocalBackend(app=app, workdir=backend.workdir, env=env, grace_s=20.0)
+    fresh.manage([ServiceSpec(SERVICE, ("io_intensive",))])
+    assert fresh.replicas(SERVICE) == 1  # the process table cannot tell
+    events = fresh.reconcile()
+
+    assert [(e.service, e.kind) for e in events] == [(SERVICE, "consumers-restored")], events
+    assert worker.name in events[0].detail
+    poll_until(lambda: consumed(app, worker.name) == ["io_intensive"], "consuming again")
+    assert fresh.reconcile() == []  # checked once, on adoption
+    task = app.send_task("tasks.io_intensive.wait", kwargs={"duration": 0.1})
+    task.get(timeout=30)
+    assert effects(database_url, [task.id]) == {task.id: 1}
