@@ -9,10 +9,12 @@ directly. The project is ``cst-bench-<what>-<run id>`` and is removed with its v
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import os
 import subprocess
 import tempfile
+import time
 import urllib.request
 from pathlib import Path
 from types import TracebackType
@@ -27,6 +29,22 @@ from services.application import ServiceApp, create_app
 from services.config import PRIORITY_SEP, PRIORITY_STEPS, load_settings
 
 FIXTURE = Path(__file__).resolve().parent / "fixtures" / "stack.bench.yaml"
+
+
+def docker_epoch(iso: str) -> float:
+    """Docker's RFC 3339 time with nanoseconds -> epoch seconds."""
+    head, _, frac = iso.rstrip("Z").partition(".")
+    base = dt.datetime.fromisoformat(head).replace(tzinfo=dt.UTC).timestamp()
+    return base + (float(f"0.{frac}") if frac else 0.0)
+
+
+def ready_at(container_id: str) -> float | None:
+    """When the container's Celery worker logged ``ready.`` (epoch seconds), None before that."""
+    out = subprocess.run(["docker", "logs", "-t", container_id], capture_output=True, text=True)
+    for line in (out.stdout + out.stderr).splitlines():
+        if " ready." in line:
+            return docker_epoch(line.split(" ", 1)[0])
+    return None
 
 
 class BenchStack:
@@ -129,6 +147,21 @@ class BenchStack:
         out = subprocess.run(["docker", "inspect", container_id], capture_output=True, text=True,
                              check=True).stdout  # fmt: skip
         return cast(dict[str, Any], json.loads(out)[0])
+
+    def all_ready(self, service: str, count: int) -> bool:
+        """``count`` containers of ``service`` running, each with its worker consuming: a warm
+        fleet, not just started containers (a worker needs seconds to import and connect)."""
+        ids = self.running(service)
+        return len(ids) == count and all(ready_at(c) is not None for c in ids)
+
+    def publish(self, name: str, calls: list[tuple[str, dict[str, Any]]]) -> float:
+        """Send ``(task_id, kwargs)`` calls of task ``name`` over one producer connection, so
+        publishing is not what a benchmark measures; returns the epoch when the last was sent."""
+        assert self.app is not None
+        with self.app.producer_or_acquire() as producer:
+            for task_id, kwargs in calls:
+                self.app.send_task(name, task_id=task_id, kwargs=kwargs, producer=producer)
+        return time.time()
 
     def depth(self, queue: str) -> int:
         """Messages waiting in every priority list of ``queue`` (kombu's Redis layout)."""
