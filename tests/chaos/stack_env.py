@@ -37,6 +37,7 @@ from compose_project import (
     ROOT,
     ComposeProject,
     docker_socket_gid,
+    ensure_wheelhouse,
     free_port,
     wait_until,
 )
@@ -303,6 +304,7 @@ def chaos_stack(directory: Path) -> Iterator[ChaosStack]:
     stack = ChaosStack(project, proxy, policy_file, {**read_env(env_file), **settings})
     proxy.start()
     try:
+        ensure_wheelhouse()
         project.run("build", timeout=900)
         project.run("up", "--detach", "--wait", "--wait-timeout", "180", timeout=300)
         stack.connect()

@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 import subprocess
+import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -20,6 +22,24 @@ from typing import Any, TypeVar
 ROOT = Path(__file__).resolve().parents[2]
 COMPOSE_DIR = ROOT / "compose"
 T = TypeVar("T")
+
+
+def ensure_wheelhouse() -> None:
+    """Refresh the host-built wheelhouse when stale: containers here cannot reach the index.
+
+    Every test that builds the application image calls this first (whichever runs first).
+    """
+    if shutil.which("make") is None:
+        return
+    proc = subprocess.run(
+        ["make", "--no-print-directory", "wheels", f"PYTHON={sys.executable}"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    if proc.returncode != 0:
+        print(f"`make wheels` failed; the image build will try the index:\n{proc.stderr}")
 
 
 def wait_until(

@@ -10,13 +10,19 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
-import sys
 import uuid
 from collections.abc import Generator, Iterator
 from pathlib import Path
 
 import pytest
-from compose_project import COMPOSE_DIR, ROOT, ComposeProject, docker_socket_gid, free_port
+from compose_project import (
+    COMPOSE_DIR,
+    ROOT,
+    ComposeProject,
+    docker_socket_gid,
+    ensure_wheelhouse,
+    free_port,
+)
 
 # Settings the e2e run needs from the stack: a beat health check every few seconds instead of
 # every five minutes, an image tag of its own (a developer's `make up` image stays untouched), and
@@ -38,21 +44,6 @@ def docker_engine_available() -> bool:
     if shutil.which("docker") is None:
         return False
     return subprocess.run(["docker", "info"], capture_output=True, timeout=60).returncode == 0
-
-
-def ensure_wheelhouse() -> None:
-    """Refresh the host-built wheelhouse when stale: containers here cannot reach the index."""
-    if shutil.which("make") is None:
-        return
-    proc = subprocess.run(
-        ["make", "--no-print-directory", "wheels", f"PYTHON={sys.executable}"],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    if proc.returncode != 0:
-        print(f"e2e: `make wheels` failed; the image build will try the index:\n{proc.stderr}")
 
 
 def write_env_file(directory: Path, settings: dict[str, str]) -> Path:
