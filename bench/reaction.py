@@ -11,7 +11,8 @@ replica needs 90 s for them, so it cannot drain the backlog before an added work
 previous run, at 32 threads and 0.5 s tasks, lost 6 of 10 trials that way). Each trial times the
 way to the first task started on a new container, in five parts: **detection** (backlog
 published to the start of the scaler cycle that saw it: the cycle starts one interval after the
-previous cycle's last decision log line; it averages half an interval), **decision** (that
+previous cycle's last decision log line; the backlog is published at a random phase of the
+cycle, so this averages half an interval), **decision** (that
 cycle's start to the new container's creation by the engine: reading the queues and the engine,
 deciding, cloning), **container start** (created to the engine's StartedAt), **worker ready**
 (StartedAt to the worker's `ready.` log line: Python, Celery and the app importing, then the
@@ -23,6 +24,7 @@ worker consuming within 60 s is counted and its reason noted, never in the figur
 
 from __future__ import annotations
 
+import random
 import time
 import uuid
 from pathlib import Path
@@ -79,6 +81,9 @@ def trial(stack: BenchStack, index: int, interval: float) -> dict[str, Any]:
     poll_until(lambda: len(stack.running(SERVICE)) == 1
                and stack.status()["services"][SERVICE]["current"] == 1,
                f"{SERVICE} at its minimum before trial {index}", 120, 0.5)  # fmt: skip
+    # The poll above returns just after a cycle wrote its status, so publishing now would always
+    # wait a full interval for the next one: real backlogs arrive at any phase of the cycle.
+    time.sleep(random.Random(index).uniform(0.0, interval))
     before = set(stack.running(SERVICE))
     prefix = f"react-{uuid.uuid4().hex[:6]}-{index}-"
     published = time.time()
@@ -105,13 +110,16 @@ def trial(stack: BenchStack, index: int, interval: float) -> dict[str, Any]:
     info = stack.inspect(container)
     created, started = docker_epoch(info["Created"]), docker_epoch(info["State"]["StartedAt"])
     ready = ready_at(container) or started
-    records = stack.scaler_logs(published)
+    # From one interval before the backlog: the cycle before the one that scaled up is the
+    # anchor for when that one started (the decision is logged after acting).
+    records = stack.scaler_logs(published - interval - 1.0)
     cycle = _cycle_start(records, interval)
     cycle_start = cycle[0] if cycle else published
     # Cycles that saw the backlog but held because the host was past its CPU or memory limit.
     guarded = sum(
         1 for r in records if r.get("event") == "decision" and r.get("service") == SERVICE
-        and (cycle is None or r["ts"] < cycle[1]) and any("host" in x for x in r.get("reasons", []))
+        and published <= r["ts"] and (cycle is None or r["ts"] < cycle[1])
+        and any("host" in x for x in r.get("reasons", []))
     )  # fmt: skip
     return {
         "detection": max(cycle_start - published, 0.0),
