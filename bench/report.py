@@ -70,10 +70,12 @@ def _load(result: Result) -> str:
         return ""
     text = f"; 1-minute load average {before:.1f} before and {after:.1f} after"
     cpus = result.machine.get("cpus") or 1
-    if max(before, after) > cpus:
+    # Only the load before the run says anything about other work: a benchmark's own containers
+    # and workers raise the load average it reads afterwards.
+    if before > cpus:
         text += (
-            f". **The machine was busy with other work** (load above its {cpus} CPUs): absolute "
-            "figures are lower bounds and ratios are rough; re-run on a quiet machine"
+            f". **The machine was loaded when this run started** (load above its {cpus} CPUs: "
+            "other work, or the tail of the previous benchmark): treat absolute figures with care"
         )
     return text
 
