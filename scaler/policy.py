@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, Literal
 
@@ -249,47 +249,45 @@ ENV_DEFAULTS: dict[str, str] = {
 }
 
 
-def _env_int(env: Mapping[str, str], name: str, minimum: int, problems: list[str]) -> int | None:
+def _env_number(
+    env: Mapping[str, str],
+    name: str,
+    parse: Callable[[str], float],
+    valid: Callable[[float], bool],
+    expected: str,
+    problems: list[str],
+) -> float | None:
+    """One seed variable: None when unset, the value when ``valid``, else a problem naming it."""
     raw = env.get(name)
     if raw is None or raw.strip() == "":
         return None
     try:
-        value = int(raw.strip())
+        value = parse(raw.strip())
     except ValueError:
-        problems.append(f"{name}: {raw!r} is invalid: expected an integer >= {minimum}")
-        return None
-    if value < minimum:
-        problems.append(f"{name}: {raw!r} is invalid: expected an integer >= {minimum}")
+        value = math.nan
+    if not valid(value):
+        problems.append(f"{name}: {raw!r} is invalid: expected {expected}")
         return None
     return value
+
+
+def _env_int(env: Mapping[str, str], name: str, minimum: int, problems: list[str]) -> int | None:
+    value = _env_number(
+        env, name, int, lambda v: v >= minimum, f"an integer >= {minimum}", problems
+    )
+    return None if value is None else int(value)
 
 
 def _env_percent(env: Mapping[str, str], name: str, problems: list[str]) -> float | None:
-    raw = env.get(name)
-    if raw is None or raw.strip() == "":
-        return None
-    try:
-        value = float(raw.strip())
-    except ValueError:
-        value = math.nan
-    if not (0 < value <= 100):
-        problems.append(f"{name}: {raw!r} is invalid: expected a percentage in (0, 100]")
-        return None
-    return value
+    return _env_number(
+        env, name, float, lambda v: 0 < v <= 100, "a percentage in (0, 100]", problems
+    )
 
 
 def _env_positive(env: Mapping[str, str], name: str, problems: list[str]) -> float | None:
-    raw = env.get(name)
-    if raw is None or raw.strip() == "":
-        return None
-    try:
-        value = float(raw.strip())
-    except ValueError:
-        value = math.nan
-    if not (value > 0 and math.isfinite(value)):
-        problems.append(f"{name}: {raw!r} is invalid: expected a number > 0")
-        return None
-    return value
+    return _env_number(
+        env, name, float, lambda v: v > 0 and math.isfinite(v), "a number > 0", problems
+    )
 
 
 def _env_layer(env: Mapping[str, str]) -> tuple[dict[str, Any], dict[str, Any]]:
