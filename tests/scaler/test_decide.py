@@ -495,3 +495,65 @@ def test_paused_holds_and_pinned_targets_its_count() -> None:
     assert (d.desired, d.action) == (None, "hold")
     with pytest.raises(ValueError, match="pinned: -1 is invalid"):
         ServiceControl(pinned=-1)
+
+
+# --- defects found by running the core over time (issue 9) ------------------------------------
+
+
+def test_a_standing_emergency_is_remembered_by_the_down_window() -> None:
+    """The emergency's count enters the window memory: no step down under a standing flood."""
+    policy = make_policy(
+        max_replicas=6,
+        target={"tasks_per_replica": 200},  # the backlog alone asks for 3
+        emergency={"queue": Q, "depth": 100},
+        scale_down={"stabilization_s": 30, "cooldown_s": 10},
+    )
+    # Already at the emergency's count, the flood still standing, the last change long ago and
+    # the window holding only the target's own (lower) recommendations.
+    hist = seasoned(recommendations=((NOW - 20, 2), (NOW - 10, 2)), last_scale_at=NOW - 100)
+    decisions, after = decide(policy, make_obs(6, waiting=500), hist, NOW)
+    d = decisions[SVC]
+    assert (d.desired, d.recommended) == (6, 6), d.reasons
+    assert after.get(SVC).recommendations[-1] == (NOW, 6)
+    # Thirty seconds after the flood ends the window still holds 6; past it, the count may fall.
+    later = after
+    for t in range(2, 31, 2):
+        _, later = decide(policy, make_obs(6, waiting=0, now=NOW + t), later, NOW + t)
+    assert one(policy, make_obs(6, waiting=0, now=NOW + 30), later, NOW + 30).desired == 6
+    assert one(policy, make_obs(6, waiting=0, now=NOW + 31), later, NOW + 31).desired == 5
+
+
+def test_work_waiting_at_zero_gets_a_consumer_whatever_the_host_says() -> None:
+    policy = make_policy(min_replicas=0, scale_to_zero={"idle_s": 60})
+    hot = Resources(99.0, 20.0, NOW)
+    d = one(policy, make_obs(0, waiting=40, oldest=3.0, host=hot))
+    assert (d.desired, d.action) == (1, "up"), d.reasons
+    assert said(d, "host cpu 99% > limit 90%: no scale-up (would be 4) -> 1")
+    # Nothing waiting: the guard holds a service at zero.
+    assert one(policy, make_obs(0, waiting=0, host=hot)).desired == 0
+
+
+def test_giving_way_never_takes_the_last_replica() -> None:
+    policy = three_services({"a": 0, "b": 5}, mins={"a": 0, "b": 0})
+    obs = three_obs({"a": (1, 0, 0), "b": (2, 0, 0)}, PRESSURE)
+    hist = History(
+        {n: ServiceHistory(first_seen_at=OLD, recommendations=((NOW - 1, 2),)) for n in "ab"}
+    )
+    decisions, _ = decide(policy, obs, hist, NOW)
+    # a (least urgent) is at its last replica: b gives way instead; a goes to zero only
+    # through its own down window and quiet period.
+    assert (decisions["a"].desired, decisions["b"].desired) == (1, 1)
+
+
+def test_a_met_latency_objective_lets_a_latency_only_service_scale_down() -> None:
+    policy = make_policy(
+        target={"tasks_per_replica": None, "latency_s": 5},
+        scale_down={"stabilization_s": 0, "cooldown_s": 0, "max_step": 10},
+    )
+    # Six replicas, nothing waiting, three tasks running on three of them.
+    d = one(policy, make_obs(6, waiting=0, in_flight=3, busy=3))
+    assert (d.desired, d.action) == (3, "down"), d.reasons
+    # Without a busy count, at most as many replicas as tasks can be busy.
+    assert one(policy, make_obs(6, waiting=0, in_flight=2)).desired == 2
+    # Work waiting past half the objective: no scale-down (hysteresis against oscillation).
+    assert one(policy, make_obs(6, waiting=3, in_flight=6, oldest=3.0, busy=6)).desired == 6
