@@ -4,15 +4,20 @@ Like the Kubernetes HPA, the arithmetic lives elsewhere (``scaler.decide``, a pu
 module does the I/O around it and the safety rules that belong to acting:
 
 - a failed scale is retried with backoff inside the cycle, reported, and never recorded in the
-  history as done (so it starts no cooldown);
+  history as done (so it starts no cooldown); a service whose scale keeps failing backs off on
+  its own (its next attempt waits 2, 4, 8 intervals) while every other service keeps its pace;
 - never a blind scale-down: a "down" is refused unless the service's replica count and every one
   of its queue signals were read this cycle (the core holds on missing data; this is the belt to
   its braces);
 - every decision is logged as one JSON line with its reasons;
 - SIGHUP reloads the policy between cycles; an invalid file is refused, the last good policy stays
   in force and the error is logged and shown in status until a good file loads;
-- cycles that hit errors back off (the interval doubles, up to a cap) so a dead broker is not
-  hammered, and the first clean cycle returns to the normal pace;
+- cycles whose shared parts fail (signals, reconcile, overrides, the lease) back off (the interval
+  doubles, up to a cap) so a dead broker is not hammered, and the first clean cycle returns to
+  the normal pace; one service's failing scale never slows the others;
+- decisions run on the monotonic clock (``clock``): a wall-clock step neither empties nor freezes
+  the stabilisation windows, cooldowns and the idle timer; the wall clock (``wall_clock``) only
+  stamps the status snapshot for people;
 - with a leader lease, only the leader acts (reconcile and scale). The flag is read once per
   cycle and checked again right before every scale call, so a lease lost mid-cycle stops action.
   A standby still observes, decides and reports (marked "standby: not the leader"), and re-reads
@@ -98,6 +103,15 @@ class ActOutcome:
     result: ScaleResult | None = None
     error: str | None = None
     note: str | None = None  # why nothing was done when that is not an error (standby)
+    scale_failed: bool = False  # the backend refused every attempt (starts the service's backoff)
+
+
+@dataclass(frozen=True)
+class ServiceBackoff:
+    """A service whose scale failed ``failures`` times in a row: no new attempt before ``until``."""
+
+    failures: int
+    until: float  # on the loop's monotonic clock
 
 
 @dataclass(frozen=True)
@@ -136,7 +150,8 @@ class Scaler:
     state_file: Path | None = None
     dry_run: bool = False
     retry: Retry = field(default_factory=Retry)
-    clock: Callable[[], float] = time.time
+    clock: Callable[[], float] = time.monotonic  # decisions, windows, cooldowns, backoffs
+    wall_clock: Callable[[], float] = time.time  # the snapshot's time stamp, for people
     sleep: Callable[[float], None] = time.sleep
     history: History = field(default_factory=History)
     leader: LeaderLease | None = None
@@ -145,6 +160,7 @@ class Scaler:
     cycles: int = 0
     consecutive_failures: int = 0
     events: deque[str] = field(default_factory=lambda: deque(maxlen=20))
+    backoffs: dict[str, ServiceBackoff] = field(default_factory=dict)
     _reload: threading.Event = field(default_factory=threading.Event, init=False)
     _managed: tuple[ServiceSpec, ...] = field(default=(), init=False)
     last_snapshot: Snapshot | None = field(default=None, init=False)
@@ -211,11 +227,12 @@ class Scaler:
         obs = self.collector.collect(queues, self.backend)
         errors.extend(obs.errors)
         controls, overrides = self._read_controls(policy, errors)
+        shared_failed = bool(errors)  # what every service depends on: the loop backs off
         now = self.clock()
         decisions, history = decide(policy, obs, self.history, now, controls)
         outcomes: dict[str, ActOutcome] = {}
         for service, decision in decisions.items():
-            outcome = self._act(obs, decision, leading=leading)
+            outcome = self._act_paced(obs, decision, now, leading=leading)
             if outcome.result is not None:
                 r = outcome.result
                 history = history.record_action(service, r.before, r.after, now)
@@ -225,7 +242,7 @@ class Scaler:
             self._log_decision(decision, outcome)
         self.history = history
         self.cycles += 1
-        self.consecutive_failures = self.consecutive_failures + 1 if errors else 0
+        self.consecutive_failures = self.consecutive_failures + 1 if shared_failed else 0
         report = CycleReport(obs, decisions, outcomes, tuple(errors), leading, overrides)
         duration = time.monotonic() - started
         self._record(report, duration)
@@ -239,6 +256,32 @@ class Scaler:
                 overrides={s: o.mode for s, o in overrides.items()},
             )
         return report
+
+    def _act_paced(
+        self, obs: Observations, decision: Decision, now: float, *, leading: bool
+    ) -> ActOutcome:
+        """Act unless the service is backing off after failed scales; keep its backoff current.
+
+        A failing service waits 2, 4, 8 intervals (MAX_BACKOFF_FACTOR) between attempts, on its
+        own: the other services' cycles are not slowed. Its first success clears the backoff.
+        """
+        service = decision.service
+        backoff = self.backoffs.get(service)
+        wants_action = decision.action != "hold" and not self.dry_run and leading
+        if backoff is not None and wants_action and now < backoff.until:
+            return ActOutcome(
+                acted=False,
+                note=f"backing off after {backoff.failures} failed scale(s): next attempt in "
+                f"{backoff.until - now:.1f} s",
+            )
+        outcome = self._act(obs, decision, leading=leading)
+        if outcome.acted:
+            self.backoffs.pop(service, None)
+        elif outcome.scale_failed:
+            failures = (backoff.failures if backoff else 0) + 1
+            wait = self.source.policy.interval_s * min(2**failures, MAX_BACKOFF_FACTOR)
+            self.backoffs[service] = ServiceBackoff(failures, now + wait)
+        return outcome
 
     def _act(self, obs: Observations, decision: Decision, *, leading: bool = True) -> ActOutcome:
         if decision.action == "hold" or decision.desired is None or self.dry_run:
@@ -279,6 +322,7 @@ class Scaler:
             acted=False,
             error=f"{decision.service}: scale to {decision.desired} failed after "
             f"{self.retry.attempts} attempts: {last}",
+            scale_failed=True,
         )
 
     def _log_decision(self, decision: Decision, outcome: ActOutcome) -> None:
@@ -332,7 +376,7 @@ class Scaler:
             )
         host = report.observations.host
         snapshot = Snapshot(
-            written_at=self.clock(),
+            written_at=self.wall_clock(),
             cycle=self.cycles,
             backend=self.backend.name,
             dry_run=self.dry_run,

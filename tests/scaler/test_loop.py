@@ -7,6 +7,7 @@ fault injection (nothing here can make process spawning fail on cue), and it say
 
 from __future__ import annotations
 
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -279,3 +280,103 @@ def test_pause_and_pin_steer_the_decisions_and_the_metrics_show_them(
     assert report.decisions["io"].action == "hold"
     assert "paused by operator" in report.decisions["io"].reasons[0]
     assert scaler.backend.calls == [3]  # type: ignore[attr-defined]  # nothing more
+
+
+# -- issue 9: one failing service backs off alone; decisions on the monotonic clock -------------
+
+TWO = """
+interval_s: 0.5
+stale_after_s: 5
+services:
+  a:
+    queues: [qa]
+    min_replicas: 2
+    max_replicas: 3
+  b:
+    queues: [qb]
+    min_replicas: 2
+    max_replicas: 3
+"""
+
+
+class OneServiceFailing(LocalBackend):
+    """Fault injection: every scale of service "a" raises while ``a_fails``; others are counted
+    (not started: no processes here), so every cycle asks to restore the minimum again."""
+
+    a_fails: bool = True
+    calls: dict[str, int]
+
+    def scale(self, service: str, replicas: int) -> ScaleResult:
+        self.calls[service] = self.calls.get(service, 0) + 1
+        if service == "a" and self.a_fails:
+            raise BackendError("injected: engine refused service a")
+        return ScaleResult(service, self.replicas(service), replicas)
+
+
+class Offset:
+    """The real monotonic clock plus an offset the test moves (signals stay fresh: the offset
+    stays below stale_after_s), so a backoff can expire without waiting for it."""
+
+    def __init__(self) -> None:
+        self.offset = 0.0
+
+    def __call__(self) -> float:
+        return time.monotonic() + self.offset
+
+
+def test_one_service_failing_to_scale_backs_off_alone(tmp_path: Path, redis_url: str) -> None:
+    app = make_app(redis_url)
+    policy_file = tmp_path / "policy.yaml"
+    policy_file.write_text(TWO)
+    backend = OneServiceFailing(app=app, workdir=tmp_path / "workers")
+    backend.calls = {}
+    backend.manage([ServiceSpec("a", ("qa",)), ServiceSpec("b", ("qb",))])
+    clock = Offset()
+    scaler = Scaler(
+        PolicySource.from_file(policy_file),
+        backend,
+        Collector(queue_reader_for_app(app)),
+        retry=Retry(attempts=2, first_delay_s=0.01),
+        clock=clock,
+    )
+
+    report = scaler.cycle()
+    assert report.outcomes["a"].scale_failed and report.outcomes["b"].acted
+    assert backend.calls == {"a": 2, "b": 1}
+    # The loop keeps its pace: only service a waits (2 intervals after its first failure).
+    assert scaler.consecutive_failures == 0 and scaler.next_delay() == 0.5
+    assert scaler.backoffs["a"].failures == 1
+
+    report = scaler.cycle()  # inside a's backoff: a is not tried, b acts again
+    assert backend.calls == {"a": 2, "b": 2}
+    assert "backing off after 1 failed scale(s)" in (report.outcomes["a"].note or "")
+    assert report.outcomes["b"].acted
+
+    clock.offset += 1.1  # past 2 x 0.5 s
+    scaler.cycle()
+    assert backend.calls["a"] == 4 and scaler.backoffs["a"].failures == 2  # next wait 4 x 0.5 s
+
+    backend.a_fails = False
+    clock.offset += 2.1
+    report = scaler.cycle()
+    assert report.outcomes["a"].acted and "a" not in scaler.backoffs
+
+
+def test_decisions_run_on_the_monotonic_clock_and_the_wall_clock_only_stamps_status(
+    tmp_path: Path, redis_url: str
+) -> None:
+    """Windows, cooldowns and the idle timer are stamped on the monotonic clock, so a step of the
+    wall clock (NTP, a resumed VM) can neither empty nor freeze them."""
+    assert Scaler.__dataclass_fields__["clock"].default is time.monotonic
+    scaler = make_scaler(tmp_path, make_app(redis_url))
+    wall = [1_900_000_000.0]
+    scaler.wall_clock = lambda: wall[0]
+    with_min(scaler, 2)
+    assert scaler.cycle().outcomes["io"].acted
+    started = scaler.history.get("io").last_scale_at
+    assert started is not None and abs(started - time.monotonic()) < 5
+    wall[0] -= 3600.0  # stepped back an hour
+    scaler.cycle()
+    remembered = scaler.history.get("io").recommendations
+    assert all(abs(t - time.monotonic()) < 5 for t, _ in remembered), remembered
+    assert read_snapshot(scaler.state_file)["written_at"] == wall[0]  # type: ignore[arg-type]
