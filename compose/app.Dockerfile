@@ -37,12 +37,12 @@ ENV PATH=/opt/venv/bin:$PATH \
     PYTHONDONTWRITEBYTECODE=1 \
     WORKER_HEARTBEAT_FILE=/tmp/celery-worker.heartbeat
 # A fixed uid/gid so volume ownership is predictable across rebuilds. The beat schedule directory
-# exists in the image, owned by the app user, so a fresh named volume mounted there inherits that
-# ownership and beat (non-root) can write its state.
+# (and the scaler's recording directory) exists in the image, owned by the app user, so a fresh
+# named volume mounted there inherits that ownership and beat (the scaler), non-root, can write.
 RUN groupadd --system --gid 10001 app \
  && useradd --system --uid 10001 --gid app --home-dir /app --shell /usr/sbin/nologin app \
- && mkdir -p /app /var/lib/celery-beat \
- && chown app:app /app /var/lib/celery-beat
+ && mkdir -p /app /var/lib/celery-beat /var/lib/scaler \
+ && chown app:app /app /var/lib/celery-beat /var/lib/scaler
 COPY --from=builder /opt/venv /opt/venv
 # Plain COPY + chmod: the engine's classic builder (no BuildKit here) has no COPY --chmod.
 COPY compose/scripts/start-worker.sh compose/scripts/start-beat.sh compose/scripts/start-flower.sh \

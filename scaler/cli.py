@@ -8,6 +8,8 @@
     scaler resume SERVICE                   undo a pause
     scaler pin SERVICE N [--reason TEXT]    hold the service at exactly N replicas
     scaler unpin SERVICE                    undo a pin
+    scaler simulate --policy F --trace T    replay a trace offline against policies
+    scaler record export --file F --out T   recorded arrivals (run --record F) as a trace
 
 Logs go to stderr as one JSON object per line. The Celery app (for broker settings and the
 control API) is ``services.celery_app:app`` unless --app says otherwise; it reads its broker URL
@@ -43,6 +45,7 @@ from scaler.leader import LeaderLease, LeaseSettings
 from scaler.loop import MAX_BACKOFF_FACTOR, PolicySource, Scaler
 from scaler.metrics import ScalerMetrics
 from scaler.policy import Policy, PolicyError, load_policy
+from scaler.recorder import FlightRecorder, add_record_command, add_run_flags, settings_from_args
 from scaler.signals.collector import Collector, queue_reader_for_app
 from scaler.status import STATE_FILE_ENV, default_state_file, read_snapshot, render
 
@@ -271,8 +274,11 @@ def _http_server(settings: HttpSettings, scaler: Scaler) -> ScalerHTTPServer:
 
 def cmd_run(args: argparse.Namespace) -> int:
     """The loop until SIGTERM/SIGINT; SIGHUP reloads the policy."""
+    record = settings_from_args(args)  # a bad --record* value stops here, before anything starts
     lease_settings, http_settings = _env_settings()
     scaler, backend, app = _build(args, dry_run=args.dry_run)
+    recorder = FlightRecorder(app, record) if record is not None else None
+    scaler.recorder_status = recorder.status if recorder is not None else None
     scaler.metrics = ScalerMetrics()
     url = scaler_redis_url(app)
     if url is None:
@@ -297,10 +303,13 @@ def cmd_run(args: argparse.Namespace) -> int:
                 "leader_election": scaler.leader is not None,
                 "owner": scaler.leader.owner if scaler.leader else None,
                 "http": http.url if http else None,
+                "record": str(record.path) if record else None,
             }
         )
     )
     try:
+        if recorder is not None:
+            recorder.start()
         if http is not None:
             http.start()
         if scaler.leader is not None:
@@ -308,6 +317,8 @@ def cmd_run(args: argparse.Namespace) -> int:
             scaler.leader.start()
         scaler.run(stop, max_cycles=args.max_cycles)
     finally:
+        if recorder is not None:
+            recorder.stop()  # appends the buckets still open
         if scaler.leader is not None:
             scaler.leader.stop(release=True)  # a standby takes over at its next attempt
         if http is not None:
@@ -418,6 +429,7 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--no-leader-election", action="store_true",
                      help="act without a lease (only when exactly one scaler runs)")  # fmt: skip
     run.add_argument("--no-http", action="store_true", help="serve no HTTP endpoints")
+    add_run_flags(run)
     run.set_defaults(func=cmd_run)
 
     def control_args(p: argparse.ArgumentParser, note: bool) -> None:
@@ -444,6 +456,10 @@ def _parser() -> argparse.ArgumentParser:
     status.add_argument("--state-file", default=None)
     status.add_argument("--json", action="store_true")
     status.set_defaults(func=cmd_status)
+    add_record_command(sub)
+    from scaler.simulate.cli import add_parser as add_simulate_parser
+
+    add_simulate_parser(sub)
     return parser
 
 

@@ -161,6 +161,7 @@ class Scaler:
     consecutive_failures: int = 0
     events: deque[str] = field(default_factory=lambda: deque(maxlen=20))
     backoffs: dict[str, ServiceBackoff] = field(default_factory=dict)
+    recorder_status: Callable[[], Mapping[str, Any]] | None = None  # the flight recorder's state
     _reload: threading.Event = field(default_factory=threading.Event, init=False)
     _managed: tuple[ServiceSpec, ...] = field(default=(), init=False)
     last_snapshot: Snapshot | None = field(default=None, init=False)
@@ -392,6 +393,7 @@ class Scaler:
             role=self._role(report.leading),
             leader=self._lease_view(),
             overrides={s: o.as_json() for s, o in report.overrides.items()},
+            recorder=dict(self.recorder_status()) if self.recorder_status else None,
         )
         self.last_snapshot = snapshot
         if self.state_file is not None:

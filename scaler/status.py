@@ -61,6 +61,7 @@ class Snapshot:
     role: str = "single"  # "leader" or "standby" with a leader lease; "single" without one
     leader: Mapping[str, Any] | None = None  # this replica's lease state and the key's holder
     overrides: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+    recorder: Mapping[str, Any] | None = None  # FlightRecorder.status(); None: not recording
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready form (the same shape HTTP /status can serve)."""
@@ -158,7 +159,24 @@ def render(data: Mapping[str, Any], now: float | None = None) -> str:
         lines.append(f"consecutive failed cycles: {data['consecutive_failures']}")
     for event in (data.get("events") or [])[-5:]:
         lines.append(f"event: {event}")
+    if data.get("recorder"):
+        lines.append(_recorder_line(data["recorder"], now))
     return "\n".join(lines)
+
+
+def _recorder_line(rec: Mapping[str, Any], now: float) -> str:
+    """`recorder connected ...` or `recorder disconnected for 12s (error) ...`."""
+    state = rec.get("state", "?")
+    since = rec.get("since")
+    text = f"recorder {state}"
+    if state != "connected" and since is not None:
+        text += f" for {max(0.0, now - float(since)):.0f}s"
+    if rec.get("error") and state != "connected":
+        text += f" ({rec['error']})"
+    return (
+        f"{text}: {rec.get('events', 0)} arrivals, {rec.get('rows_written', 0)} rows to "
+        f"{rec.get('file')}"
+    )
 
 
 def _role_line(data: Mapping[str, Any]) -> str:

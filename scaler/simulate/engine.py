@@ -289,13 +289,16 @@ def simulate(
     horizon_s: float | None = None,
     decisions: Literal["all", "changes", "none"] = "all",
     max_extra_s: float = 7 * 86400.0,
+    clock_origin: float = 0.0,
 ) -> SimResult:
     """Run ``policy`` against ``trace`` on ``model`` (default: the stack's figures, overridden by
     the trace's ``model:`` section) and return what happened.
 
     ``horizon_s`` None: stop at max(trace end, last completion) + ``settle_time`` (while tasks
     remain, the run goes on up to ``max_extra_s`` past the trace's end). ``decisions`` keeps every
-    decision ("all"), only non-hold or emergency ones ("changes"), or none.
+    decision ("all"), only non-hold or emergency ones ("changes"), or none. ``clock_origin`` is
+    the decision clock's reading at t = 0 (the running scaler's monotonic clock starts anywhere):
+    decisions must not depend on it, which the time-domain property tests check.
     """
     trace.check_queues(policy)
     if model is None:
@@ -491,6 +494,7 @@ def simulate(
             while sched_i < len(host_sched) and host_sched[sched_i][0] <= now:
                 sched_val = host_sched[sched_i][1]
                 sched_i += 1
+            clock = clock_origin + now  # the decision clock: the scaler's monotonic reading
             window = now - last_cycle_t
             last_cycle_t = now
             host_load = 0.0
@@ -514,19 +518,19 @@ def simulate(
                     waiting = q.next_pub - q.next_start
                     age = now - q.publish[q.next_start] if waiting else None
                     in_flight = q.next_start - q.done
-                    signals[q.name] = QueueSignal(q.name, waiting, in_flight, age, now)
+                    signals[q.name] = QueueSignal(q.name, waiting, in_flight, age, clock)
                     w += waiting
                     f += in_flight
                     if age is not None and (age_max is None or age > age_max):
                         age_max = age
                 serving = s.n_ready + s.n_starting
                 services[s.name] = ServiceObservation(
-                    s.name, serving, signals, Resources(cpu, mem, now), s.busy
+                    s.name, serving, signals, Resources(cpu, mem, clock), s.busy
                 )
                 seen.append((s, serving, w, f, age_max))
             host_cpu = min(100.0, base_cpu + host_load) if sched_val is None else sched_val
-            obs = Observations(now, services, Resources(host_cpu, host_mem, now))
-            decided, history = decide(policy, obs, history, now)
+            obs = Observations(clock, services, Resources(host_cpu, host_mem, clock))
+            decided, history = decide(policy, obs, history, clock)
             for s, serving, w, f, age_max in seen:
                 d = decided[s.name]
                 steps.append(
@@ -575,7 +579,7 @@ def simulate(
                         push(heap, (now + s.draw_drain(), next(seq), _DRAINED, s, r, 0))
                 after = s.n_ready + s.n_starting
                 if after != before:
-                    history = history.record_action(s.name, before, after, now)
+                    history = history.record_action(s.name, before, after, clock)
                     actions.append(Action(now, s.name, before, after, d.desired))
             if horizon_s is None and settled_end is None and now >= cap:
                 break

@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from simulation_checks import check_invariants
 
 from scaler.policy import Policy, load_policy, parse_policy
 from scaler.simulate.engine import SimResult, settle_time, simulate
@@ -54,32 +55,6 @@ def burst(at: float, count: int, spread: float = 0) -> dict[str, Any]:
 
 def io_steps(r: SimResult) -> list[Any]:
     return [s for s in r.steps if s.service == "worker-io"]
-
-
-def check_invariants(r: SimResult) -> None:
-    """What must hold for every run: conservation, order, bounds, start-up, no cut task."""
-    lives = {(life.service, life.id): life for life in r.replicas}
-    for log in r.tasks.values():
-        started = len(log.start)
-        assert len(log.replica) == started <= len(log.publish)
-        for i in range(started):
-            p, s, e = log.publish[i], log.start[i], log.end[i]
-            assert s >= p
-            life = lives[(log.service, log.replica[i])]
-            assert life.ready is not None and s >= life.ready  # only ready replicas consume
-            if not math.isnan(e):
-                assert e >= s
-                if life.drain_start is not None:  # drained only once idle: the task was done
-                    assert e <= life.drain_start
-            if life.drain_start is not None:
-                assert s < life.drain_start or s == life.drain_start == p
-        starts = list(log.start)
-        assert starts == sorted(starts)  # FIFO: ids start in publish order
-        assert all(math.isnan(e) for e in log.end[started:])
-    for st_ in r.steps:
-        sp = r.policy.services[st_.service]
-        assert 0 <= st_.replicas <= sp.max_replicas
-        assert st_.starting <= st_.replicas
 
 
 def test_a_burst_scales_up_drains_and_returns_to_min() -> None:
