@@ -399,13 +399,25 @@ def stabilize(
 
     The recommendation is remembered first (it is part of its own window). A scaler that has not
     watched the service for one full down window does not scale it down: its memory is empty.
-    Returns the stabilised count and the pruned memory.
+    Returns the stabilised count and the pruned memory: entries older than both windows go, and
+    so does an older entry equal to this one (the newer stays in every window longer, so it
+    decides the same minimum and maximum), which keeps a steady service's memory short.
     """
     up_s, down_s = sp.scale_up.stabilization_s, sp.scale_down.stabilization_s
-    horizon = max(up_s, down_s)
-    recs = (*((t, r) for t, r in sh.recommendations if t >= now - horizon), (now, rec))
-    up_rec = min(r for t, r in recs if t >= now - up_s)
-    down_rec = max(r for t, r in recs if t >= now - down_s)
+    oldest = now - max(up_s, down_s)
+    up_from, down_from = now - up_s, now - down_s
+    up_rec = down_rec = rec
+    kept: list[tuple[float, int]] = []
+    for t, r in sh.recommendations:
+        if t < oldest or r == rec:
+            continue
+        kept.append((t, r))
+        if t >= up_from and r < up_rec:
+            up_rec = r
+        if t >= down_from and r > down_rec:
+            down_rec = r
+    kept.append((now, rec))
+    recs = tuple(kept)
     desired = current
     if current < up_rec:
         desired = up_rec

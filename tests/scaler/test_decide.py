@@ -214,9 +214,10 @@ def test_a_fresh_scaler_waits_a_full_down_window_before_scaling_down() -> None:
 
 def test_decide_records_recommendations_and_prunes_the_window() -> None:
     policy = make_policy(scale_down={"stabilization_s": 30}, scale_up={"stabilization_s": 5})
-    hist = seasoned(recommendations=((NOW - 100, 9), (NOW - 10, 2)))
+    hist = seasoned(recommendations=((NOW - 100, 9), (NOW - 10, 3), (NOW - 5, 2)))
     _, new = decide(policy, make_obs(2, waiting=20), hist, NOW)
-    assert new.get(SVC).recommendations == ((NOW - 10, 2), (NOW, 2))
+    # 9 is older than both windows; the older 2 is superseded by this cycle's 2.
+    assert new.get(SVC).recommendations == ((NOW - 10, 3), (NOW, 2))
     assert hist.get(SVC).recommendations[0] == (NOW - 100, 9)  # the input is not changed
 
 
