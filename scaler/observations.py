@@ -20,7 +20,13 @@ class QueueSignal:
     in_flight: int | None  # taken by a worker but not yet acked (reserved or running)
     oldest_age_s: float | None  # age of the oldest waiting message; None when unknown
     # True when the queue is known to be empty, so oldest_age_s is None for that reason.
-    read_at: float = 0.0  # wall-clock time of the reading (for staleness)
+    read_at: float = 0.0  # time.monotonic() of the reading (for staleness; never the wall clock)
+    # Left out of in_flight: unacked entries older than the longest a live worker can hold a due
+    # task (a killed worker's; Redis only). Shown by status, never counted as work.
+    abandoned: int = 0
+    # Left out of waiting: messages in the queue whose ETA is still ahead (Redis only; only the
+    # scanned oldest part of each list is corrected, see scaler.signals.redis_queues).
+    not_due: int = 0
 
     @property
     def work(self) -> int | None:
@@ -36,7 +42,7 @@ class Resources:
 
     cpu_percent: float | None
     memory_percent: float | None
-    read_at: float = 0.0
+    read_at: float = 0.0  # time.monotonic() of the reading (for staleness)
 
 
 @dataclass(frozen=True)
@@ -54,7 +60,7 @@ class ServiceObservation:
 class Observations:
     """Everything the core needs for one decision cycle."""
 
-    at: float  # wall-clock time of the cycle
+    at: float  # when the cycle read its signals, on the monotonic clock (as every read_at)
     services: Mapping[str, ServiceObservation]
     host: Resources
     errors: tuple[str, ...] = field(default=())  # what could not be read, in words

@@ -15,7 +15,12 @@ Compose has no "scale to N" API of its own that a sidecar could call, so this ba
   highest container numbers first, and drains each in a background thread: cancel its consumers,
   wait until it runs and holds nothing, stop it with the service's grace period (SIGTERM, a warm
   shutdown), remove it. Scaling to zero keeps the last container stopped as the template to wake.
-- A container that died (exited non-zero, or "dead") is reported, removed and recreated.
+- A container that died (exited non-zero, or "dead") is reported, removed and recreated; one
+  that died within ``crash_window_s`` of its start crashed, and consecutive crashes delay the
+  service's next start exponentially (``scaler.backends.restart_backoff``, shared with the local
+  backend): the dead container stays until then, and no scale-up starts one either.
+- Container CPU is read in percent of the container's CPU limit (``cpus``), inspected once per
+  container when its stats reader starts.
 - Engine and broker errors are retried with a short backoff, then raised as BackendError and shown
   in health(): the loop holds, and nothing is ever stopped on data that could not be read.
 - One container listing per loop cycle: after ``begin_cycle()`` the first listing (reconcile's, or
@@ -40,6 +45,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from datetime import datetime
 from functools import partial
 from pathlib import Path
 from typing import Any, TypeVar
@@ -57,6 +63,7 @@ from scaler.backends.base import (
     ServiceSpec,
     WorkerInfo,
 )
+from scaler.backends.restart_backoff import RestartBackoff
 from scaler.backends.stranded import restore_stranded
 from scaler.observations import Resources
 from scaler.signals.containers import ContainerStats
@@ -104,6 +111,31 @@ class ComposeContainer:
 
 
 _EXITED = re.compile(r"Exited \((-?\d+)\)")
+_DOCKER_TIME = re.compile(r"^(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d)(?:\.(\d+))?(Z|[+-]\d\d:\d\d)$")
+
+
+def docker_time(text: object) -> float | None:
+    """An engine time stamp (RFC 3339 with nanoseconds) as Unix seconds; None for Docker's
+    zero time ("0001-01-01T00:00:00Z": never) or anything unreadable."""
+    match = _DOCKER_TIME.match(str(text or ""))
+    if match is None or match.group(1).startswith("0001-"):
+        return None
+    whole, fraction, zone = match.groups()
+    stamp = datetime.fromisoformat(whole + ("+00:00" if zone == "Z" else zone)).timestamp()
+    return stamp + (float(f"0.{fraction}") if fraction else 0.0)
+
+
+def lifetime_s(inspected: dict[str, Any]) -> float | None:
+    """How long an exited container ran (State.StartedAt to State.FinishedAt); None if unknown.
+
+    A process that exits at once can be recorded as finished a hair before the engine stamps its
+    start: that reads as 0, not as unknown.
+    """
+    state = inspected.get("State") or {}
+    started, finished = docker_time(state.get("StartedAt")), docker_time(state.get("FinishedAt"))
+    if started is None or finished is None:
+        return None
+    return max(0.0, finished - started)
 
 
 def worker_node_name(inspected: dict[str, Any]) -> str:
@@ -137,6 +169,23 @@ def worker_node_name(inspected: dict[str, Any]) -> str:
     ):
         name = name.replace(token, value)
     return name if "@" in name else f"celery@{name}"
+
+
+def cpu_limit(inspected: dict[str, Any]) -> float | None:
+    """A container's CPU limit in CPUs from its inspected HostConfig; None when unlimited.
+
+    Compose's ``cpus`` (``deploy.resources.limits.cpus``) and ``docker run --cpus`` set
+    ``NanoCpus``; ``--cpu-quota``/``--cpu-period`` set ``CpuQuota``/``CpuPeriod`` (the period
+    defaults to 100 ms).
+    """
+    host = inspected.get("HostConfig") or {}
+    nano = host.get("NanoCpus") or 0
+    if nano > 0:
+        return float(nano) / 1e9
+    quota = host.get("CpuQuota") or 0
+    if quota > 0:
+        return float(quota) / float(host.get("CpuPeriod") or 100_000)
+    return None
 
 
 # The mount of /etc/hostname (4th and 5th fields of a mountinfo line). Only that one: the host's
@@ -230,6 +279,7 @@ class ComposeBackend:
         attempts: int = 3,
         backoff_s: float = 0.2,
         stats_stale_after_s: float = 5.0,
+        restart_backoff: RestartBackoff | None = None,
     ) -> None:
         if not project or not re.fullmatch(r"[a-z0-9][a-z0-9_-]*", project):
             raise ValueError(
@@ -271,6 +321,8 @@ class ComposeBackend:
         self._adopt_pending = True  # check every live worker's consumers at the next reconcile
         self._suspects: set[str] = set()  # container ids whose drain stopped after the cancel
         self._stats = ContainerStats(lambda: self._factory().api, stale_after_s=stats_stale_after_s)
+        self._limits: dict[str, float | None] = {}  # container id -> CPU limit in CPUs, or None
+        self._backoff = restart_backoff or RestartBackoff()
 
     # -- the Backend interface ---------------------------------------------------------------
 
@@ -341,12 +393,21 @@ class ComposeBackend:
         events: list[BackendEvent] = []
         for service in self._specs:
             skip = draining | self._parked
-            for dead in [c for c in listing.get(service, []) if c.died and c.id not in skip]:
-                events.append(self._replace(service, dead, listing.get(service, [])))
+            dead = [c for c in listing.get(service, []) if c.died and c.id not in skip]
+            for c in dead:
+                if not self._backoff.knows(service, c.id):
+                    self._backoff.exited(service, c.id, self._lifetime(c))
+            if not self._backoff.may_start(service):
+                continue  # a crash loop: the dead stay until the backoff runs out
+            for c in dead:
+                events.append(self._replace(service, c, listing.get(service, [])))
         if events:
             self._invalidate()  # the listing still shows the dead, not their replacements
+        events = self._backoff.events() + events
         events += self._restore_stranded(listing, draining)
-        self._stats.track(c.id for cs in listing.values() for c in cs if c.live)
+        live = [c.id for cs in listing.values() for c in cs if c.live]
+        limits = self._cpu_limits(live)
+        self._stats.track((cid for cid in live if cid in limits), limits)
         with self._lock:
             events, self._events = [*self._events, *events], []
         return events
@@ -362,6 +423,9 @@ class ComposeBackend:
             "stats_readers": len(self._stats.tracked()),
             "stats_errors": len(self._stats.errors()),
         }
+        crash_loops = self._backoff.state()
+        if crash_loops:
+            extra["crash_loop"] = crash_loops
         try:
             self._call("ping the Docker engine", lambda client: client.ping())
         except BackendError as exc:
@@ -486,6 +550,33 @@ class ComposeBackend:
             lambda client: client.api.inspect_container(container_id),
         )
 
+    def _lifetime(self, container: ComposeContainer) -> float | None:
+        """How long a dead container ran, from the engine; None when it cannot be read."""
+        try:
+            return lifetime_s(self._inspect(container.id))
+        except BackendError as exc:
+            log.warning("no lifetime for %s: %s", container.name, exc)
+            return None
+
+    def _cpu_limits(self, container_ids: list[str]) -> dict[str, float | None]:
+        """Each container's CPU limit in CPUs (None: unlimited), inspected once per container.
+
+        Only containers new to tracking are inspected (the limit cannot change without a new
+        container). One whose inspect fails is left out: it is not tracked this cycle and is
+        tried again at the next reconcile, so its CPU is never read on the wrong scale.
+        """
+        tracked = self._stats.tracked()
+        for cid in container_ids:
+            if cid in self._limits or cid in tracked:
+                continue
+            try:
+                self._limits[cid] = cpu_limit(self._inspect(cid))
+            except BackendError as exc:
+                log.warning("no CPU limit for %s yet: %s", cid[:12], exc)
+        for gone in set(self._limits) - set(container_ids):
+            del self._limits[gone]
+        return {cid: self._limits[cid] for cid in container_ids if cid in self._limits}
+
     def _guess(self, container_id: str) -> tuple[str, str]:
         """The container's hostname and the node name its command line suggests."""
         guess = self._guesses.get(container_id)
@@ -538,11 +629,14 @@ class ComposeBackend:
     ) -> tuple[str, ...]:
         started: list[str] = []
         errors: list[str] = []
+        if not self._backoff.may_start(service):
+            return ()  # a crash loop: nothing starts until its backoff runs out (see health())
         # Wake parked replicas (stopped by a warm shutdown) first: they are the service's own.
         sleeping = [c for c in containers if not c.live and (c.id in self._parked or not c.died)]
         for parked in sleeping[:count]:
             try:
                 self._call(f"start {parked.name}", partial(_start, parked.id))
+                self._backoff.started(service)
                 self._parked.discard(parked.id)
                 started.append(parked.name)
             except BackendError as exc:
@@ -613,6 +707,7 @@ class ComposeBackend:
             except BackendError:
                 log.warning("could not remove the failed clone %s", name)
             raise
+        self._backoff.started(service)
         log.info("started %s (clone of %s)", name, template.get("Name", "?").lstrip("/"))
         return name
 
@@ -798,6 +893,7 @@ class ComposeBackend:
         try:
             template = self._template(service, containers)
             self._call(f"remove {dead.name}", lambda cl: cl.api.remove_container(dead.id))
+            self._backoff.forget(service, dead.id)
             self._nodes.pop(dead.id, None)
             self._guesses.pop(dead.id, None)
             name = self._clone(service, template, dead.number)

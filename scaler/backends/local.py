@@ -10,6 +10,10 @@ active`` and ``reserved`` both empty) it gets SIGTERM, Celery's warm shutdown; o
 alive after the grace period is it sent SIGQUIT (cold: acks_late tasks go back to the queue), then
 SIGKILL. Drains run in background threads so one slow drain never stalls the loop.
 
+A worker that dies soon after its start is a crash: consecutive crashes delay the service's next
+start exponentially (``scaler.backends.restart_backoff``, shared with the Compose backend), and
+while the delay runs neither a replacement nor a scale-up starts one.
+
 A scaler that died mid-drain leaves a worker with its consumers cancelled: the first reconcile
 after ``manage()`` asks the running workers which queues they consume and gives the ones that
 consume none of their service's queues those queues back (``scaler.backends.stranded``).
@@ -41,6 +45,7 @@ from scaler.backends.base import (
     ServiceSpec,
     WorkerInfo,
 )
+from scaler.backends.restart_backoff import RestartBackoff
 from scaler.backends.stranded import restore_stranded
 from scaler.observations import Resources
 from scaler.signals.resources import ProcessStats
@@ -62,6 +67,7 @@ class LocalWorker:
     popen: subprocess.Popen[bytes] | None = None  # None when adopted from an earlier run
     state: str = "running"
     log_file: IO[bytes] | None = None
+    started_at: float | None = None  # the backend's clock at start; None when adopted
 
     def alive(self) -> bool:
         """True while the process runs (a zombie or a reaped child is dead)."""
@@ -74,6 +80,8 @@ class LocalWorker:
 
     def signal(self, sig: signal.Signals) -> None:
         """Send ``sig`` to the worker's main process only (Celery forwards to its pool)."""
+        if self.popen is not None and self.popen.poll() is not None:
+            return  # reaped: the pid may belong to another process by now
         with contextlib.suppress(ProcessLookupError):
             os.kill(self.pid, sig)
 
@@ -101,6 +109,7 @@ class LocalBackend:
     loglevel: str = "INFO"
     hostname: str = field(default_factory=socket.gethostname)
     clock: Callable[[], float] = time.monotonic
+    restart_backoff: RestartBackoff = field(default_factory=RestartBackoff)
     name: str = "local"
     _specs: dict[str, ServiceSpec] = field(default_factory=dict, init=False)
     _workers: dict[str, list[LocalWorker]] = field(default_factory=dict, init=False)
@@ -182,6 +191,8 @@ class LocalBackend:
             running = self._running(service)
             before = len(running)
             if replicas > before:
+                if not self.restart_backoff.may_start(service):
+                    return ScaleResult(service, before, before)  # crash loop: see health()
                 started = tuple(self._start(service).name for _ in range(replicas - before))
                 return ScaleResult(service, before, replicas, started=started)
             if replicas == before:
@@ -222,8 +233,12 @@ class LocalBackend:
         except OSError as exc:
             log_file.close()
             raise BackendError(f"could not start worker {name}: {exc}") from exc
-        worker = LocalWorker(service, number, name, popen.pid, pidfile, popen, log_file=log_file)
+        worker = LocalWorker(
+            service, number, name, popen.pid, pidfile, popen, log_file=log_file,
+            started_at=self.clock(),
+        )  # fmt: skip
         self._workers[service].append(worker)
+        self.restart_backoff.started(service)
         log.info("started worker %s (pid %d)", name, popen.pid)
         return worker
 
@@ -289,21 +304,30 @@ class LocalBackend:
         worker.pidfile.unlink(missing_ok=True)
 
     def reconcile(self) -> list[BackendEvent]:
-        """Replace running workers that died; return what happened since the last call."""
+        """Replace running workers that died (a crash loop waits out its backoff: the dead
+        worker stays listed as dead until then); return what happened since the last call."""
         with self._lock:
+            now = self.clock()
             for service in self._specs:
-                for worker in list(self._workers[service]):
-                    if worker.state == "running" and not worker.alive():
-                        self._forget(worker)
-                        code = worker.popen.returncode if worker.popen else None
-                        replacement = self._start(service)
-                        self._events.append(
-                            BackendEvent(
-                                service,
-                                "replaced",
-                                f"{worker.name} died (exit {code}); started {replacement.name}",
-                            )
+                dead = [w for w in self._workers[service] if w.state == "running" and not w.alive()]
+                for worker in dead:
+                    lifetime = None if worker.started_at is None else now - worker.started_at
+                    self.restart_backoff.exited(service, str(worker.pid), lifetime)
+                if not dead or not self.restart_backoff.may_start(service):
+                    continue
+                for worker in dead:
+                    self._forget(worker)
+                    self.restart_backoff.forget(service, str(worker.pid))
+                    code = worker.popen.returncode if worker.popen else None
+                    replacement = self._start(service)
+                    self._events.append(
+                        BackendEvent(
+                            service,
+                            "replaced",
+                            f"{worker.name} died (exit {code}); started {replacement.name}",
                         )
+                    )
+            self._events.extend(self.restart_backoff.events())
             pending = self._adopt_pending
         restored = self._restore_stranded() if pending else []  # a broker round trip: unlocked
         with self._lock:
@@ -344,10 +368,14 @@ class LocalBackend:
         writable = os.access(self.workdir, os.W_OK)
         with self._lock:
             draining = sum(w.state == "draining" for g in self._workers.values() for w in g)
+        extra: dict[str, object] = {"draining": draining}
+        crash_loops = self.restart_backoff.state()
+        if crash_loops:
+            extra["crash_loop"] = crash_loops
         return BackendHealth(
             ok=writable,
             detail="" if writable else f"work directory {self.workdir} is not writable",
-            extra={"draining": draining},
+            extra=extra,
         )
 
     def wait_for_drains(self, timeout_s: float) -> bool:

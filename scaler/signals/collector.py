@@ -25,9 +25,26 @@ class QueueReader(Protocol):
     def read(self, queues: Sequence[str]) -> dict[str, QueueSignal]: ...
 
 
-def queue_reader_for_app(app: Any) -> QueueReader:
-    """The reader matching the app's broker: Redis (with its key prefix and priority layout)
-    or RabbitMQ (depth by passive declare, in-flight through Celery's control API)."""
+# Past the hard time limit, how long a live worker may still hold a due task's unacked entry:
+# the pool kills the task at the limit, then the worker records the failure and acks.
+ABANDON_MARGIN_S = 60.0
+
+
+def abandon_after_s(app: Any, margin_s: float = ABANDON_MARGIN_S) -> float | None:
+    """The longest a live worker of ``app`` can hold a due task: its hard time limit
+    (``task_time_limit``) plus ``margin_s``; None when the app sets no hard limit (then no
+    unacked entry is ever taken for a dead worker's)."""
+    limit = app.conf.task_time_limit
+    if limit is None or float(limit) <= 0:
+        return None
+    return float(limit) + margin_s
+
+
+def queue_reader_for_app(app: Any, *, abandon_margin_s: float = ABANDON_MARGIN_S) -> QueueReader:
+    """The reader matching the app's broker: Redis (with its key prefix and priority layout, and
+    the bound past which an unacked entry is a dead worker's, from the app's hard time limit)
+    or RabbitMQ (depth by passive declare, in-flight through Celery's control API; the broker
+    requeues a dead consumer's messages itself)."""
     url = str(app.conf.broker_url or "")
     scheme = url.split("://", 1)[0]
     if scheme in ("redis", "rediss"):
@@ -37,6 +54,7 @@ def queue_reader_for_app(app: Any) -> QueueReader:
             key_prefix=str(options.get("global_keyprefix", "")),
             sep=str(options.get("sep", DEFAULT_SEP)),
             steps=tuple(options.get("priority_steps", DEFAULT_STEPS)),
+            abandon_after_s=abandon_after_s(app, abandon_margin_s),
         )
     if scheme in ("amqp", "amqps", "pyamqp"):
         return RabbitQueueReader(url, in_flight=CeleryInFlight(app))
@@ -52,7 +70,7 @@ class Collector:
 
     queues: QueueReader
     host: HostStats = field(default_factory=HostStats)
-    clock: Callable[[], float] = time.time
+    clock: Callable[[], float] = time.monotonic  # Observations.at and fallback read_at stamps
 
     def collect(self, services: Mapping[str, Sequence[str]], backend: Backend) -> Observations:
         """Observations for ``services`` (service name -> its queues)."""

@@ -13,6 +13,7 @@ the engine reports each sample together with the previous one, so CPU% comes fro
 Scale: CPU is in percent of the CPUs the container may use (the whole host unless it has a CPU
 limit), memory in percent of its memory limit (the host's memory unless limited), page cache
 excluded as ``docker stats`` does. A sample older than ``stale_after_s`` is missing, never zero.
+Samples are stamped (``read_at``) from ``clock``, monotonic like the loop's ``now``.
 """
 
 from __future__ import annotations
@@ -105,7 +106,7 @@ class ContainerStats:
         api_factory: ApiFactory,
         *,
         stale_after_s: float = 5.0,
-        clock: Callable[[], float] = time.time,
+        clock: Callable[[], float] = time.monotonic,
         max_backoff_s: float = 10.0,
     ) -> None:
         if stale_after_s <= 0:
@@ -120,9 +121,13 @@ class ContainerStats:
         self._lock = threading.Lock()
 
     def track(
-        self, container_ids: Iterable[str], cpu_limits: Mapping[str, float] | None = None
+        self, container_ids: Iterable[str], cpu_limits: Mapping[str, float | None] | None = None
     ) -> None:
-        """Make the set of readers match ``container_ids`` (start new ones, stop gone ones)."""
+        """Make the set of readers match ``container_ids`` (start new ones, stop gone ones).
+
+        ``cpu_limits``: CPUs each container may use (None or absent: unlimited), read when its
+        reader starts; CPU is then in percent of that limit.
+        """
         wanted = set(container_ids)
         limits = cpu_limits or {}
         with self._lock:

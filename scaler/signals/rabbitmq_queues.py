@@ -77,7 +77,7 @@ class RabbitQueueReader:
 
     url: str
     in_flight: Callable[[Sequence[str]], tuple[Mapping[str, int], set[str]]] | None = None
-    clock: Callable[[], float] = time.time
+    clock: Callable[[], float] = time.monotonic  # stamps read_at (staleness), never ages
     connect_timeout_s: float = 2.0
     _connection: Connection | None = field(default=None, init=False, repr=False)
 

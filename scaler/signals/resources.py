@@ -4,6 +4,7 @@ CPU percentages are read with ``interval=None``: psutil then reports the usage s
 call on the same object, so nothing in the cycle blocks (``interval=1`` would cost a second per
 reading). The host's very first reading samples for 0.1 s once (so a one-shot `scaler plan` sees
 the host); a new worker process's first reading has no previous call and is reported as missing.
+``read_at`` is stamped from ``clock``, monotonic like the loop's ``now``.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from scaler.observations import Resources
 class HostStats:
     """Whole-host CPU and memory, in percent."""
 
-    clock: Callable[[], float] = time.time
+    clock: Callable[[], float] = time.monotonic
     first_sample_s: float = 0.1
     _primed: bool = field(default=False, init=False)
 
@@ -42,7 +43,7 @@ class ProcessStats:
     it is on the same scale as the host figure and the container figures of other backends.
     """
 
-    clock: Callable[[], float] = time.time
+    clock: Callable[[], float] = time.monotonic
     _procs: dict[int, psutil.Process] = field(default_factory=dict, init=False)
 
     def _process(self, pid: int) -> psutil.Process:

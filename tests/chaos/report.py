@@ -28,6 +28,17 @@ processes (prefork), brokers are real Redis and RabbitMQ; see tests/chaos/ for e
 Settings under test: late acks, `task_reject_on_worker_lost`, prefetch 1, JSON only. Redis
 scenarios that kill a worker use a visibility timeout of 8 s (task time limit 7 s) so that
 redelivery happens within the test; the stack's default is 900 s.
+
+What the scaler sees meanwhile (Redis): a worker killed outright leaves its message in kombu's
+`unacked` hash until the visibility timeout. Counted as in flight for all that time, such a
+phantom would hold replicas up and block scale to zero. The scaler's reader stops counting an
+unacked entry once it is older (from its delivery time in `unacked_index`, or from its ETA when
+later) than the longest a live worker can hold a due task: the app's `task_time_limit` plus a
+60 s margin (180 s with the stack's 120 s limit) and reports it as `abandoned` (a field of
+the queue signal, for status); it
+stay in Redis until kombu restores them and they count as waiting again. An app without a hard
+time limit has no such bound, and every unacked entry counts. Tested in
+`tests/scaler/test_signals_redis.py` with a real worker SIGKILLed mid-task.
 """
 
 COLUMNS = (

@@ -18,6 +18,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -37,6 +38,7 @@ from scaler.backends.compose import (
     default_client_factory,
     worker_node_name,
 )
+from scaler.backends.restart_backoff import RestartBackoff
 from scaler.loop import PolicySource, Scaler
 from scaler.policy import parse_policy
 from scaler.signals.collector import Collector
@@ -314,6 +316,47 @@ def test_killed_container_is_reported_and_replaced(stack: Stack, backend: Compos
     _await_worker(stack, _node(fresh["Id"]))
 
 
+def test_a_container_crashing_on_start_is_replaced_with_backoff(stack: Stack) -> None:
+    """The same rule as the local backend's (scaler.backends.restart_backoff), on the engine."""
+    delays = (2.0, 4.0)  # base and cap, short to keep the test short
+    b = ComposeBackend(
+        stack.project, stack.app, stats_stale_after_s=3,
+        restart_backoff=RestartBackoff(
+            crash_window_s=30.0, base_delay_s=delays[0], max_delay_s=delays[1]
+        ),
+    )  # fmt: skip
+    b.manage([SPEC, ServiceSpec("crasher", ("crash",))])
+    try:
+        stack.compose("up", "-d", "crasher")  # exits 3 at once
+        seen: list[tuple[float, Any]] = []
+        start = time.monotonic()
+        held_checked = False
+        while time.monotonic() - start < 12.0:
+            seen += [(time.monotonic(), e) for e in b.reconcile() if e.service == "crasher"]
+            if not held_checked and any(e.kind == "crash-loop" for _, e in seen):
+                held = b.scale("crasher", 1)  # a scale-up waits out the backoff too
+                assert (held.after, held.started) == (0, ())
+                assert b.health().extra["crash_loop"]["crasher"]["crashes"] == 2
+                assert [w.state for w in b.workers("crasher")] == ["dead"]  # kept until then
+                held_checked = True
+            time.sleep(0.5)  # the loop's reconcile interval, not a synchronisation
+        replaced = [t for t, e in seen if e.kind == "replaced"]
+        loops = [(t, e) for t, e in seen if e.kind == "crash-loop"]
+        # Without backoff the crasher is recreated at every reconcile (about 12 here).
+        assert 2 <= len(replaced) <= 4, [e for _, e in seen]
+        assert held_checked
+        announced = [float(e.detail.rsplit("next start in ", 1)[1].split()[0]) for _, e in loops]
+        assert announced[:2] == list(delays), announced
+        assert "crasher" in loops[0][1].service and "2 crashes" in loops[0][1].detail
+        for at, delay in zip((t for t, _ in loops), announced, strict=True):
+            after = [t for t in replaced if t > at]
+            if after:
+                assert after[0] - at >= delay - 0.5, (delay, after[0] - at)
+    finally:
+        b.close()
+        stack.compose("rm", "-f", "-s", "-v", "crasher", check=False)
+
+
 # -- the engine unreachable for a while -----------------------------------------------------------
 
 
@@ -448,7 +491,7 @@ def test_engine_unreachable_holds_reports_and_recovers(
 
 
 class CountingClients:
-    """Real engine clients whose container-list calls are counted.
+    """Real engine clients whose container-list and container-inspect calls are counted.
 
     Instrumentation, not a mock: every call still goes to the real engine and returns its answer.
     """
@@ -456,16 +499,22 @@ class CountingClients:
     def __init__(self, docker_host: str | None = None) -> None:
         self._make = default_client_factory(docker_host, timeout_s=5)
         self.lists = 0
+        self.inspects = 0
 
     def __call__(self) -> docker.DockerClient:
         client = self._make()
-        real = client.api.containers
+        real_list, real_inspect = client.api.containers, client.api.inspect_container
 
-        def counted(*args: Any, **kwargs: Any) -> Any:
+        def counted_list(*args: Any, **kwargs: Any) -> Any:
             self.lists += 1
-            return real(*args, **kwargs)
+            return real_list(*args, **kwargs)
 
-        client.api.containers = counted  # type: ignore[method-assign]
+        def counted_inspect(*args: Any, **kwargs: Any) -> Any:
+            self.inspects += 1
+            return real_inspect(*args, **kwargs)
+
+        client.api.containers = counted_list  # type: ignore[method-assign]
+        client.api.inspect_container = counted_inspect  # type: ignore[method-assign]
         return client
 
 
@@ -599,6 +648,41 @@ def test_resources_come_from_streamed_samples(stack: Stack, backend: ComposeBack
     sample = backend.resources("worker")
     assert sample.cpu_percent is not None and 0 <= sample.cpu_percent <= 100
     assert sample.memory_percent is not None and 0 < sample.memory_percent < 100
+
+
+def test_worker_cpu_reads_in_percent_of_the_containers_cpu_limit(stack: Stack) -> None:
+    """A container capped at 0.5 CPU burning a core is saturated: near 100 %, not a quarter of
+    this 2-core host; an uncapped one reads as its share of the host."""
+    counter = CountingClients()
+    b = ComposeBackend(stack.project, stack.app, client_factory=counter, stats_stale_after_s=3)
+    b.manage([ServiceSpec("burner-capped", ("cpu-capped",)), ServiceSpec("burner", ("cpu",))])
+    try:
+        stack.compose("up", "-d", "burner-capped", "burner")
+        b.reconcile()  # starts a stats reader per container, with its CPU limit
+        host_share = 100.0 / (os.cpu_count() or 1)  # one busy core, of all the host's
+
+        # Read as a share of the host, the capped burner could never pass 0.5 / CPUs (25 % here):
+        # 70 % leaves room for a busy machine starving it below its quota for a while.
+        def capped() -> float | None:
+            cpu = b.resources("burner-capped").cpu_percent
+            return cpu if cpu is not None and cpu >= 70.0 else None
+
+        # One busy thread, uncapped: at most one core's share of the host, never rescaled.
+        def uncapped() -> float | None:
+            cpu = b.resources("burner").cpu_percent
+            return cpu if cpu is not None and 0.3 * host_share <= cpu else None
+
+        assert poll_until(capped, "the capped burner near 100 % of its limit", 60) <= 110.0
+        seen = poll_until(uncapped, f"the uncapped burner near {host_share:.0f} % of the host", 60)
+        assert seen <= 1.15 * host_share
+        # The limit is read once per container, when its reader starts, not every cycle.
+        inspects = counter.inspects
+        for _ in range(3):
+            b.reconcile()
+        assert counter.inspects == inspects
+    finally:
+        b.close()
+        stack.compose("rm", "-f", "-s", "-v", "burner-capped", "burner", check=False)
 
 
 def test_a_stopped_containers_stats_message_reads_as_missing() -> None:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import signal
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -15,8 +16,9 @@ from typing import Any
 import pytest
 from scaler_support import effects, migrate, ping_names, poll_until, service_app, worker_env
 
-from scaler.backends.base import Backend, ServiceSpec
+from scaler.backends.base import Backend, BackendEvent, ServiceSpec
 from scaler.backends.local import LocalBackend
+from scaler.backends.restart_backoff import RestartBackoff
 
 pytestmark = pytest.mark.slow
 
@@ -149,3 +151,75 @@ def test_an_adopted_worker_without_consumers_gets_its_queues_back(
     task = app.send_task("tasks.io_intensive.wait", kwargs={"duration": 0.1})
     task.get(timeout=30)
     assert effects(database_url, [task.id]) == {task.id: 1}
+
+
+# -- a worker that crashes on start: restarts back off --------------------------------------------
+
+CRASH_DELAYS = (2.0, 4.0)  # base and cap of the test's backoff, short to keep the test short
+
+
+def crash_loop_delays(events: list[tuple[float, BackendEvent]]) -> list[float]:
+    """The delays the crash-loop events announced, in order."""
+    return [
+        float(e.detail.rsplit("next start in ", 1)[1].split()[0])
+        for _, e in events
+        if e.kind == "crash-loop"
+    ]
+
+
+def test_a_worker_crashing_on_start_is_restarted_with_backoff_and_reset_once_healthy(
+    app: Any, env: dict[str, str], tmp_path: Path
+) -> None:
+    backoff = RestartBackoff(
+        crash_window_s=8.0, base_delay_s=CRASH_DELAYS[0], max_delay_s=CRASH_DELAYS[1]
+    )
+    # A worker that exits at once: celery cannot import its app module (exit code 2).
+    crashing = LocalBackend(
+        app=app, workdir=tmp_path / "workers", env=env, grace_s=10.0,
+        app_module="cst_no_such_module", restart_backoff=backoff,
+    )  # fmt: skip
+    crashing.manage([ServiceSpec(SERVICE, ("io_intensive",))])
+    try:
+        assert crashing.scale(SERVICE, 1).after == 1
+        seen: list[tuple[float, BackendEvent]] = []
+        window_s = 14.0
+        start = time.monotonic()
+        held_checked = False
+        while time.monotonic() - start < window_s:
+            seen += [(time.monotonic(), e) for e in crashing.reconcile()]
+            if not held_checked and crash_loop_delays(seen):
+                # While the backoff runs, a scale-up starts nothing either.
+                held = crashing.scale(SERVICE, 1)
+                assert (held.before, held.after, held.started) == (0, 0, ())
+                assert crashing.health().extra["crash_loop"][SERVICE]["crashes"] == 2
+                held_checked = True
+            time.sleep(0.2)  # the loop's reconcile interval, not a synchronisation
+        replaced = [t for t, e in seen if e.kind == "replaced"]
+        # Without backoff a worker living ~1 s is replaced about every second (10+ in 14 s):
+        # here once at once, then after 2 s, then after 4 s (the cap).
+        assert 2 <= len(replaced) <= 4, [e for _, e in seen]
+        assert held_checked
+        delays = crash_loop_delays(seen)
+        assert delays[:2] == list(CRASH_DELAYS), delays
+        assert all(d <= CRASH_DELAYS[1] for d in delays)
+        # Each replacement after a crash-loop event waited out that event's delay.
+        for at, event in seen:
+            if event.kind == "crash-loop":
+                delay = crash_loop_delays([(at, event)])[0]
+                after = [t for t in replaced if t > at]
+                if after:
+                    assert after[0] - at >= delay - 0.5, (delay, after[0] - at)
+
+        # Fixed: the next replacement runs a healthy worker; once it outlives the crash window
+        # the backoff resets (status shows no crash loop any more).
+        crashing.app_module = "services.celery_app"
+
+        def recovered() -> bool:
+            crashing.reconcile()
+            return crashing.replicas(SERVICE) == 1 and "crash_loop" not in crashing.health().extra
+
+        poll_until(recovered, "a healthy replacement outliving the crash window", 40, 0.2)
+        (worker,) = crashing.workers(SERVICE)
+        poll_until(lambda: worker.name in ping_names(app), "the healthy worker answering ping")
+    finally:
+        crashing.stop_all(timeout_s=10.0)

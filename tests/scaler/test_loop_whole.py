@@ -2,14 +2,17 @@
 
 A burst on one queue scales its group up within a few cycles while the other group stays put,
 the backlog drains, the group returns to its minimum after the down window, and every task of the
-burst left exactly one effect in PostgreSQL, none lost.
+burst left exactly one effect in PostgreSQL, none lost. A task with a future ETA leaves a
+scale-to-zero service at zero until it is due, then wakes it once.
 """
 
 from __future__ import annotations
 
 import threading
+import time
 import uuid
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +20,7 @@ import pytest
 import redis
 from scaler_support import effects, migrate, poll_until, service_app, worker_env
 
+from scaler.backends.base import ScaleResult
 from scaler.backends.local import LocalBackend
 from scaler.loop import PolicySource, Scaler
 from scaler.policy import parse_policy
@@ -123,3 +127,77 @@ def test_a_burst_scales_one_group_up_drains_and_returns_to_min(
     prefix = env["CELERY_KEY_PREFIX"]
     assert sum(client.llen(k) for k in client.scan_iter(f"{prefix}io_intensive*")) == 0
     assert client.hlen(f"{prefix}unacked") == 0
+
+
+# -- a task with a future ETA on a service at zero ------------------------------------------------
+
+ETA_S = 20.0
+ETA_POLICY = {
+    "interval_s": 0.5,
+    "stale_after_s": 5,
+    "host": {"cpu_percent": 100, "memory_percent": 100},
+    "services": {
+        "sched": {
+            "queues": ["io_intensive"],
+            "min_replicas": 0,
+            "max_replicas": 1,
+            "target": {"tasks_per_replica": 5},
+            "scale_up": {"stabilization_s": 0, "cooldown_s": 1},
+            "scale_down": {"stabilization_s": 2, "cooldown_s": 1},
+            "scale_to_zero": {"idle_s": 2},
+        }
+    },
+}
+
+
+@dataclass
+class CountingLocalBackend(LocalBackend):
+    """The real local backend, with every scale call that changed the count recorded."""
+
+    actions: list[tuple[float, int, int]] = field(default_factory=list)
+
+    def scale(self, service: str, replicas: int) -> ScaleResult:
+        result = super().scale(service, replicas)
+        if result.after != result.before:
+            self.actions.append((time.monotonic(), result.before, result.after))
+        return result
+
+
+def test_a_future_eta_task_leaves_a_service_at_zero_until_due_then_runs_once(
+    app: Any, env: dict[str, str], database_url: str, tmp_path: Path
+) -> None:
+    backend = CountingLocalBackend(app=app, workdir=tmp_path / "workers", env=env, grace_s=20.0)
+    scaler = Scaler(
+        PolicySource(parse_policy(ETA_POLICY, env={})),
+        backend,
+        Collector(queue_reader_for_app(app)),
+        state_file=tmp_path / "state.json",
+    )
+    stop = threading.Event()
+    thread = threading.Thread(target=scaler.run, args=(stop,), daemon=True)
+    thread.start()
+    try:
+        poll_until(lambda: scaler.cycles >= 2, "the scaler to cycle at zero")
+        published = time.monotonic()
+        task = app.send_task("tasks.io_intensive.wait", kwargs={"duration": 0.5}, countdown=ETA_S)
+        done = poll_until(
+            lambda: effects(database_url, [task.id]), "the ETA task to run", ETA_S + 60
+        )
+        assert done == {task.id: 1}
+        # Back to zero once idle, and nothing more: one wake, one park.
+        poll_until(
+            lambda: backend.replicas("sched") == 0 and backend.wait_for_drains(0.1),
+            "the service back at zero",
+            60,
+        )
+        parked_at = scaler.cycles
+        poll_until(lambda: scaler.cycles >= parked_at + 4, "a few cycles at zero")
+        assert [(b, a) for _, b, a in backend.actions] == [(0, 1), (1, 0)], backend.actions
+        # Held at zero while the task was not due: a waiting message would have woken it at once.
+        up_at = backend.actions[0][0]
+        assert up_at >= published + ETA_S - 1.0, up_at - published
+        assert effects(database_url, [task.id]) == {task.id: 1}
+    finally:
+        stop.set()
+        thread.join(30)
+        backend.stop_all(timeout_s=15.0)
