@@ -21,6 +21,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from scaler.problems import Problems, WordedProblems, validation_lines
+
 __all__ = [
     "ENV_DEFAULTS",
     "EmergencyRule",
@@ -38,12 +40,8 @@ __all__ = [
 ]
 
 
-class PolicyError(ValueError):
+class PolicyError(Problems):
     """A policy that cannot be used. ``problems`` holds one line per mistake."""
-
-    def __init__(self, problems: list[str] | tuple[str, ...]) -> None:
-        self.problems: tuple[str, ...] = tuple(problems)
-        super().__init__("\n".join(self.problems))
 
 
 class _Model(BaseModel):
@@ -189,7 +187,7 @@ class ServicePolicy(_Model):
                     f"[min_replicas, max_replicas] = [{self.min_replicas}, {self.max_replicas}]"
                 )
         if problems:
-            raise _Problems(problems)
+            raise WordedProblems(problems)
         return self
 
 
@@ -223,16 +221,8 @@ class Policy(_Model):
                 f"({self.interval_s}), or every signal would count as stale"
             )
         if problems:
-            raise _Problems(problems)
+            raise WordedProblems(problems)
         return self
-
-
-class _Problems(ValueError):
-    """Raised inside validators to report several fully worded lines at once."""
-
-    def __init__(self, lines: list[str]) -> None:
-        self.lines = lines
-        super().__init__("\n".join(lines))
 
 
 # --- environment defaults (the seed's variables) ---
@@ -336,47 +326,6 @@ def _merge(base: Mapping[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _expectation(err: Mapping[str, Any]) -> str:
-    """Pydantic's message, reworded as what was expected."""
-    kind = str(err.get("type", ""))
-    ctx = err.get("ctx") or {}
-    if kind == "greater_than_equal":
-        return f"must be >= {ctx.get('ge')}"
-    if kind == "greater_than":
-        return f"must be > {ctx.get('gt')}"
-    if kind == "less_than_equal":
-        return f"must be <= {ctx.get('le')}"
-    if kind == "less_than":
-        return f"must be < {ctx.get('lt')}"
-    if kind == "too_short":
-        return "must not be empty"
-    if kind == "missing":
-        return "required field is missing"
-    msg = str(err.get("msg", "invalid"))
-    return msg.removeprefix("Value error, ")
-
-
-def _format_errors(exc: ValidationError, prefix: str) -> list[str]:
-    lines: list[str] = []
-    for err in exc.errors():
-        parts = [*(prefix.split(".") if prefix else []), *(str(p) for p in err["loc"])]
-        loc = ".".join(p for p in parts if p)
-        kind = err.get("type")
-        ctx = err.get("ctx") or {}
-        inner = ctx.get("error")
-        if isinstance(inner, _Problems):
-            # Our own validators word their lines fully; only the location is added.
-            lines.extend(f"{loc}.{line}" if loc else line for line in inner.lines)
-            continue
-        if kind == "extra_forbidden":
-            lines.append(f"{loc}: unknown field")
-        elif kind == "missing":
-            lines.append(f"{loc}: required field is missing")
-        else:
-            lines.append(f"{loc}: {err.get('input')!r} is invalid: {_expectation(err)}")
-    return lines
-
-
 def parse_policy(data: object, env: Mapping[str, str] | None = None) -> Policy:
     """Validate a policy given as plain data (what ``yaml.safe_load`` returns).
 
@@ -432,7 +381,7 @@ def parse_policy(data: object, env: Mapping[str, str] | None = None) -> Policy:
     try:
         policy = Policy.model_validate(top)
     except ValidationError as exc:
-        problems.extend(_format_errors(exc, ""))
+        problems.extend(validation_lines(exc))
     if problems:
         raise PolicyError(problems)
     return policy

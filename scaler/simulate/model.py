@@ -59,6 +59,7 @@ import yaml
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
 
 from scaler.policy import Policy
+from scaler.problems import Problems, validation_lines
 from scaler.simulate.distributions import (
     Exponential,
     Fixed,
@@ -78,7 +79,6 @@ __all__ = [
     "QueueModel",
     "ServiceModel",
     "build_model",
-    "format_errors",
     "load_model_spec",
     "parse_model_spec",
 ]
@@ -86,12 +86,8 @@ __all__ = [
 Dist = Annotated[Fixed | Uniform | LogNormal | Exponential, BeforeValidator(parse_distribution)]
 
 
-class ModelError(ValueError):
+class ModelError(Problems):
     """A model that cannot be used. ``problems`` holds one line per mistake."""
-
-    def __init__(self, problems: list[str] | tuple[str, ...]) -> None:
-        self.problems: tuple[str, ...] = tuple(problems)
-        super().__init__("\n".join(self.problems))
 
 
 class _Strict(BaseModel):
@@ -214,42 +210,6 @@ GENERIC_QUEUE: dict[str, Any] = {"duration_s": {"fixed": 1.0}, "cpu_percent_per_
 DEFAULT_HOST: dict[str, Any] = {"cpu_cores": 2.0, "base_cpu_percent": 22.0, "memory_percent": 8.0}
 
 
-def format_errors(exc: ValidationError, prefix: str = "") -> list[str]:
-    """Pydantic's errors as 'path: value is invalid: expectation' lines, like scaler validate."""
-    lines: list[str] = []
-    for err in exc.errors():
-        loc = ".".join(p for p in [prefix, *(str(x) for x in err["loc"])] if p)
-        kind = err.get("type")
-        if kind == "extra_forbidden":
-            lines.append(f"{loc}: unknown field")
-        elif kind == "missing":
-            lines.append(f"{loc}: required field is missing")
-        else:
-            lines.append(f"{loc}: {err.get('input')!r} is invalid: {_expectation(err)}")
-    return lines
-
-
-def _expectation(err: Mapping[str, Any]) -> str:
-    """Pydantic's message, reworded as what was expected."""
-    ctx = err.get("ctx") or {}
-    words = {
-        "greater_than_equal": f"must be >= {ctx.get('ge')}",
-        "greater_than": f"must be > {ctx.get('gt')}",
-        "less_than_equal": f"must be <= {ctx.get('le')}",
-        "less_than": f"must be < {ctx.get('lt')}",
-        "too_short": "must not be empty",
-        "int_parsing": "expected an integer",
-        "int_from_float": "expected an integer",
-        "float_parsing": "expected a number",
-        "float_type": "expected a number",
-        "int_type": "expected an integer",
-    }
-    kind = str(err.get("type", ""))
-    if kind in words:
-        return words[kind]
-    return str(err.get("msg", "invalid")).removeprefix("Value error, ")
-
-
 def parse_model_spec(data: object, where: str) -> ModelSpec:
     """Validate one layer given as plain data; ``where`` (file and section) prefixes errors."""
     if data is None:
@@ -261,7 +221,7 @@ def parse_model_spec(data: object, where: str) -> ModelSpec:
     try:
         return ModelSpec.model_validate(data)
     except ValidationError as exc:
-        raise ModelError([f"{where}: {line}" for line in format_errors(exc)]) from None
+        raise ModelError([f"{where}: {line}" for line in validation_lines(exc)]) from None
 
 
 def load_model_spec(path: str | Path) -> ModelSpec:
@@ -308,4 +268,4 @@ def build_model(policy: Policy, *layers: ModelSpec | None) -> Model:
     try:
         return Model.model_validate({"services": services, "queues": queues, "host": host})
     except ValidationError as exc:
-        raise ModelError(format_errors(exc, "model")) from None
+        raise ModelError(validation_lines(exc, "model")) from None

@@ -36,7 +36,8 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from scaler.policy import Policy
-from scaler.simulate.model import ModelError, ModelSpec, format_errors, parse_model_spec
+from scaler.problems import Problems, validation_lines
+from scaler.simulate.model import ModelError, ModelSpec, parse_model_spec
 
 __all__ = [
     "Burst",
@@ -53,12 +54,8 @@ __all__ = [
 HEADER = ("t", "queue", "count")
 
 
-class TraceError(ValueError):
+class TraceError(Problems):
     """A trace that cannot be used. ``problems`` holds one line per mistake."""
-
-    def __init__(self, problems: list[str] | tuple[str, ...]) -> None:
-        self.problems: tuple[str, ...] = tuple(problems)
-        super().__init__("\n".join(self.problems))
 
 
 class _Gen(BaseModel):
@@ -344,7 +341,7 @@ def parse_trace_data(data: object, source: str) -> Trace:
     try:
         parsed = _TraceFile.model_validate(data)
     except ValidationError as exc:
-        raise TraceError([f"{source}: {line}" for line in format_errors(exc)]) from None
+        raise TraceError([f"{source}: {line}" for line in validation_lines(exc)]) from None
     model: ModelSpec | None = None
     if parsed.model is not None:
         try:
