@@ -12,6 +12,7 @@ import threading
 import time
 import uuid
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -60,11 +61,13 @@ def app(env: dict[str, str]) -> Iterator[Any]:
     app.close()
 
 
-@pytest.fixture
-def running(app: Any, env: dict[str, str], tmp_path: Path) -> Iterator[tuple[Scaler, LocalBackend]]:
-    backend = LocalBackend(app=app, workdir=tmp_path / "workers", env=env, grace_s=20.0)
+@contextmanager
+def scaler_running(
+    policy: dict[str, Any], backend: LocalBackend, app: Any, tmp_path: Path
+) -> Iterator[Scaler]:
+    """The real loop in a thread over ``backend``; stopped, and its workers with it, after."""
     scaler = Scaler(
-        PolicySource(parse_policy(POLICY, env={})),
+        PolicySource(parse_policy(policy, env={})),
         backend,
         Collector(queue_reader_for_app(app)),
         state_file=tmp_path / "state.json",
@@ -73,11 +76,18 @@ def running(app: Any, env: dict[str, str], tmp_path: Path) -> Iterator[tuple[Sca
     thread = threading.Thread(target=scaler.run, args=(stop,), daemon=True)
     thread.start()
     try:
-        yield scaler, backend
+        yield scaler
     finally:
         stop.set()
         thread.join(30)
         backend.stop_all(timeout_s=15.0)
+
+
+@pytest.fixture
+def running(app: Any, env: dict[str, str], tmp_path: Path) -> Iterator[tuple[Scaler, LocalBackend]]:
+    backend = LocalBackend(app=app, workdir=tmp_path / "workers", env=env, grace_s=20.0)
+    with scaler_running(POLICY, backend, app, tmp_path) as scaler:
+        yield scaler, backend
 
 
 def test_a_burst_scales_one_group_up_drains_and_returns_to_min(
@@ -167,16 +177,7 @@ def test_a_future_eta_task_leaves_a_service_at_zero_until_due_then_runs_once(
     app: Any, env: dict[str, str], database_url: str, tmp_path: Path
 ) -> None:
     backend = CountingLocalBackend(app=app, workdir=tmp_path / "workers", env=env, grace_s=20.0)
-    scaler = Scaler(
-        PolicySource(parse_policy(ETA_POLICY, env={})),
-        backend,
-        Collector(queue_reader_for_app(app)),
-        state_file=tmp_path / "state.json",
-    )
-    stop = threading.Event()
-    thread = threading.Thread(target=scaler.run, args=(stop,), daemon=True)
-    thread.start()
-    try:
+    with scaler_running(ETA_POLICY, backend, app, tmp_path) as scaler:
         poll_until(lambda: scaler.cycles >= 2, "the scaler to cycle at zero")
         published = time.monotonic()
         task = app.send_task("tasks.io_intensive.wait", kwargs={"duration": 0.5}, countdown=ETA_S)
@@ -197,7 +198,3 @@ def test_a_future_eta_task_leaves_a_service_at_zero_until_due_then_runs_once(
         up_at = backend.actions[0][0]
         assert up_at >= published + ETA_S - 1.0, up_at - published
         assert effects(database_url, [task.id]) == {task.id: 1}
-    finally:
-        stop.set()
-        thread.join(30)
-        backend.stop_all(timeout_s=15.0)
