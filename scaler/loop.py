@@ -374,6 +374,8 @@ class Scaler:
                 error=outcome.error,
                 note=outcome.note,
                 override=_override_label(override),
+                not_due=sum(s.not_due for s in signals),
+                abandoned=sum(s.abandoned for s in signals),
             )
         host = report.observations.host
         snapshot = Snapshot(

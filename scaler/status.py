@@ -39,6 +39,8 @@ class ServiceStatus:
     error: str | None = None
     note: str | None = None  # why a wanted change was not made, e.g. "standby: not the leader"
     override: str | None = None  # "paused" or "pinned N" while an operator override holds
+    not_due: int = 0  # messages with an ETA still ahead: in the queue, not waiting yet
+    abandoned: int = 0  # a dead worker's unacked messages, no longer counted in flight
 
 
 @dataclass(frozen=True)
@@ -114,6 +116,10 @@ def _table(rows: Sequence[Sequence[str]]) -> list[str]:
     return ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows]
 
 
+# Messages the counts leave out, said beside the reasons so nobody wonders where they went.
+_ASIDES = (("not_due", "not due yet"), ("abandoned", "held by a dead worker"))
+
+
 def render(data: Mapping[str, Any], now: float | None = None) -> str:
     """The snapshot as the operator's table: one row per service, then the problems."""
     now = time.time() if now is None else now
@@ -133,6 +139,9 @@ def render(data: Mapping[str, Any], now: float | None = None) -> str:
             why = f"({svc['note']}) {why}"
         if svc.get("error"):
             why = f"ERROR {svc['error']}; {why}"
+        aside = [f"{svc[k]} {words}" for k, words in _ASIDES if svc.get(k)]
+        if aside:
+            why = f"[{', '.join(aside)}] {why}"
         rows.append(
             [
                 name,

@@ -380,3 +380,15 @@ def test_decisions_run_on_the_monotonic_clock_and_the_wall_clock_only_stamps_sta
     remembered = scaler.history.get("io").recommendations
     assert all(abs(t - time.monotonic()) < 5 for t, _ in remembered), remembered
     assert read_snapshot(scaler.state_file)["written_at"] == wall[0]  # type: ignore[arg-type]
+
+
+def test_status_says_what_the_counts_leave_out(tmp_path: Path, redis_url: str) -> None:
+    """A message whose ETA is ahead is in the queue but not waiting: status says so."""
+    app = make_app(redis_url)
+    scaler = make_scaler(tmp_path, app)
+    app.send_task("tasks.io_intensive.wait", queue="io_intensive", countdown=600)
+    report = scaler.cycle()
+    assert report.observations.services["io"].queues["io_intensive"].waiting == 0
+    status = read_snapshot(scaler.state_file)  # type: ignore[arg-type]
+    assert status["services"]["io"]["not_due"] == 1
+    assert "[1 not due yet]" in render(status)
