@@ -26,14 +26,8 @@ from scaler_runs import start_scaler_run
 from scaler_support import free_port, own_redis_server, poll_until, service_app, worker_env
 
 from scaler.cli import main
-from scaler.recorder import (
-    COLUMNS,
-    FlightRecorder,
-    RecorderError,
-    RecorderSettings,
-    TraceFile,
-    export_trace,
-)
+from scaler.recorder import FlightRecorder, RecorderError, RecorderSettings, TraceFile, export_trace
+from scaler.recorder.settings import COLUMNS
 from scaler.status import render
 
 # No worker runs in these tests, so nothing ever connects to the database.
