@@ -55,7 +55,10 @@ $(ENV_FILE):
 
 # Built on the host (its pip reaches the index; containers cannot), for the image's interpreter:
 # async-timeout is listed explicitly because its marker (Python < 3.11.3) is false on the host but
-# true for Debian's 3.11.2; setuptools and wheel let pip build the project itself offline.
+# true for Debian's 3.11.2; setuptools and wheel let pip build the project itself offline. The
+# scaler's fastapi and uvicorn (and their starlette, anyio, h11, click, idna, annotated-doc,
+# typing-inspection, opentelemetry-api) are pure-Python wheels with no marker that is false on the
+# host but true on 3.11.2 (checked: only python_version < '3.11' markers, false on both).
 $(WHEEL_STAMP): pyproject.toml
 	rm -rf $(WHEELHOUSE)
 	$(PYTHON) -m pip wheel -q --disable-pip-version-check -w $(WHEELHOUSE) \
@@ -75,6 +78,7 @@ up: $(ENV_FILE) ## Start the stack (creates .env with fresh secrets; MONITOR=1 F
 	$(COMPOSE) $(PROFILES) up -d --wait --remove-orphans
 	@echo
 	@echo "The stack is up. Where to look:"
+	@echo "  http://127.0.0.1:$${SCALER_HTTP_PORT_HOST:-9808}/               the scaler's live dashboard (pause/pin need SCALER_TOKEN from $(ENV_FILE))"
 	@echo "  make ps                              status and health of every container"
 	@echo "  make logs SERVICE=worker-io          follow one service's logs (all without SERVICE)"
 	@echo "  make scaler-status                   the scaler's table: replicas, queues, decisions"
@@ -111,6 +115,11 @@ load: ## Send a burst of tasks: QUEUE="io_intensive cpu_intensive" (or all) COUN
 
 # Benchmarks (bench/): measured on this machine, written to docs/benchmarks.md with plots under
 # docs/img/. matplotlib is installed into the venv on first use (optional group "bench").
+# The README's screenshot: the dashboard's browser test, saving its mid-burst screenshot.
+.PHONY: dashboard-screenshot
+dashboard-screenshot: $(STAMP) ## Rewrite docs/img/dashboard.png (needs chromium and the test servers)
+	DASHBOARD_SCREENSHOT=docs/img/dashboard.png $(VENV)/bin/pytest -q tests/scaler/test_dashboard_browser.py
+
 .PHONY: bench
 BENCH ?=
 bench: $(STAMP) ## Run the benchmarks and write docs/benchmarks.md (BENCH="throughput" for one)

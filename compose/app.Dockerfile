@@ -29,7 +29,7 @@ COPY pyproject.toml README.md* /src/
 COPY services /src/services
 COPY scaler /src/scaler
 RUN pip-install.sh --no-deps --force-reinstall /src \
- && python -c "import celery, kombu, redis, psycopg2, flower, services, scaler"
+ && python -c "import celery, kombu, redis, psycopg2, flower, services, scaler, scaler.api"
 
 FROM ${PYTHON_IMAGE} AS runtime
 ENV PATH=/opt/venv/bin:$PATH \

@@ -1,43 +1,64 @@
-"""The scaler's HTTP surface: /metrics, /status, /healthz and the operator's pause/pin controls.
+"""The scaler's HTTP surface: the dashboard, /metrics, /status, /healthz, the operator's controls.
 
-Standard library only (ThreadingHTTPServer in a daemon thread): the surface is four read
-endpoints and four small writes, not worth a web framework in the scaler's image.
+FastAPI (on Starlette) served by uvicorn, in a thread of the scaler's process beside the loop. A
+maintained server gives what a hand-written one got wrong under hostile requests: chunked bodies
+are read, every malformed request gets a 4xx with a message, one event loop serves every
+connection (no thread per connection), and the schema at /openapi.json says what each endpoint
+takes, so the tests fuzz the API against it.
 
 Reads are open (bind to 127.0.0.1, or publish the port on 127.0.0.1 only). Writes change what the
 scaler does to production, so they need ``Authorization: Bearer <SCALER_TOKEN>``; with no token
 configured they are disabled (403) rather than open.
 
+    GET  /                             the live dashboard (HTML; data from /events)
+    GET  /events                       server-sent events: the dashboard's history, then each cycle
+    GET  /api/live                     the same history as one JSON document
     GET  /metrics                      Prometheus text exposition
     GET  /status                       JSON snapshot from the status callable
     GET  /healthz                      200 if the loop cycled within max age, else 503; JSON reason
     GET  /overrides                    JSON: current pauses and pins
+    GET  /openapi.json                 the OpenAPI schema of all of the above
     POST /services/<name>/pause        body (optional): {"reason": "...", "by": "..."}
     POST /services/<name>/resume
     POST /services/<name>/pin          body: {"replicas": N, "reason": "...", "by": "..."}
     POST /services/<name>/unpin
+
+Bounds: a request body of at most ``MAX_BODY`` bytes (413 past it, chunked or not), at most
+``limit_concurrency`` connections and requests at once (503 past it), at most ``max_streams``
+dashboards streaming at once (503 past it), idle connections closed after ``idle_timeout_s``.
+The audit trail's ``by`` always carries the caller's address as the socket saw it
+(``api@<address>``); a ``by`` in the body is kept beside it as the name the caller gave, never
+instead of it, and proxy headers (X-Forwarded-For) are ignored.
 """
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import hmac
 import json
 import logging
 import os
-import re
 import socket
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass
 from http import HTTPStatus
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from importlib import resources
 from typing import Any
-from urllib.parse import unquote, urlsplit
 
+import uvicorn
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from scaler.control import (
+    MAX_TEXT,
     ConflictError,
     ControlError,
     ControlStore,
@@ -45,6 +66,7 @@ from scaler.control import (
     Override,
     UnknownServiceError,
 )
+from scaler.live import LiveFeed
 from scaler.metrics import ScalerMetrics
 
 log = logging.getLogger(__name__)
@@ -53,9 +75,19 @@ DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 9808
 MIN_TOKEN_LENGTH = 16
 MAX_BODY = 4096
-_CONTROL_PATH = re.compile(
-    r"^/services/(?P<service>[^/]{1,200})/(?P<action>pause|resume|pin|unpin)$"
-)
+MAX_CLAIMED_BY = 100  # the name a caller gives; the stored `by` adds its address
+MAX_SERVICE_NAME = 200
+DEFAULT_LIMIT_CONCURRENCY = 64
+DEFAULT_MAX_STREAMS = 16
+DEFAULT_IDLE_TIMEOUT_S = 5.0
+STREAM_KEEPALIVE_S = 15.0
+DASHBOARD_PACKAGE = "scaler.dashboard"
+STATIC_FILES = {
+    "app.js": "text/javascript; charset=utf-8",
+    "style.css": "text/css; charset=utf-8",
+    "uPlot.iife.min.js": "text/javascript; charset=utf-8",
+    "uPlot.min.css": "text/css; charset=utf-8",
+}
 
 
 @dataclass(frozen=True)
@@ -91,6 +123,27 @@ class HttpSettings:
         return cls(host=host, port=port, token=token)
 
 
+class BadRequest(Exception):
+    """A request the API refuses: the status and the message for the caller."""
+
+    def __init__(self, status: HTTPStatus, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+class _IdleClosingProtocol(H11Protocol):
+    """uvicorn's h11 protocol, plus: a connection that sends nothing is closed after the
+    keep-alive timeout (uvicorn starts that timer only after a first response), so idle sockets
+    cannot hold the concurrency limit."""
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self.timeout_keep_alive_task = self.loop.call_later(
+            self.timeout_keep_alive, self.timeout_keep_alive_handler
+        )
+
+
 class ScalerHTTPServer:
     """Serves the endpoints above from a daemon thread. ``port=0`` picks a free port (tests)."""
 
@@ -106,9 +159,19 @@ class ScalerHTTPServer:
         health_max_age_s: float = 30.0,
         last_cycle: Callable[[], float | None] | None = None,
         clock: Callable[[], float] = time.monotonic,
+        live: LiveFeed | None = None,
+        limit_concurrency: int = DEFAULT_LIMIT_CONCURRENCY,
+        max_streams: int = DEFAULT_MAX_STREAMS,
+        idle_timeout_s: float = DEFAULT_IDLE_TIMEOUT_S,
+        max_body: int = MAX_BODY,
     ) -> None:
         if not health_max_age_s > 0:
             raise ValueError(f"health_max_age_s must be > 0 seconds, got {health_max_age_s!r}")
+        if limit_concurrency < 2 or max_streams < 1 or max_streams >= limit_concurrency:
+            raise ValueError(
+                "limit_concurrency must be >= 2 and max_streams in [1, limit_concurrency); got "
+                f"{limit_concurrency!r} and {max_streams!r}"
+            )
         self.metrics = metrics
         self.status = status
         self.control = control
@@ -117,10 +180,39 @@ class ScalerHTTPServer:
         self.last_cycle = last_cycle or metrics.last_cycle_monotonic
         self.clock = clock
         self.started_at = clock()
-        server_class = _IPv6Server if ":" in host else ThreadingHTTPServer
-        self._httpd = server_class((host, port), _Handler)
-        self._httpd.daemon_threads = True
-        self._httpd.app = self  # type: ignore[attr-defined]
+        self.live = live
+        self.max_streams = max_streams
+        self.max_body = max_body
+        self._streams = 0
+        self._streams_lock = threading.Lock()
+        self._stopping = threading.Event()
+        self.app = build_app(self)
+        # Bound here, so a taken port fails in the constructor (the CLI says which) and port 0
+        # has its number before the server starts.
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        self._socket = socket.socket(family, socket.SOCK_STREAM)
+        try:
+            self._socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            self._socket.bind((host, port))
+        except OSError:
+            self._socket.close()
+            raise
+        self._config = uvicorn.Config(
+            self.app,
+            http=_IdleClosingProtocol,
+            ws="none",
+            lifespan="off",
+            loop="asyncio",
+            log_config=None,  # the scaler's JSON logging stays as it is
+            access_log=False,
+            proxy_headers=False,  # the audit trail's address is the socket's, never a header's
+            server_header=False,
+            limit_concurrency=limit_concurrency,
+            timeout_keep_alive=max(1, round(idle_timeout_s)),
+            timeout_graceful_shutdown=2,
+            h11_max_incomplete_event_size=16 * 1024,
+        )
+        self._server = uvicorn.Server(self._config)
         self._thread: threading.Thread | None = None
 
     @classmethod
@@ -129,7 +221,7 @@ class ScalerHTTPServer:
 
     @property
     def address(self) -> tuple[str, int]:
-        host, port = self._httpd.server_address[:2]
+        host, port = self._socket.getsockname()[:2]
         return str(host), int(port)
 
     @property
@@ -141,23 +233,28 @@ class ScalerHTTPServer:
         if self._thread is not None:
             raise RuntimeError(f"HTTP server on {self.url} already started")
         self._thread = threading.Thread(
-            # A short poll interval so stop() returns promptly (shutdown waits for one poll).
-            target=self._httpd.serve_forever,
-            kwargs={"poll_interval": 0.05},
+            target=self._server.run,
+            kwargs={"sockets": [self._socket]},
             name="scaler-http",
             daemon=True,
         )
         self._thread.start()
+        deadline = time.monotonic() + 10
+        while not self._server.started and self._thread.is_alive():
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"HTTP server on {self.url} did not start within 10 s")
+            time.sleep(0.01)
         log.info("scaler HTTP on %s (control %s)", self.url, "on" if self.token else "disabled")
 
     def stop(self) -> None:
+        self._stopping.set()  # ends the event streams, which would hold the shutdown
         if self._thread is not None:
-            self._httpd.shutdown()
-            self._thread.join(timeout=5)
+            self._server.should_exit = True
+            self._thread.join(timeout=10)
             self._thread = None
-        self._httpd.server_close()
+        self._socket.close()
 
-    # -- endpoint logic (plain methods, so the handler stays a thin router) ---------------------
+    # -- endpoint logic (plain methods; the routes below stay thin) ------------------------------
 
     def health(self) -> tuple[HTTPStatus, dict[str, Any]]:
         now = self.clock()
@@ -200,6 +297,8 @@ class ScalerHTTPServer:
     def apply(
         self, service: str, action: str, body: Mapping[str, Any], who: str
     ) -> tuple[HTTPStatus, dict[str, Any]]:
+        """Apply one control request. ``who`` is the caller as the socket saw it
+        (``api@<address>``); a ``by`` in the body is recorded beside it, never instead."""
         if self.control is None:
             return HTTPStatus.SERVICE_UNAVAILABLE, {"error": "no control store configured"}
         unknown = set(body) - {"replicas", "reason", "by"}
@@ -207,7 +306,15 @@ class ScalerHTTPServer:
             return HTTPStatus.BAD_REQUEST, {
                 "error": f"unknown field(s) {sorted(unknown)}; expected replicas, reason, by"
             }
-        by = body.get("by", who)
+        claimed = body.get("by")
+        if claimed is not None and (
+            not isinstance(claimed, str) or not claimed.strip() or len(claimed) > MAX_CLAIMED_BY
+        ):
+            return HTTPStatus.BAD_REQUEST, {
+                "error": f"by must be a non-empty string of at most {MAX_CLAIMED_BY} characters "
+                f"(who you are; your address is recorded beside it), got {claimed!r:.120}"
+            }
+        by = f"{claimed.strip()} via {who}" if claimed else who
         reason = body.get("reason", "")
         try:
             if action == "pause":
@@ -237,6 +344,95 @@ class ScalerHTTPServer:
         except ControlUnavailable as exc:
             return HTTPStatus.SERVICE_UNAVAILABLE, {"error": str(exc)}
 
+    async def read_json_body(self, request: Request) -> dict[str, Any]:
+        """The request's JSON object ({} when empty), read to at most ``max_body`` bytes whether
+        it comes with a Content-Length or chunked; BadRequest otherwise."""
+        declared = request.headers.get("content-length")
+        if declared is not None:
+            try:
+                length = int(declared)
+            except ValueError:
+                length = -1
+            if length < 0:
+                raise BadRequest(
+                    HTTPStatus.BAD_REQUEST,
+                    f"Content-Length must be an integer >= 0, got {declared!r}",
+                )
+            if length > self.max_body:
+                raise _too_large(self.max_body)
+        raw = bytearray()
+        async for chunk in request.stream():
+            raw += chunk
+            if len(raw) > self.max_body:
+                raise _too_large(self.max_body)
+        if not raw.strip():
+            return {}
+        try:
+            body = json.loads(bytes(raw).decode("utf-8"))
+        except RecursionError:
+            raise BadRequest(
+                HTTPStatus.BAD_REQUEST, "body is not valid JSON: nested too deeply"
+            ) from None
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise BadRequest(HTTPStatus.BAD_REQUEST, f"body is not valid JSON: {exc}") from None
+        if not isinstance(body, dict):
+            raise BadRequest(
+                HTTPStatus.BAD_REQUEST, f"body must be a JSON object, got {type(body).__name__}"
+            )
+        return body
+
+    def open_stream(self) -> bool:
+        """Count one more event stream; False when ``max_streams`` are open already."""
+        with self._streams_lock:
+            if self._streams >= self.max_streams:
+                return False
+            self._streams += 1
+            return True
+
+    def close_stream(self) -> None:
+        with self._streams_lock:
+            self._streams -= 1
+
+    async def stream(self, request: Request) -> AsyncIterator[bytes]:
+        """The dashboard's server-sent events: ``init`` with the history, then ``update`` after
+        every cycle (new points, new events, the latest status); a comment every
+        STREAM_KEEPALIVE_S so proxies keep the connection."""
+        assert self.live is not None
+        loop = asyncio.get_running_loop()
+        wake = asyncio.Event()
+        unsubscribe = self.live.subscribe(lambda: loop.call_soon_threadsafe(wake.set))
+        try:
+            view = self.live.view()
+            view["control"] = self.token is not None
+            yield _sse("init", view)
+            point_seq, event_seq = view["point_seq"], view["event_seq"]
+            quiet = 0.0
+            while not self._stopping.is_set():
+                try:
+                    await asyncio.wait_for(wake.wait(), timeout=1.0)
+                except TimeoutError:
+                    quiet += 1.0
+                    if await request.is_disconnected():
+                        return
+                    if quiet >= STREAM_KEEPALIVE_S:
+                        quiet = 0.0
+                        yield b": keep-alive\n\n"
+                    continue
+                wake.clear()
+                quiet = 0.0
+                update = self.live.since(point_seq, event_seq)
+                point_seq, event_seq = update["point_seq"], update["event_seq"]
+                yield _sse("update", update)
+        finally:
+            unsubscribe()
+            self.close_stream()
+
+
+def _too_large(limit: int) -> BadRequest:
+    return BadRequest(
+        HTTPStatus.REQUEST_ENTITY_TOO_LARGE, f"request body larger than {limit} bytes"
+    )
+
 
 def _set(override: Override) -> dict[str, Any]:
     return {"ok": True, "override": override.as_json()}
@@ -250,119 +446,248 @@ def _json_default(value: object) -> Any:
     raise TypeError(f"{type(value).__name__} is not JSON serialisable")
 
 
-class _IPv6Server(ThreadingHTTPServer):
-    address_family = socket.AF_INET6
+def _sse(event: str, data: Mapping[str, Any]) -> bytes:
+    payload = json.dumps(data, default=_json_default, separators=(",", ":"))
+    return f"event: {event}\ndata: {payload}\n\n".encode()
 
 
-class _Handler(BaseHTTPRequestHandler):
-    server_version = "celery-scaler"
-    timeout = 10  # a client that stalls mid-request does not hold a thread for long
+def _error(status: int, message: str, headers: Mapping[str, str] | None = None) -> JSONResponse:
+    return JSONResponse({"error": message}, status_code=status, headers=_no_store(headers))
 
-    @property
-    def app(self) -> ScalerHTTPServer:
-        return self.server.app  # type: ignore[attr-defined]
 
-    def log_message(self, format: str, *args: Any) -> None:
-        log.debug("http %s %s", self.client_address[0], format % args)
+def _no_store(headers: Mapping[str, str] | None = None) -> dict[str, str]:
+    return {"Cache-Control": "no-store", **(headers or {})}
 
-    def do_GET(self) -> None:
-        path = urlsplit(self.path).path
-        if path == "/metrics":
-            self._send(HTTPStatus.OK, self.app.metrics.exposition(), CONTENT_TYPE_LATEST)
-        elif path == "/healthz":
-            self._json(*self.app.health())
-        elif path == "/status":
-            try:
-                snapshot = dict(self.app.status())
-                payload = json.dumps(snapshot, default=_json_default).encode()
-            except Exception as exc:
-                log.exception("status snapshot failed")
-                self._json(HTTPStatus.INTERNAL_SERVER_ERROR, {"error": f"status failed: {exc}"})
-                return
-            self._send(HTTPStatus.OK, payload, "application/json")
-        elif path == "/overrides":
-            if self.app.control is None:
-                self._json(HTTPStatus.OK, {"overrides": {}})
-                return
-            try:
-                current = self.app.control.overrides()
-            except ControlUnavailable as exc:
-                self._json(HTTPStatus.SERVICE_UNAVAILABLE, {"error": str(exc)})
-                return
-            self._json(HTTPStatus.OK, {"overrides": {s: o.as_json() for s, o in current.items()}})
-        elif _CONTROL_PATH.match(path):
-            self._json(HTTPStatus.METHOD_NOT_ALLOWED, {"error": "control endpoints need POST"})
-        else:
-            self._json(HTTPStatus.NOT_FOUND, {"error": f"no endpoint {path!r}"})
 
-    def do_POST(self) -> None:
-        path = urlsplit(self.path).path
-        match = _CONTROL_PATH.match(path)
-        if match is None:
-            self._json(HTTPStatus.NOT_FOUND, {"error": f"no control endpoint {path!r}"})
-            return
-        refused = self.app.authorize(self.headers.get("Authorization"))
-        if refused is not None:
-            status, message = refused
-            extra = {"WWW-Authenticate": "Bearer"} if status == HTTPStatus.UNAUTHORIZED else {}
-            self._json(status, {"error": message}, extra)
-            return
-        body = self._read_json_body()
-        if body is None:
-            return
-        service = unquote(match["service"])
-        who = f"api@{self.client_address[0]}"
-        self._json(*self.app.apply(service, match["action"], body, who))
+# -- the OpenAPI description of the bodies and answers (validation is done by hand, above and in
+# scaler.control, so the messages name the field, the value and what was expected) ---------------
 
-    def _read_json_body(self) -> dict[str, Any] | None:
-        """The request's JSON object ({} when empty); None after answering an error."""
-        raw_length = self.headers.get("Content-Length", "0") or "0"
-        try:
-            length = int(raw_length)
-        except ValueError:
-            length = -1
-        if not 0 <= length <= MAX_BODY:
-            self._json(
-                HTTPStatus.BAD_REQUEST,
-                {"error": f"Content-Length must be in [0, {MAX_BODY}], got {raw_length!r}"},
+_ERROR = {
+    "description": "Refused; the message says why",
+    "content": {
+        "application/json": {
+            "schema": {
+                "type": "object",
+                "properties": {"error": {"type": "string"}},
+                "required": ["error"],
+            }
+        }
+    },
+}
+_JSON_OBJECT = {"content": {"application/json": {"schema": {"type": "object"}}}}
+_TEXT_FIELDS = {
+    "reason": {"type": "string", "maxLength": MAX_TEXT, "description": "why (shown in status)"},
+    "by": {
+        "type": "string",
+        "minLength": 1,
+        "maxLength": MAX_CLAIMED_BY,
+        "pattern": r"\S",
+        "description": "who you are; recorded as '<by> via api@<your address>'",
+    },
+}
+_BODIES: dict[str, dict[str, Any]] = {
+    "pause": {"type": "object", "properties": _TEXT_FIELDS, "additionalProperties": False},
+    "pin": {
+        "type": "object",
+        "properties": {
+            "replicas": {"type": "integer", "minimum": 0, "description": "0..max_replicas"},
+            **_TEXT_FIELDS,
+        },
+        "required": ["replicas"],
+        "additionalProperties": False,
+    },
+    "resume": {"type": "object", "properties": {}, "additionalProperties": False},
+    "unpin": {"type": "object", "properties": {}, "additionalProperties": False},
+}
+_CONTROL_ANSWERS: dict[int | str, dict[str, Any]] = {
+    200: {"description": "Applied", **_JSON_OBJECT},
+    400: _ERROR,
+    401: _ERROR,
+    403: _ERROR,
+    404: _ERROR,
+    409: _ERROR,
+    413: _ERROR,
+    503: _ERROR,
+}
+
+
+def build_app(server: ScalerHTTPServer) -> FastAPI:
+    """The ASGI application serving ``server``'s endpoints."""
+    app = FastAPI(
+        title="Celery scaler",
+        version="1",
+        description="The autoscaler's status, metrics, health and operator controls.",
+        docs_url=None,  # Swagger UI and ReDoc load from a CDN: not in a self-contained sidecar
+        redoc_url=None,
+        openapi_url="/openapi.json",
+    )
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        if exc.status_code == HTTPStatus.NOT_FOUND:
+            return _error(404, f"no endpoint {request.url.path!r}")
+        if exc.status_code == HTTPStatus.METHOD_NOT_ALLOWED:
+            return _error(405, f"{request.method} not allowed on {request.url.path!r}", exc.headers)
+        return _error(exc.status_code, str(exc.detail), exc.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in e.get('loc', ()))}: {e.get('msg')}" for e in exc.errors()
+        )
+        return _error(400, f"invalid request: {problems}")
+
+    @app.exception_handler(BadRequest)
+    async def refused(request: Request, exc: BadRequest) -> JSONResponse:
+        return _error(exc.status, exc.message)
+
+    @app.get("/", include_in_schema=False)
+    def dashboard() -> HTMLResponse:
+        return HTMLResponse(_asset("index.html"), headers=_no_store())
+
+    @app.get("/static/{name}", include_in_schema=False)
+    def static(name: str) -> Response:
+        if name not in STATIC_FILES:
+            return _error(404, f"no endpoint '/static/{name}'")
+        return Response(
+            _asset(name),
+            media_type=STATIC_FILES[name],
+            headers={"Cache-Control": "max-age=300"},
+        )
+
+    @app.get(
+        "/events",
+        summary="The dashboard's live feed (server-sent events)",
+        responses={
+            200: {
+                "description": "`init` (history, events, status), then `update` after each cycle",
+                "content": {"text/event-stream": {"schema": {"type": "string"}}},
+            },
+            503: _ERROR,
+        },
+    )
+    async def events(request: Request) -> Response:
+        if server.live is None:
+            return _error(503, "no live feed in this scaler process")
+        if not server.open_stream():
+            return _error(
+                503, f"{server.max_streams} dashboards are streaming already; try again later"
             )
-            return None
-        raw = self.rfile.read(length) if length else b""
-        if not raw.strip():
-            return {}
+        return StreamingResponse(
+            server.stream(request),
+            media_type="text/event-stream",
+            headers=_no_store({"X-Accel-Buffering": "no"}),
+        )
+
+    @app.get(
+        "/api/live",
+        summary="The dashboard's history as one document",
+        responses={200: {"description": "points, events, status", **_JSON_OBJECT}, 503: _ERROR},
+    )
+    def live() -> Response:
+        if server.live is None:
+            return _error(503, "no live feed in this scaler process")
+        view = server.live.view()
+        view["control"] = server.token is not None
+        return _json(HTTPStatus.OK, view)
+
+    @app.get(
+        "/metrics",
+        summary="Prometheus text exposition",
+        responses={200: {"content": {"text/plain": {"schema": {"type": "string"}}}}},
+        response_class=Response,
+    )
+    def metrics() -> Response:
+        return Response(
+            server.metrics.exposition(), media_type=CONTENT_TYPE_LATEST, headers=_no_store()
+        )
+
+    @app.get("/healthz", summary="200 while the loop cycles, 503 otherwise",
+             responses={200: _JSON_OBJECT, 503: _JSON_OBJECT})  # fmt: skip
+    def healthz() -> Response:
+        return _json(*server.health())
+
+    @app.get("/status", summary="The last cycle's snapshot",
+             responses={200: _JSON_OBJECT, 500: _ERROR})  # fmt: skip
+    def status() -> Response:
         try:
-            body = json.loads(raw)
-        except (ValueError, UnicodeDecodeError) as exc:
-            self._json(HTTPStatus.BAD_REQUEST, {"error": f"body is not valid JSON: {exc}"})
-            return None
-        if not isinstance(body, dict):
-            self._json(
-                HTTPStatus.BAD_REQUEST,
-                {"error": f"body must be a JSON object, got {type(body).__name__}"},
+            snapshot = dict(server.status())
+            payload = json.dumps(snapshot, default=_json_default).encode()
+        except Exception as exc:
+            log.exception("status snapshot failed")
+            return _error(500, f"status failed: {exc}")
+        return Response(payload, media_type="application/json", headers=_no_store())
+
+    @app.get("/overrides", summary="The pauses and pins in force",
+             responses={200: _JSON_OBJECT, 503: _ERROR})  # fmt: skip
+    def overrides() -> Response:
+        if server.control is None:
+            return _json(HTTPStatus.OK, {"overrides": {}})
+        try:
+            current = server.control.overrides()
+        except ControlUnavailable as exc:
+            return _error(503, str(exc))
+        return _json(HTTPStatus.OK, {"overrides": {s: o.as_json() for s, o in current.items()}})
+
+    def control_route(action: str, summary: str) -> None:
+        async def handler(request: Request, service: str) -> Response:
+            refused = server.authorize(request.headers.get("authorization"))
+            if refused is not None:
+                code, message = refused
+                extra = {"WWW-Authenticate": "Bearer"} if code == HTTPStatus.UNAUTHORIZED else {}
+                return _error(code, message, extra)
+            if len(service) > MAX_SERVICE_NAME:
+                return _error(404, f"service name longer than {MAX_SERVICE_NAME} characters")
+            body = await server.read_json_body(request)
+            client = request.client.host if request.client else "unknown"
+            # Redis calls block: a worker thread of the server's bounded pool, not the event loop.
+            code, reply = await run_in_threadpool(
+                server.apply, service, action, body, f"api@{client}"
             )
-            return None
-        return body
+            return _json(code, reply)
 
-    def _json(
-        self,
-        status: HTTPStatus,
-        payload: Mapping[str, Any],
-        headers: Mapping[str, str] | None = None,
-    ) -> None:
-        self._send(status, json.dumps(payload).encode(), "application/json", headers)
+        handler.__name__ = f"{action}_service"
+        app.add_api_route(
+            f"/services/{{service}}/{action}",
+            handler,
+            methods=["POST"],
+            summary=summary,
+            responses=_CONTROL_ANSWERS,
+            openapi_extra={
+                "security": [{"bearer": []}],
+                "requestBody": {
+                    "required": action == "pin",
+                    "content": {"application/json": {"schema": _BODIES[action]}},
+                },
+            },
+        )
 
-    def _send(
-        self,
-        status: HTTPStatus,
-        body: bytes,
-        content_type: str,
-        headers: Mapping[str, str] | None = None,
-    ) -> None:
-        self.send_response(status)
-        self.send_header("Content-Type", content_type)
-        self.send_header("Content-Length", str(len(body)))
-        self.send_header("Cache-Control", "no-store")
-        for name, value in (headers or {}).items():
-            self.send_header(name, value)
-        self.end_headers()
-        self.wfile.write(body)
+    control_route("pause", "Hold the service at its current count (token)")
+    control_route("resume", "Undo a pause (token)")
+    control_route("pin", "Hold the service at exactly N replicas (token)")
+    control_route("unpin", "Undo a pin (token)")
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            schema = FastAPI.openapi(app)
+            schema.setdefault("components", {})["securitySchemes"] = {
+                "bearer": {"type": "http", "scheme": "bearer", "description": "SCALER_TOKEN"}
+            }
+            app.openapi_schema = schema
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
+    return app
+
+
+def _json(status: HTTPStatus | int, payload: Mapping[str, Any]) -> Response:
+    return Response(
+        json.dumps(payload, default=_json_default).encode(),
+        status_code=int(status),
+        media_type="application/json",
+        headers=_no_store(),
+    )
+
+
+def _asset(name: str) -> bytes:
+    return resources.files(DASHBOARD_PACKAGE).joinpath(name).read_bytes()

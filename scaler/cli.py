@@ -18,8 +18,8 @@ and key prefix from the environment, exactly as the workers do.
 The scaler's own Redis (leader lease, pause/pin overrides) is SCALER_REDIS_URL, else the broker
 when it is Redis, else the result backend when that is Redis; its keys start with
 SCALER_KEY_PREFIX. `scaler run` elects a leader there unless --no-leader-election or --dry-run
-(a dry run never takes the lease from a scaler that acts), and serves HTTP (/metrics, /status,
-/healthz, control) on SCALER_HTTP_HOST:SCALER_HTTP_PORT unless --no-http.
+(a dry run never takes the lease from a scaler that acts), and serves HTTP (the dashboard at /,
+/metrics, /status, /healthz, control) on SCALER_HTTP_HOST:SCALER_HTTP_PORT unless --no-http.
 """
 
 from __future__ import annotations
@@ -42,6 +42,7 @@ from scaler.api import HttpSettings, ScalerHTTPServer
 from scaler.backends.base import Backend
 from scaler.control import ControlError, ControlStore, ControlUnavailable, Override
 from scaler.leader import LeaderLease, LeaseSettings
+from scaler.live import LiveFeed
 from scaler.loop import MAX_BACKOFF_FACTOR, PolicySource, Scaler
 from scaler.metrics import ScalerMetrics
 from scaler.policy import Policy, PolicyError, load_policy
@@ -264,6 +265,7 @@ def _http_server(settings: HttpSettings, scaler: Scaler) -> ScalerHTTPServer:
             status=scaler.status_view,
             control=scaler.control,
             health_max_age_s=max_age,
+            live=scaler.live,
         )
     except OSError as exc:
         raise SystemExit(
@@ -280,6 +282,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     recorder = FlightRecorder(app, record) if record is not None else None
     scaler.recorder_status = recorder.status if recorder is not None else None
     scaler.metrics = ScalerMetrics()
+    if not args.no_http:
+        LiveFeed().attach(scaler)  # the dashboard's history and event feed
     url = scaler_redis_url(app)
     if url is None:
         detail = f"no {REDIS_ENV} and no Redis broker or result backend"

@@ -38,11 +38,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from scaler.backends.base import Backend, ScaleResult, ServiceSpec
+from scaler.backends.base import Backend, BackendEvent, ScaleResult, ServiceSpec
 from scaler.control import ControlStore, ControlUnavailable, Override
 from scaler.decide import Decision, ServiceControl, decide
 from scaler.history import History
 from scaler.leader import LeaderLease
+from scaler.live import LiveFeed
 from scaler.metrics import ScalerMetrics
 from scaler.observations import Observations
 from scaler.policy import Policy, PolicyError, load_policy
@@ -162,6 +163,7 @@ class Scaler:
     events: deque[str] = field(default_factory=lambda: deque(maxlen=20))
     backoffs: dict[str, ServiceBackoff] = field(default_factory=dict)
     recorder_status: Callable[[], Mapping[str, Any]] | None = None  # the flight recorder's state
+    live: LiveFeed | None = None  # the dashboard's history and event feed (LiveFeed.attach)
     _reload: threading.Event = field(default_factory=threading.Event, init=False)
     _managed: tuple[ServiceSpec, ...] = field(default=(), init=False)
     last_snapshot: Snapshot | None = field(default=None, init=False)
@@ -218,10 +220,7 @@ class Scaler:
         if leading and not self.dry_run:
             try:
                 for event in self.backend.reconcile():
-                    text = f"{event.service} {event.kind}: {event.detail}"
-                    self.events.append(text)
-                    level = logging.INFO if event.kind == "drained" else logging.WARNING
-                    log.log(level, json.dumps({"event": "backend", "detail": text}))
+                    self._backend_event(event)
             except Exception as exc:
                 errors.append(f"backend: reconcile failed: {exc}")
         queues = {name: list(svc.queues) for name, svc in policy.services.items()}
@@ -247,6 +246,11 @@ class Scaler:
         report = CycleReport(obs, decisions, outcomes, tuple(errors), leading, overrides)
         duration = time.monotonic() - started
         self._record(report, duration)
+        if self.live is not None:
+            try:
+                self.live.record(self, report)
+            except Exception:  # the dashboard never stops the loop
+                log.exception(json.dumps({"event": "live-feed-failed"}))
         if self.metrics is not None:
             self.metrics.record_cycle(
                 observations=obs,
@@ -255,8 +259,16 @@ class Scaler:
                 leader=leading,
                 errors=errors,
                 overrides={s: o.mode for s, o in overrides.items()},
+                policy=policy,
+                scale_failed=[s for s, o in outcomes.items() if o.scale_failed],
             )
         return report
+
+    def _backend_event(self, event: BackendEvent) -> None:
+        text = f"{event.service} {event.kind}: {event.detail}"
+        self.events.append(text)
+        level = logging.INFO if event.kind == "drained" else logging.WARNING
+        log.log(level, json.dumps({"event": "backend", "detail": text}))
 
     def _act_paced(
         self, obs: Observations, decision: Decision, now: float, *, leading: bool

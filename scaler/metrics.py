@@ -6,7 +6,8 @@ function per cycle, :meth:`ScalerMetrics.record_cycle`, with the cycle's plain v
 the HTTP endpoint exposes comes from there.
 
 A signal that could not be read is not exported as 0 (that would read as "empty queue"): its
-series is removed for that cycle, and the error counter says why.
+series is removed for that cycle, and the error counter says why. Likewise a value that does not
+exist (the oldest message's age of an empty queue) is absent, not 0.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 
 from scaler.decide import Decision
 from scaler.observations import Observations
+from scaler.policy import Policy
 
 # Bounded label values: free text (reasons in words) never becomes a label.
 ACTIONS = ("up", "down", "hold")
@@ -114,7 +116,7 @@ class ScalerMetrics:
         )
         self.queue_oldest_age = Gauge(
             "scaler_queue_oldest_age_seconds",
-            "Age of the oldest waiting message (0 when the queue is empty)",
+            "Age of the oldest waiting message (absent when none waits or it is unknown)",
             ["queue"],
             registry=r,
         )
@@ -170,6 +172,31 @@ class ScalerMetrics:
         self.last_cycle = Gauge(
             "scaler_last_cycle_timestamp_seconds", "Wall-clock time of the last cycle", registry=r
         )
+        # The policy in force, for alerts and dashboards that compare against it.
+        self.replicas_min = Gauge(
+            "scaler_replicas_min", "min_replicas of the policy in force", ["service"], registry=r
+        )
+        self.replicas_max = Gauge(
+            "scaler_replicas_max", "max_replicas of the policy in force", ["service"], registry=r
+        )
+        self.latency_objective = Gauge(
+            "scaler_latency_objective_seconds",
+            "The service's latency objective (target.latency_s); absent when it has none",
+            ["service"],
+            registry=r,
+        )
+        self.queue_service = Gauge(
+            "scaler_queue_service_info",
+            "1 per queue and the service consuming it (join queue series to services)",
+            ["queue", "service"],
+            registry=r,
+        )
+        self.scale_failures = Counter(
+            "scaler_scale_failures",
+            "Scales of a service that failed every attempt within a cycle",
+            ["service"],
+            registry=r,
+        )
         for source in ERROR_SOURCES:  # present from the start, so rate() works from zero
             self.errors.labels(source=source)
         self._lock = threading.Lock()
@@ -188,10 +215,13 @@ class ScalerMetrics:
         errors: Iterable[str] = (),
         overrides: Mapping[str, str] = {},
         clock: Callable[[], float] = time.monotonic,
+        policy: Policy | None = None,
+        scale_failed: Iterable[str] = (),
     ) -> None:
         """Record one cycle: the loop's observations, decisions (``report.decisions.values()``),
         error lines (each counted under :func:`error_source`), whether this replica leads, and
-        ``overrides`` as service -> "pause" or "pin"."""
+        ``overrides`` as service -> "pause" or "pin", and the ``policy`` in force (its limits,
+        objectives and queue-to-service map), and the services whose scale failed every attempt."""
         if not duration_s >= 0 or math.isinf(duration_s):
             raise ValueError(f"duration_s must be a finite number >= 0, got {duration_s!r}")
         with self._lock:
@@ -205,8 +235,12 @@ class ScalerMetrics:
                     desired[(record.service,)] = float(record.desired)
             if desired:  # a cycle without decisions (e.g. observe only) keeps the last ones
                 self._set_series(self.replicas_desired, desired)
+            if policy is not None:
+                self._record_policy(policy)
             for error in errors:
                 self.errors.labels(source=error_source(error)).inc()
+            for service in scale_failed:
+                self.scale_failures.labels(service=service).inc()
             self._set_series(self.override, {(s, m): 1.0 for s, m in overrides.items()})
             self.cycle_duration.observe(duration_s)
             self.leader.set(1 if leader else 0)
@@ -242,11 +276,9 @@ class ScalerMetrics:
             for queue, signal in service.queues.items():
                 _put(depth, (queue,), signal.waiting)
                 _put(in_flight, (queue,), signal.in_flight)
-                # An empty queue has no oldest message: its age is 0, not unknown.
-                oldest = signal.oldest_age_s
-                if oldest is None and signal.waiting == 0:
-                    oldest = 0.0
-                _put(age, (queue,), oldest)
+                # An empty queue has no oldest message: its age is absent (unknown), never
+                # "0 s old", which would read as a message that just arrived.
+                _put(age, (queue,), signal.oldest_age_s)
         self._set_series(self.queue_depth, depth)
         self._set_series(self.queue_oldest_age, age)
         self._set_series(self.queue_in_flight, in_flight)
@@ -255,6 +287,23 @@ class ScalerMetrics:
         self._set_series(self.service_memory, memory)
         _set_or_nan(self.host_cpu, obs.host.cpu_percent)
         _set_or_nan(self.host_memory, obs.host.memory_percent)
+
+    def _record_policy(self, policy: Policy) -> None:
+        lows: dict[tuple[str, ...], float] = {}
+        highs: dict[tuple[str, ...], float] = {}
+        objectives: dict[tuple[str, ...], float] = {}
+        queues: dict[tuple[str, ...], float] = {}
+        for name, svc in policy.services.items():
+            lows[(name,)] = float(svc.min_replicas)
+            highs[(name,)] = float(svc.max_replicas)
+            _put(objectives, (name,), svc.target.latency_s)
+            for queue in svc.queues:
+                queues[(queue, name)] = 1.0
+            self.scale_failures.labels(service=name)  # present from zero, for increase()
+        self._set_series(self.replicas_min, lows)
+        self._set_series(self.replicas_max, highs)
+        self._set_series(self.latency_objective, objectives)
+        self._set_series(self.queue_service, queues)
 
     def _record_decision(self, d: DecisionRecord) -> None:
         if d.action not in ACTIONS:

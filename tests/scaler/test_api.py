@@ -5,6 +5,9 @@ from __future__ import annotations
 import http.client
 import json
 import math
+import socket
+import threading
+import time
 import uuid
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
@@ -16,6 +19,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from scaler.api import HttpSettings, ScalerHTTPServer
 from scaler.control import ConflictError, ControlError, ControlStore, UnknownServiceError
 from scaler.decide import Decision
+from scaler.live import LiveFeed
 from scaler.metrics import DecisionRecord, ScalerMetrics, error_source, reason_kind
 from scaler.observations import Observations, QueueSignal, Resources, ServiceObservation
 
@@ -173,7 +177,9 @@ def test_metrics_parse_as_prometheus_exposition_with_the_expected_families(
     assert got[("scaler_queue_depth", (("queue", "default"),))] == 7
     assert got[("scaler_queue_in_flight", (("queue", "default"),))] == 2
     assert got[("scaler_queue_oldest_age_seconds", (("queue", "default"),))] == 3.5
-    assert got[("scaler_queue_oldest_age_seconds", (("queue", "cpu_intensive"),))] == 0
+    # An empty queue has no oldest message: its age is absent (unknown), never "0 s old".
+    assert ("scaler_queue_oldest_age_seconds", (("queue", "cpu_intensive"),)) not in got
+    assert got[("scaler_queue_depth", (("queue", "cpu_intensive"),))] == 0
     # The unreadable queue is absent, not reported as an empty queue.
     assert ("scaler_queue_depth", (("queue", "default_low"),)) not in got
     assert got[("scaler_replicas_current", (("service", "default"),))] == 2
@@ -345,7 +351,8 @@ def test_control_with_the_token_is_applied_and_seen_by_another_replica(
     assert seen["default"].by.startswith("api@127.0.0.1")
     assert seen["cpu_intensive"].mode == "pin"
     assert seen["cpu_intensive"].replicas == 2
-    assert seen["cpu_intensive"].by == "alice"
+    # The name the caller gave is kept beside its address, never instead of it.
+    assert seen["cpu_intensive"].by == "alice via api@127.0.0.1"
     controls = other.controls()
     assert controls["default"].paused and controls["default"].pinned is None
     assert controls["cpu_intensive"].pinned == 2 and "alice" in controls["cpu_intensive"].note
@@ -443,3 +450,261 @@ def test_http_settings_from_the_environment() -> None:
         HttpSettings.from_env({"SCALER_HTTP_PORT": "70000"})
     with pytest.raises(ValueError, match=r"SCALER_TOKEN .* 5 characters"):
         HttpSettings.from_env({"SCALER_TOKEN": "short"})
+
+
+# -- hostile requests: each defect of the hand-written server, now answered with a 4xx ------------
+
+
+def raw_request(server: ScalerHTTPServer, data: bytes, timeout: float = 5) -> bytes:
+    """Send raw bytes on a fresh connection; everything the server answers before closing."""
+    host, port = server.address
+    with socket.create_connection((host, port), timeout=timeout) as sock:
+        sock.sendall(data)
+        chunks = []
+        while True:
+            try:
+                chunk = sock.recv(65536)
+            except TimeoutError:
+                break
+            if not chunk:
+                break
+            chunks.append(chunk)
+            if b"\r\n\r\n" in b"".join(chunks) and b'"}' in chunk:
+                break
+        return b"".join(chunks)
+
+
+def test_deeply_nested_json_is_a_400_not_a_dropped_connection(
+    serve: ServerFactory, store: ControlStore
+) -> None:
+    server = serve(control=store)
+    for nested in (b"[" * 2000 + b"]" * 2000, b'{"replicas": ' + b"[" * 1500 + b"]" * 1500 + b"}"):
+        status, _, reply = call(server, "POST", "/services/default/pin", raw=nested, token=TOKEN)
+        assert status == 400, reply
+        assert "nested too deeply" in reply["error"]
+    assert call(server, "GET", "/overrides")[0] == 200, "the server still answers"
+    assert store.overrides() == {}
+
+
+def chunked_post(server: ScalerHTTPServer, path: str, parts: list[bytes]) -> tuple[int, Any]:
+    host, port = server.address
+    conn = http.client.HTTPConnection(host, port, timeout=5)
+    try:
+        conn.request(
+            "POST",
+            path,
+            body=iter(parts),
+            headers={"Authorization": f"Bearer {TOKEN}", "Transfer-Encoding": "chunked"},
+            encode_chunked=True,
+        )
+        resp = conn.getresponse()
+        return resp.status, json.loads(resp.read())
+    finally:
+        conn.close()
+
+
+def test_a_chunked_body_is_read_not_replaced_by_defaults(
+    serve: ServerFactory, store: ControlStore
+) -> None:
+    server = serve(control=store)
+    status, reply = chunked_post(
+        server, "/services/default/pin", [b'{"replicas": ', b'3, "reason": "chun', b'ked"}']
+    )
+    assert status == 200, reply
+    got = store.overrides()["default"]
+    assert (got.replicas, got.reason) == (3, "chunked")
+    # Past the size limit, chunked or not: 413, nothing applied.
+    big = [b'{"reason": "', b"x" * 3000, b"y" * 3000, b'"}']
+    status, reply = chunked_post(server, "/services/cpu_intensive/pause", big)
+    assert status == 413 and "larger than 4096 bytes" in reply["error"]
+    status, _, reply = call(
+        server, "POST", "/services/cpu_intensive/pause", raw=b" " * 5000, token=TOKEN
+    )
+    assert status == 413 and "larger than 4096 bytes" in reply["error"]
+    assert "cpu_intensive" not in store.overrides()
+
+
+def test_the_audit_trail_keeps_the_callers_address_whatever_the_body_or_headers_say(
+    serve: ServerFactory, store: ControlStore
+) -> None:
+    server = serve(control=store)
+    host, port = server.address
+    conn = http.client.HTTPConnection(host, port, timeout=5)
+    conn.request(
+        "POST",
+        "/services/default/pause",
+        body=json.dumps({"by": "api@10.9.8.7", "reason": "spoof"}),
+        headers={
+            "Authorization": f"Bearer {TOKEN}",
+            "X-Forwarded-For": "6.6.6.6",
+            "Forwarded": "for=6.6.6.6",
+        },
+    )
+    assert conn.getresponse().status == 200
+    conn.close()
+    assert store.overrides()["default"].by == "api@10.9.8.7 via api@127.0.0.1"
+    assert call(server, "POST", "/services/default/resume", token=TOKEN)[0] == 200
+    for bad in ("", "  ", 7, "x" * 101):
+        status, _, reply = call(server, "POST", "/services/default/pause", {"by": bad}, token=TOKEN)
+        assert status == 400 and "by must be" in reply["error"], (bad, reply)
+    assert store.overrides() == {}
+
+
+def test_connections_are_bounded_served_by_one_thread_and_idle_ones_closed(
+    serve: ServerFactory,
+) -> None:
+    server = serve(limit_concurrency=6, max_streams=2, idle_timeout_s=1)
+    host, port = server.address
+    threads_before = threading.active_count()
+    idle = [socket.create_connection((host, port), timeout=5) for _ in range(40)]
+    try:
+        # No thread per connection: 40 open sockets, the same threads.
+        assert threading.active_count() == threads_before
+        # Past the limit a request is answered 503 at once, not queued or dropped.
+        reply = raw_request(server, b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert reply.startswith(b"HTTP/1.1 503"), reply[:80]
+        # A connection that sends nothing is closed after the idle timeout...
+        idle[0].settimeout(5)
+        assert idle[0].recv(1) == b""
+    finally:
+        for sock in idle:
+            sock.close()
+    # ...so the limit frees itself.
+    for _ in range(50):
+        if call(server, "GET", "/metrics")[0] == 200:
+            break
+        time.sleep(0.1)
+    assert call(server, "GET", "/metrics")[0] == 200
+
+
+@pytest.mark.parametrize(
+    ("raw", "headers", "status", "words"),
+    [
+        (b"\xff\xfe{", {}, 400, ["not valid JSON"]),
+        (b'"just a string"', {}, 400, ["JSON object", "str"]),
+        (b"{}", {"Content-Length": "nope"}, 400, ["Content-Length"]),
+        (b"", {"Content-Length": "999999"}, 413, ["larger than"]),
+    ],
+)
+def test_malformed_bodies_get_a_4xx_with_a_message(
+    serve: ServerFactory,
+    store: ControlStore,
+    raw: bytes,
+    headers: dict[str, str],
+    status: int,
+    words: list[str],
+) -> None:
+    server = serve(control=store)
+    length = headers.get("Content-Length", str(len(raw)))
+    request = (
+        f"POST /services/default/pause HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {TOKEN}\r\n"
+        f"Content-Length: {length}\r\nConnection: close\r\n\r\n"
+    ).encode() + raw
+    reply = raw_request(server, request)
+    head, _, body = reply.partition(b"\r\n\r\n")
+    if status == 400 and length == "nope":
+        # h11 refuses a non-numeric Content-Length before the application sees it.
+        assert head.startswith(b"HTTP/1.1 400"), head
+        return
+    assert head.startswith(f"HTTP/1.1 {status}".encode()), head
+    message = json.loads(body)["error"]
+    for word in words:
+        assert word in message
+    assert store.overrides() == {}
+
+
+def test_the_openapi_schema_lists_every_endpoint(serve: ServerFactory) -> None:
+    status, _, schema = call(serve(), "GET", "/openapi.json")
+    assert status == 200
+    paths = set(schema["paths"])
+    assert {"/metrics", "/status", "/healthz", "/overrides", "/events", "/api/live"} <= paths
+    for action in ("pause", "resume", "pin", "unpin"):
+        operation = schema["paths"][f"/services/{{service}}/{action}"]["post"]
+        assert operation["security"] == [{"bearer": []}]
+        assert {"400", "401", "403", "404", "413"} <= set(operation["responses"])
+    pin = schema["paths"]["/services/{service}/pin"]["post"]["requestBody"]
+    assert pin["content"]["application/json"]["schema"]["required"] == ["replicas"]
+
+
+# -- the dashboard's page and its event stream -------------------------------------------------
+
+
+def test_the_dashboard_page_and_its_assets_are_served(serve: ServerFactory) -> None:
+    server = serve(live=LiveFeed())
+    status, headers, page = call(server, "GET", "/")
+    assert status == 200 and headers["content-type"].startswith("text/html")
+    assert "/static/app.js" in page and "/static/uPlot.iife.min.js" in page
+    for name in ("app.js", "style.css", "uPlot.iife.min.js", "uPlot.min.css"):
+        assert call(server, "GET", f"/static/{name}")[0] == 200, name
+    assert call(server, "GET", "/static/../api.py")[0] == 404
+    assert call(server, "GET", "/static/nothing.js")[0] == 404
+
+
+def read_sse(resp: http.client.HTTPResponse, event: str) -> dict[str, Any]:
+    """Read the stream until an event named ``event``; its JSON data."""
+    name = None
+    while True:
+        line = resp.fp.readline().decode()
+        assert line, "the stream ended"
+        line = line.rstrip("\n")
+        if line.startswith("event: "):
+            name = line.removeprefix("event: ")
+        elif line.startswith("data: ") and name == event:
+            data: dict[str, Any] = json.loads(line.removeprefix("data: "))
+            return data
+
+
+def test_the_event_stream_sends_the_history_then_each_cycle(serve: ServerFactory) -> None:
+    from test_live import FakeScaler
+
+    feed = LiveFeed()
+    fake = FakeScaler()
+    feed.attach(fake)  # type: ignore[arg-type]
+    fake.cycle_with(feed, waiting=5, current=1)
+    server = serve(live=feed, max_streams=1)
+    host, port = server.address
+    conn = http.client.HTTPConnection(host, port, timeout=5)
+    conn.request("GET", "/events")
+    resp = conn.getresponse()
+    assert resp.status == 200
+    assert resp.getheader("content-type", "").startswith("text/event-stream")
+    init = read_sse(resp, "init")
+    assert [p["services"]["io"]["waiting"] for p in init["points"]] == [5]
+    assert init["control"] is True
+    # Only one stream allowed here: the next one is refused, not queued.
+    assert call(server, "GET", "/events")[0] == 503
+    fake.cycle_with(feed, waiting=40, current=2, started=("io-2@h",))
+    update = read_sse(resp, "update")
+    assert [p["services"]["io"]["waiting"] for p in update["points"]] == [40]
+    assert update["points"][0]["services"]["io"]["starting"] == 1
+    assert any(e["kind"] == "scale" for e in update["events"])
+    assert update["status"]["services"]["io"]["waiting"] == 40
+    conn.close()
+
+
+def test_the_policy_in_force_and_failed_scales_are_exported_for_alerts() -> None:
+    from scaler.policy import parse_policy
+
+    policy = parse_policy(
+        {
+            "services": {
+                "io": {"queues": ["io_intensive", "io_low"], "max_replicas": 8,
+                       "target": {"tasks_per_replica": 5, "latency_s": 30}},
+                "cpu": {"queues": ["cpu_intensive"], "min_replicas": 0, "max_replicas": 2},
+            }
+        },
+        env={},
+    )  # fmt: skip
+    metrics = ScalerMetrics()
+    failed = "io: scale to 9 failed after 3 attempts: RuntimeError: boom"
+    metrics.record_cycle(observations=None, duration_s=0, leader=True, policy=policy,
+                         errors=[failed], scale_failed=["io"])  # fmt: skip
+    got = samples(metrics.exposition().decode())
+    assert got[("scaler_replicas_max", (("service", "io"),))] == 8
+    assert got[("scaler_replicas_min", (("service", "cpu"),))] == 0
+    assert got[("scaler_latency_objective_seconds", (("service", "io"),))] == 30
+    assert ("scaler_latency_objective_seconds", (("service", "cpu"),)) not in got
+    assert got[("scaler_queue_service_info", (("queue", "io_low"), ("service", "io")))] == 1
+    assert got[("scaler_scale_failures_total", (("service", "io"),))] == 1
+    assert got[("scaler_scale_failures_total", (("service", "cpu"),))] == 0
+    assert got[("scaler_errors_total", (("source", "backend"),))] == 1
