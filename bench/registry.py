@@ -21,6 +21,9 @@ MODULES: dict[str, str] = {
     "burst_drain": "bench.burst_drain",
     "scaler_cost": "bench.scaler_cost",
     "throughput": "bench.throughput",
+    "sim_fidelity": "bench.sim_fidelity",  # after burst_drain: it reads that run's result
+    "sim_speed": "bench.sim_speed",
+    "policy_comparison": "bench.policy_comparison",
 }
 
 

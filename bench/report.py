@@ -1,7 +1,10 @@
 """Writes docs/benchmarks.md (and the plots under docs/img/) from the saved results.
 
 The report states the machine and the settings next to every figure, because figures from a
-2-core VM say little without them. Benchmarks with no saved result are listed as not yet run.
+2-core VM say little without them. A benchmark with no saved result keeps its section from the
+current report as it stands (results are not committed, so a checkout that ran only some
+benchmarks must not erase the others' published figures); one never measured is listed as not
+yet run.
 """
 
 from __future__ import annotations
@@ -84,16 +87,41 @@ def _when(epoch: float) -> str:
     return dt.datetime.fromtimestamp(epoch, tz=dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
 
 
+def _previous_sections(report_path: Path) -> dict[str, list[str]]:
+    """The current report's sections by heading (``## title`` -> its lines, heading included)."""
+    try:
+        text = report_path.read_text()
+    except OSError:
+        return {}
+    sections: dict[str, list[str]] = {}
+    current: list[str] | None = None
+    for line in text.splitlines():
+        if line.startswith("## "):
+            current = sections.setdefault(line[3:].strip(), [])
+        if current is not None:
+            current.append(line)
+    for lines in sections.values():
+        while lines and not lines[-1].strip():
+            lines.pop()
+    return sections
+
+
 def write_report(ctx: Context) -> Path:
-    """Render every saved result (and its plots) into ``ctx.report_path``."""
+    """Render every saved result (and its plots) into ``ctx.report_path``; a benchmark without
+    a saved result keeps its section of the current report, if it has one."""
+    previous = _previous_sections(ctx.report_path)
     sections: list[str] = []
     found: list[Result] = []
     for name in registry.MODULES:
         bench = registry.load(name)
         path = ctx.results_dir / f"{name}.json"
         if not path.exists():
-            sections += [f"## {bench.TITLE}", "", "Not measured yet: run `python -m bench "
-                         f"{name}`.", ""]  # fmt: skip
+            kept = previous.get(bench.TITLE)
+            if kept:
+                sections += [*kept, ""]
+            else:
+                sections += [f"## {bench.TITLE}", "", "Not measured yet: run `python -m bench "
+                             f"{name}`.", ""]  # fmt: skip
             continue
         result = Result.load(path)
         found.append(result)
@@ -118,7 +146,8 @@ def write_report(ctx: Context) -> Path:
         for image in images:
             rel = image.relative_to(ctx.report_path.parent)
             sections += [f"![{result.title}]({rel.as_posix()})", ""]
-    text = "\n".join([HEADER, *_machine_section(found), "", *sections]).rstrip() + "\n"
+    machine = _machine_section(found) if found else previous.get("Machine", _machine_section([]))
+    text = "\n".join([HEADER, *machine, "", *sections]).rstrip() + "\n"
     ctx.report_path.parent.mkdir(parents=True, exist_ok=True)
     ctx.report_path.write_text(text)
     return ctx.report_path

@@ -17,6 +17,7 @@ Figures per policy and service, defined so that they match bench/burst_drain.py 
 
 from __future__ import annotations
 
+import bisect
 import csv
 import itertools
 import json
@@ -168,6 +169,37 @@ def write_steps_csv(path: Path, results: Mapping[str, SimResult]) -> None:
                 w.writerow([f"{s.t:g}", label, s.service, s.replicas, s.waiting, s.in_flight, age])
 
 
+def replica_series(r: SimResult) -> dict[str, tuple[list[float], list[int]]]:
+    """Per service, the serving replicas as the backend changed them (at each action, not at
+    the next cycle's observation, which would draw every change one interval late)."""
+    series: dict[str, tuple[list[float], list[int]]] = {}
+    for s in r.steps:
+        if s.service not in series:
+            series[s.service] = ([s.t], [s.replicas])
+    for a in r.actions:
+        t, reps = series[a.service]
+        t.append(a.t)
+        reps.append(a.after)
+    for t, reps in series.values():
+        t.append(r.horizon_s)
+        reps.append(reps[-1])
+    return series
+
+
+def waiting_series(r: SimResult, points: int = 2000) -> dict[str, tuple[list[float], list[int]]]:
+    """Per service, tasks published but not started, on an even grid of about ``points`` (at
+    least one a second), counted from the tasks themselves rather than sampled at the cycles."""
+    step = max(1.0, r.horizon_s / points)
+    grid = [i * step for i in range(int(r.horizon_s / step) + 1)]
+    series: dict[str, tuple[list[float], list[int]]] = {}
+    for log in r.tasks.values():
+        publish, start = list(log.publish), list(log.start)
+        _, wait = series.setdefault(log.service, (grid, [0] * len(grid)))
+        for i, t in enumerate(grid):
+            wait[i] += bisect.bisect_right(publish, t) - bisect.bisect_right(start, t)
+    return series
+
+
 def write_plot(path: Path, results: Mapping[str, SimResult]) -> None:
     """Replicas (top) and waiting tasks (bottom) over time per service, one column per policy,
     shared axes so the columns compare at a glance. Raises ImportError without matplotlib."""
@@ -189,15 +221,10 @@ def write_plot(path: Path, results: Mapping[str, SimResult]) -> None:
     scale, unit = (3600.0, "hours") if hours else (1.0, "seconds")
     for col, label in enumerate(labels):
         r = results[label]
-        by: dict[str, tuple[list[float], list[int], list[int]]] = {}
-        for s in r.steps:
-            t, reps, wait = by.setdefault(s.service, ([], [], []))
-            t.append(s.t / scale)
-            reps.append(s.replicas)
-            wait.append(s.waiting)
-        for service, (t, reps, wait) in by.items():
-            axes[0][col].step(t, reps, where="post", label=service, linewidth=1)
-            axes[1][col].step(t, wait, where="post", label=service, linewidth=1)
+        for service, (t, reps) in replica_series(r).items():
+            axes[0][col].step([x / scale for x in t], reps, where="post", label=service, lw=1)
+        for service, (t, wait) in waiting_series(r).items():
+            axes[1][col].plot([x / scale for x in t], wait, label=service, linewidth=1)
         axes[0][col].set_title(label, fontsize=10)
         axes[1][col].set_xlabel(f"{unit} from the trace's start")
     axes[0][0].set_ylabel("replicas (serving)")

@@ -261,3 +261,23 @@ def test_layered_model_spec_overrides_the_trace() -> None:
     )
     r = simulate(p, t, build_model(p, t.model, spec))
     assert summarise(r)["services"]["worker-io"]["drain_s"] == pytest.approx(1.0)
+
+
+def test_plot_series_change_when_things_happen_not_at_the_next_cycle() -> None:
+    from scaler.simulate.report import replica_series, waiting_series
+
+    p = policy({"min_replicas": 1, "max_replicas": 1})
+    t = trace(
+        [burst(0, 100)],
+        model={"queues": {"io_intensive": {"duration_s": {"fixed": 2}}}},
+        duration_s=10,
+    )
+    times, wait = waiting_series(simulate(p, t))["worker-io"]
+    at = dict(zip(times, wait, strict=True))
+    assert (at[0.0], at[1.0], at[2.0], at[46.0], at[48.0]) == (96, 96, 92, 4, 0)
+
+    r = simulate(policy(), trace([burst(10, 600, 2)], duration_s=60), seed=1)
+    first = r.actions[0]
+    times, reps = replica_series(r)["worker-io"]
+    assert reps[0] == 1 and times[1] == first.t and reps[1] == first.after
+    assert reps[-1] == io_steps(r)[-1].replicas
