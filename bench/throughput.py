@@ -4,9 +4,11 @@ Per pool type (prefork -c 2, threads -c 8, solo), a real worker process
 (``celery -A bench.throughput_app worker``) drains a queue filled beforehand with N tiny tasks
 on the local Redis (keys under this run's own prefix). The tasks themselves record when the first
 one started and the last one ended, so worker start-up is not counted and no polling resolution
-enters the figure: rate = (N - 1) / (last - first). Profiles alternate order from run to run, so
-neither always runs on a warmer machine; the report gives medians over the runs and the ratio
-project / default.
+enters the figure: rate = (N - 1) / (last - first). Profiles rotate order from run to run, so
+none always runs on a warmer machine; the report gives medians over the runs and the ratio
+project / default. A third profile, "project-untracked", is the project's without the record of
+who holds each unacked message (services.ownership, issue 12): the ratio tracked / untracked,
+side by side in the same runs, is that record's cost on the hot path.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ from bench.throughput_app import PROFILES, make_app
 NAME = "throughput"
 TITLE = "Worker throughput on tiny tasks (benchmark 4)"
 POOLS: tuple[tuple[str, int], ...] = (("prefork", 2), ("threads", 8), ("solo", 1))
-PROFILE_ORDER = ("default", "project")
+PROFILE_ORDER = ("default", "project", "project-untracked")
 DRAIN_TIMEOUT_S = 120.0
 
 
@@ -127,7 +129,8 @@ def run(ctx: Context) -> Result:
     try:
         for i in range(runs):
             for pool, concurrency in POOLS:
-                order = PROFILE_ORDER if i % 2 == 0 else PROFILE_ORDER[::-1]
+                shift = (i + POOLS.index((pool, concurrency))) % len(PROFILE_ORDER)
+                order = PROFILE_ORDER[shift:] + PROFILE_ORDER[:shift]
                 for profile in order:
                     row = _one_run(ctx, r, pool, concurrency, profile, total,
                                    f"{i}-{pool}-{profile}")  # fmt: skip
@@ -149,13 +152,8 @@ def run(ctx: Context) -> Result:
                 and row["tasks_per_s"]]
             for p in PROFILE_ORDER
         }  # fmt: skip
-        per_run = [
-            ratio(a["tasks_per_s"], b["tasks_per_s"])
-            for a in rows
-            for b in rows
-            if a["pool"] == b["pool"] == pool and a["run"] == b["run"]
-            and a["profile"] == "project" and b["profile"] == "default"
-        ]  # fmt: skip
+        per_run = _per_run_ratios(rows, pool, "project", "default")
+        tracking = _per_run_ratios(rows, pool, "project", "project-untracked")
         table.append(
             {
                 "pool": pool,
@@ -166,6 +164,15 @@ def run(ctx: Context) -> Result:
                 "project_range": [min(rates["project"]), max(rates["project"])],
                 "ratio_of_medians": ratio(median(rates["project"]), median(rates["default"])),
                 "ratio_per_run_median": median([x for x in per_run if x is not None]),
+                "untracked_median": median(rates["project-untracked"]),
+                "untracked_range": [
+                    min(rates["project-untracked"]),
+                    max(rates["project-untracked"]),
+                ],
+                "tracking_ratio_of_medians": ratio(
+                    median(rates["project"]), median(rates["project-untracked"])
+                ),
+                "tracking_ratio_per_run_median": median([x for x in tracking if x is not None]),
             }
         )
     return Result(
@@ -178,6 +185,7 @@ def run(ctx: Context) -> Result:
             "runs": runs,
             "pools": [f"{p} -c {c}" for p, c in POOLS],
             "project_profile": PROFILES["project"],
+            "project_untracked_profile": PROFILES["project-untracked"],
             "default_profile": "Celery defaults (task_acks_late False, prefetch multiplier 4)",
             "broker": "local Redis on loopback, project's priority layout (10 lists per queue)",
             "task": "bench.tick: one INCR on Redis (two SETs for the first and last), no result",
@@ -187,6 +195,17 @@ def run(ctx: Context) -> Result:
         summary={"pools": table},
         notes=notes,
     )
+
+
+def _per_run_ratios(rows: list[dict[str, Any]], pool: str, a: str, b: str) -> list[float | None]:
+    """Profile ``a``'s rate over ``b``'s, per run of ``pool`` (the two measured side by side)."""
+    return [
+        ratio(x["tasks_per_s"], y["tasks_per_s"])
+        for x in rows
+        for y in rows
+        if x["pool"] == y["pool"] == pool and x["run"] == y["run"]
+        and x["profile"] == a and y["profile"] == b
+    ]  # fmt: skip
 
 
 def render(result: Result) -> str:
@@ -203,6 +222,26 @@ def render(result: Result) -> str:
             f"({d_lo:.0f}-{d_hi:.0f}) | {row['project_median']:.0f} ({p_lo:.0f}-{p_hi:.0f}) "
             f"| {row['ratio_of_medians']:.2f} | {row['ratio_per_run_median']:.2f} |"
         )
+    if all("untracked_median" in row for row in result.summary["pools"]):
+        lines += [
+            "",
+            "The cost of recording who holds each unacked message (`services.ownership`, the "
+            "owner tracking a dead worker's restore needs; issue 12): the project profile with it "
+            "(as shipped) and without it, measured in the same runs, order rotating.",
+            "",
+            "| pool | project without owner tracking: tasks/s median (range) "
+            "| project (with it): tasks/s median | tracked / untracked (of medians) "
+            "| per-run ratio, median |",
+            "|---|---:|---:|---:|---:|",
+        ]
+        for row in result.summary["pools"]:
+            u_lo, u_hi = row["untracked_range"]
+            lines.append(
+                f"| {row['pool']} -c {row['concurrency']} | {row['untracked_median']:.0f} "
+                f"({u_lo:.0f}-{u_hi:.0f}) | {row['project_median']:.0f} "
+                f"| {row['tracking_ratio_of_medians']:.3f} "
+                f"| {row['tracking_ratio_per_run_median']:.3f} |"
+            )
     return "\n".join(lines)
 
 
@@ -216,12 +255,17 @@ def plot(result: Result, img_dir: Path) -> list[Path]:
     rows = result.summary["pools"]
     xs = list(range(len(rows)))
     fig, ax = plt.subplots(figsize=(7, 4))
-    for offset, profile, label in ((-0.2, "default", "Celery defaults (prefetch 4, early ack)"),
-                                   (0.2, "project", "project (prefetch 1, late ack)")):  # fmt: skip
+    bars = [("default", "Celery defaults (prefetch 4, early ack)"),
+            ("project", "project (prefetch 1, late ack, owner tracking)")]  # fmt: skip
+    if all("untracked_median" in row for row in rows):
+        bars.append(("untracked", "project without owner tracking"))
+    width = 0.8 / len(bars)
+    for k, (profile, label) in enumerate(bars):
+        offset = (k - (len(bars) - 1) / 2) * width
         meds = [row[f"{profile}_median"] for row in rows]
         lows = [m - row[f"{profile}_range"][0] for m, row in zip(meds, rows, strict=True)]
         highs = [row[f"{profile}_range"][1] - m for m, row in zip(meds, rows, strict=True)]
-        ax.bar([x + offset for x in xs], meds, width=0.4, yerr=[lows, highs], capsize=4,
+        ax.bar([x + offset for x in xs], meds, width=width, yerr=[lows, highs], capsize=4,
                label=label)  # fmt: skip
     ax.set_xticks(xs, [f"{row['pool']} -c {row['concurrency']}" for row in rows])
     ax.set(ylabel="tasks per second (median of runs)", title="Tiny-task throughput per pool")

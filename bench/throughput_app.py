@@ -24,7 +24,14 @@ PROJECT_DELIVERY: dict[str, Any] = {
     "task_reject_on_worker_lost": True,
     "worker_prefetch_multiplier": 1,
 }
-PROFILES: dict[str, dict[str, Any]] = {"project": PROJECT_DELIVERY, "default": {}}
+# services/application.py also records who holds each unacked message (services.ownership):
+# "project" includes it; "project-untracked" is the same without it, to measure its cost.
+OWNER_TRACKING: dict[str, Any] = {"broker_transport": "services.ownership:Transport"}
+PROFILES: dict[str, dict[str, Any]] = {
+    "project": {**PROJECT_DELIVERY, **OWNER_TRACKING},
+    "default": {},
+    "project-untracked": PROJECT_DELIVERY,
+}
 
 
 def make_app(broker_url: str, key_prefix: str, profile: str) -> Celery:
@@ -39,6 +46,8 @@ def make_app(broker_url: str, key_prefix: str, profile: str) -> Celery:
     }
     if key_prefix:
         options["global_keyprefix"] = key_prefix
+    if "broker_transport" in PROFILES[profile]:
+        options["unacked_owner_key"] = "unacked_owner"
     app.conf.update(
         broker_transport_options=options,
         task_serializer="json",

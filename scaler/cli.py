@@ -47,6 +47,7 @@ from scaler.loop import MAX_BACKOFF_FACTOR, PolicySource, Scaler
 from scaler.metrics import ScalerMetrics
 from scaler.policy import Policy, PolicyError, load_policy
 from scaler.recorder import FlightRecorder, add_record_command, add_run_flags, settings_from_args
+from scaler.restore import UnackedRestorer
 from scaler.signals.collector import Collector, queue_reader_for_app
 from scaler.status import STATE_FILE_ENV, default_state_file, read_snapshot, render
 
@@ -163,9 +164,15 @@ def _build(args: argparse.Namespace, dry_run: bool) -> tuple[Scaler, Backend, An
     source = _load_source(args)
     app = load_app(args.app)
     backend = BACKENDS[args.backend](args, app)
+    # A dead worker's unacked messages back at once (Redis with owner tracking; else None).
+    restorer = UnackedRestorer.for_app(app)
+    if hasattr(backend, "restorer"):
+        backend.restorer = restorer
     collector = Collector(queue_reader_for_app(app))
     state = Path(args.state_file) if getattr(args, "state_file", None) else None
-    scaler = Scaler(source, backend, collector, state_file=state, dry_run=dry_run)
+    scaler = Scaler(
+        source, backend, collector, state_file=state, dry_run=dry_run, restorer=restorer
+    )
     return scaler, backend, app
 
 

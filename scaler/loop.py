@@ -47,6 +47,7 @@ from scaler.live import LiveFeed
 from scaler.metrics import ScalerMetrics
 from scaler.observations import Observations
 from scaler.policy import Policy, PolicyError, load_policy
+from scaler.restore import RESTORE_FAILED, RESTORED, UnackedRestorer
 from scaler.signals.collector import Collector
 from scaler.status import ServiceStatus, Snapshot, write_snapshot
 
@@ -164,6 +165,10 @@ class Scaler:
     backoffs: dict[str, ServiceBackoff] = field(default_factory=dict)
     recorder_status: Callable[[], Mapping[str, Any]] | None = None  # the flight recorder's state
     live: LiveFeed | None = None  # the dashboard's history and event feed (LiveFeed.attach)
+    # Gives dead workers' unacked messages back (scaler.restore): the backends on each death;
+    # the loop at start and takeover for workers that died while no scaler watched.
+    restorer: UnackedRestorer | None = None
+    _sweep_pending: bool = field(default=True, init=False)
     _reload: threading.Event = field(default_factory=threading.Event, init=False)
     _managed: tuple[ServiceSpec, ...] = field(default=(), init=False)
     last_snapshot: Snapshot | None = field(default=None, init=False)
@@ -214,6 +219,7 @@ class Scaler:
         # A standby re-reads the backend every cycle, and so does a replica that just became
         # leader: either way the workers may have been started by another scaler.
         self._sync_backend(refresh=not leading or not self._was_leading)
+        self._sweep_pending |= leading and not self._was_leading  # a start or a takeover
         self._was_leading = leading
         if self.leader is not None and self.leader.last_error:
             errors.append(f"leader: {self.leader.last_error}")
@@ -223,6 +229,7 @@ class Scaler:
                     self._backend_event(event)
             except Exception as exc:
                 errors.append(f"backend: reconcile failed: {exc}")
+            self._sweep_dead_owners(policy)
         queues = {name: list(svc.queues) for name, svc in policy.services.items()}
         obs = self.collector.collect(queues, self.backend)
         errors.extend(obs.errors)
@@ -268,7 +275,48 @@ class Scaler:
         text = f"{event.service} {event.kind}: {event.detail}"
         self.events.append(text)
         level = logging.INFO if event.kind == "drained" else logging.WARNING
-        log.log(level, json.dumps({"event": "backend", "detail": text}))
+        fields: dict[str, Any] = {"event": "backend", "detail": text}
+        if event.kind == RESTORED:
+            fields.update(kind=RESTORED, service=event.service, count=event.count)
+            if self.metrics is not None:
+                self.metrics.record_restored(event.service, event.count)
+        elif event.kind == RESTORE_FAILED:
+            self._sweep_pending = True  # try again next cycle, from the owner hash
+        log.log(level, json.dumps(fields))
+
+    def _sweep_dead_owners(self, policy: Policy) -> None:
+        """At a start or takeover (or after a failed restore): give back what nodes hold that
+        are not among the backend's live workers and do not answer a ping (scaler.restore)."""
+        if self.restorer is None or not self._sweep_pending:
+            return
+        queue_service = {q: name for name, svc in policy.services.items() for q in svc.queues}
+        try:
+            alive = {
+                w.name
+                for name in policy.services
+                for w in self.backend.workers(name)
+                if w.state in ("running", "draining")
+            }
+            result = self.restorer.sweep(alive, queues=queue_service)
+        except Exception as exc:
+            log.warning(json.dumps({"event": "restore-sweep-failed", "error": str(exc)}))
+            return  # still pending: the next cycle tries again
+        self._sweep_pending = False
+        by_service: dict[str, int] = {}
+        for queue, count in result.by_queue.items():
+            service = queue_service.get(queue, "?")
+            by_service[service] = by_service.get(service, 0) + count
+        nodes = ", ".join(sorted(result.by_node))
+        for service, count in sorted(by_service.items()):
+            self._backend_event(
+                BackendEvent(
+                    service,
+                    RESTORED,
+                    f"{count} unacked message(s) of {nodes} (not alive, found at start or "
+                    "takeover) back on their queues",
+                    count=count,
+                )
+            )
 
     def _act_paced(
         self, obs: Observations, decision: Decision, now: float, *, leading: bool

@@ -169,6 +169,12 @@ class ScalerMetrics:
             ["service", "mode"],
             registry=r,
         )
+        self.restored = Counter(
+            "scaler_restored_messages",
+            "A dead worker's unacked messages put back on their queues (Redis)",
+            ["service"],
+            registry=r,
+        )
         self.last_cycle = Gauge(
             "scaler_last_cycle_timestamp_seconds", "Wall-clock time of the last cycle", registry=r
         )
@@ -246,6 +252,11 @@ class ScalerMetrics:
             self.leader.set(1 if leader else 0)
             self.last_cycle.set(time.time())
             self._last_cycle_monotonic = clock()
+
+    def record_restored(self, service: str, count: int) -> None:
+        """Count messages restored from a dead worker of ``service``."""
+        if count > 0:
+            self.restored.labels(service=service).inc(count)
 
     def record_error(self, error: str) -> None:
         """Count an error outside a cycle (e.g. the leader lease's own thread)."""

@@ -18,6 +18,7 @@ from services.base_task import RecordingTask
 from services.config import PRIORITY_SEP, PRIORITY_STEPS, QUEUE_NAMES, Settings
 from services.db import DatabasePool
 from services.heartbeat import HeartbeatFile
+from services.ownership import OWNER_KEY, TRANSPORT
 from services.records import TaskRecorder
 from services.schedule import beat_schedule
 
@@ -81,6 +82,10 @@ def broker_transport_options(settings: Settings) -> dict[str, Any]:
     }
     if settings.key_prefix:
         options["global_keyprefix"] = settings.key_prefix
+    if settings.broker_is_redis:
+        # Who holds each unacked message (services.ownership): the scaler restores a dead
+        # worker's messages at once instead of after the visibility timeout.
+        options["unacked_owner_key"] = OWNER_KEY
     return options
 
 
@@ -111,6 +116,8 @@ def create_app(settings: Settings, main: str = "services") -> ServiceApp:
     )
     app.conf.update(
         broker_url=settings.broker_url,
+        # On Redis, kombu's transport plus the owner of each unacked message (services.ownership).
+        broker_transport=TRANSPORT if settings.broker_is_redis else None,
         result_backend=settings.result_backend,
         broker_transport_options=broker_transport_options(settings),
         result_backend_transport_options=(

@@ -53,8 +53,9 @@ class BackendEvent:
     """Something the backend did on its own (a dead worker replaced, a drain finished)."""
 
     service: str
-    kind: str  # "replaced", "drained", "drain-timeout", ...
+    kind: str  # "replaced", "drained", "drain-timeout", "restored", ...
     detail: str
+    count: int = 0  # for "restored": the messages put back on their queues
 
 
 @dataclass(frozen=True)

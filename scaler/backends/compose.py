@@ -66,6 +66,7 @@ from scaler.backends.base import (
 from scaler.backends.restart_backoff import RestartBackoff
 from scaler.backends.stranded import restore_stranded
 from scaler.observations import Resources
+from scaler.restore import UnackedRestorer, restore_dead_workers
 from scaler.signals.containers import ContainerStats
 
 log = logging.getLogger(__name__)
@@ -280,6 +281,7 @@ class ComposeBackend:
         backoff_s: float = 0.2,
         stats_stale_after_s: float = 5.0,
         restart_backoff: RestartBackoff | None = None,
+        restorer: UnackedRestorer | None = None,
     ) -> None:
         if not project or not re.fullmatch(r"[a-z0-9][a-z0-9_-]*", project):
             raise ValueError(
@@ -323,6 +325,9 @@ class ComposeBackend:
         self._stats = ContainerStats(lambda: self._factory().api, stale_after_s=stats_stale_after_s)
         self._limits: dict[str, float | None] = {}  # container id -> CPU limit in CPUs, or None
         self._backoff = restart_backoff or RestartBackoff()
+        # Gives a dead worker's unacked messages back at once (scaler.restore); None: not Redis.
+        self.restorer = restorer
+        self._restored: set[str] = set()  # dead container ids whose messages were given back
 
     # -- the Backend interface ---------------------------------------------------------------
 
@@ -397,6 +402,8 @@ class ComposeBackend:
             for c in dead:
                 if not self._backoff.knows(service, c.id):
                     self._backoff.exited(service, c.id, self._lifetime(c))
+                if c.id not in self._restored:  # before any replacement starts
+                    events += self._restore_dead(service, c)
             if not self._backoff.may_start(service):
                 continue  # a crash loop: the dead stay until the backoff runs out
             for c in dead:
@@ -819,6 +826,11 @@ class ComposeBackend:
                     self._parked.add(container.id)  # even if the grace period runs out
                 client.api.stop(container.id, timeout=grace)
                 stopped = True
+                # A warm shutdown leaves nothing unacked; one killed past its grace may.
+                restored = restore_dead_workers(self.restorer, service, [node], "stopped")
+                if restored is not None:
+                    with self._lock:
+                        self._events.append(restored)
                 if not park:
                     client.api.remove_container(container.id)
             finally:
@@ -893,6 +905,7 @@ class ComposeBackend:
         try:
             template = self._template(service, containers)
             self._call(f"remove {dead.name}", lambda cl: cl.api.remove_container(dead.id))
+            self._restored.discard(dead.id)
             self._backoff.forget(service, dead.id)
             self._nodes.pop(dead.id, None)
             self._guesses.pop(dead.id, None)
@@ -900,6 +913,20 @@ class ComposeBackend:
         except BackendError as exc:
             return BackendEvent(service, "replace-failed", f"{detail}: {exc}")
         return BackendEvent(service, "replaced", f"{detail}; started {name}")
+
+    def _restore_dead(self, service: str, dead: ComposeContainer) -> list[BackendEvent]:
+        """Give back what the dead container's worker held (once per container)."""
+        if self.restorer is None:
+            return []
+        try:
+            node = self._nodes.get(dead.id) or self._guess(dead.id)[1]
+        except BackendError as exc:
+            return [BackendEvent(service, "restore-failed", f"{dead.name}: node name: {exc}")]
+        why = f"{dead.name} {dead.state}, exit code {dead.exit_code}"
+        event = restore_dead_workers(self.restorer, service, [node], why)
+        if event is None or event.kind != "restore-failed":
+            self._restored.add(dead.id)
+        return [event] if event is not None else []
 
     def _note(self, service: str, kind: str, detail: str) -> None:
         log.info("%s %s: %s", service, kind, detail)

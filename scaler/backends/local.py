@@ -48,6 +48,7 @@ from scaler.backends.base import (
 from scaler.backends.restart_backoff import RestartBackoff
 from scaler.backends.stranded import restore_stranded
 from scaler.observations import Resources
+from scaler.restore import UnackedRestorer, restore_dead_workers
 from scaler.signals.resources import ProcessStats
 
 log = logging.getLogger(__name__)
@@ -110,6 +111,8 @@ class LocalBackend:
     hostname: str = field(default_factory=socket.gethostname)
     clock: Callable[[], float] = time.monotonic
     restart_backoff: RestartBackoff = field(default_factory=RestartBackoff)
+    # Gives a dead worker's unacked messages back at once (scaler.restore); None: not Redis.
+    restorer: UnackedRestorer | None = None
     name: str = "local"
     _specs: dict[str, ServiceSpec] = field(default_factory=dict, init=False)
     _workers: dict[str, list[LocalWorker]] = field(default_factory=dict, init=False)
@@ -118,6 +121,7 @@ class LocalBackend:
     _drains: list[threading.Thread] = field(default_factory=list, init=False)
     _stats: ProcessStats = field(default_factory=ProcessStats, init=False)
     _adopt_pending: bool = field(default=False, init=False)  # check consumers at next reconcile
+    _restored: set[int] = field(default_factory=set, init=False)  # dead pids already restored
 
     def __post_init__(self) -> None:
         if self.concurrency < 1:
@@ -289,6 +293,8 @@ class LocalBackend:
                 worker.signal(signal.SIGKILL)
                 worker.wait(5.0)
                 detail += ", then SIGKILL"
+            with self._lock:
+                self._restore_dead(worker)  # a cold or killed shutdown may leave messages
         self._forget(worker)
         with self._lock:
             self._events.append(BackendEvent(worker.service, kind, f"{worker.name}: {detail}"))
@@ -313,10 +319,13 @@ class LocalBackend:
                 for worker in dead:
                     lifetime = None if worker.started_at is None else now - worker.started_at
                     self.restart_backoff.exited(service, str(worker.pid), lifetime)
+                    if worker.pid not in self._restored:  # before its replacement (same name)
+                        self._restore_dead(worker)
                 if not dead or not self.restart_backoff.may_start(service):
                     continue
                 for worker in dead:
                     self._forget(worker)
+                    self._restored.discard(worker.pid)
                     self.restart_backoff.forget(service, str(worker.pid))
                     code = worker.popen.returncode if worker.popen else None
                     replacement = self._start(service)
@@ -333,6 +342,16 @@ class LocalBackend:
         with self._lock:
             events, self._events = [*self._events, *restored], []
         return events
+
+    def _restore_dead(self, worker: LocalWorker) -> None:
+        """Give back what a dead worker held, once per process (called under the lock)."""
+        code = worker.popen.returncode if worker.popen else None
+        why = f"pid {worker.pid} exited {code}" if code is not None else f"pid {worker.pid} gone"
+        event = restore_dead_workers(self.restorer, worker.service, [worker.name], why)
+        if event is None or event.kind != "restore-failed":
+            self._restored.add(worker.pid)
+        if event is not None:
+            self._events.append(event)
 
     def _restore_stranded(self) -> list[BackendEvent]:
         """Give running workers that consume none of their queues those queues back (a drain

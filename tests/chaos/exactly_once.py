@@ -61,6 +61,20 @@ class PostgresEffects:
         finally:
             conn.close()
 
+    def done_at(self, task_ids: list[str]) -> dict[str, float]:
+        """When each id's effect was written (Unix seconds, PostgreSQL's clock), ids done only."""
+        conn = psycopg2.connect(self.database_url, connect_timeout=5)
+        try:
+            with conn.cursor() as cur:
+                cur.execute(
+                    "SELECT task_id, extract(epoch FROM created_at) FROM task_effects"
+                    " WHERE task_id = ANY(%s)",
+                    (task_ids,),
+                )
+                return {task_id: float(at) for task_id, at in cur.fetchall()}
+        finally:
+            conn.close()
+
 
 class RedisBroker:
     """kombu's Redis layout: a list per priority step per queue, and one unacked hash."""
@@ -156,6 +170,23 @@ def absorbed_redeliveries(records_url: str, key_prefix: str, task_ids: Iterable[
         if record.get("task_id") in wanted and isinstance(result, dict):
             count += bool(result.get("duplicate"))
     return count
+
+
+def runs_per_task(records_url: str, key_prefix: str, task_ids: Iterable[str]) -> dict[str, int]:
+    """How many times each of these ids ran to success (a redelivery that found its effect
+    already written counts too): exactly 1 each means no task was run twice."""
+    wanted = set(task_ids)
+    client = redis.Redis.from_url(records_url)
+    try:
+        raw = cast(list[bytes], client.lrange(f"{key_prefix}task_successes", 0, -1))
+    finally:
+        client.close()
+    runs = dict.fromkeys(wanted, 0)
+    for item in raw:
+        task_id = json.loads(item).get("task_id")
+        if task_id in wanted:
+            runs[task_id] += 1
+    return runs
 
 
 @dataclass(frozen=True)

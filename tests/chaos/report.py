@@ -25,9 +25,56 @@ found the effect already written (a redelivery the idempotent effect made harmle
 is in seconds; what it measures is stated per scenario. Workers are real `celery worker`
 processes (prefork), brokers are real Redis and RabbitMQ; see tests/chaos/ for each scenario.
 
-Settings under test: late acks, `task_reject_on_worker_lost`, prefetch 1, JSON only. Redis
-scenarios that kill a worker use a visibility timeout of 8 s (task time limit 7 s) so that
-redelivery happens within the test; the stack's default is 900 s.
+Settings under test: late acks, `task_reject_on_worker_lost`, prefetch 1, JSON only. The
+worker-level Redis scenarios that kill a worker use a visibility timeout of 8 s (task time limit
+7 s) so that kombu's own redelivery happens within the test; the stack scenarios run with the
+visibility timeout the stack ships (3600 s), so there a dead worker's tasks come back only
+through the scaler's restore (below).
+
+**A dead worker's tasks come back at once (Redis, issue 12).** Each worker records, for every
+message it takes, `delivery_tag -> its Celery node name` in `unacked_owner`, in the same Redis
+pipeline (MULTI) as kombu's own `unacked`/`unacked_index` writes, and removes it in the same
+pipeline as kombu's ack, reject and restore (`services/ownership.py`). When the scaler sees a
+managed worker's container or process dead (exited non-zero, OOM-killed, engine-marked dead; a
+drain that had to kill), it puts exactly that node's unacked messages back on their queues before
+it starts a replacement: kombu's own payload rewrite (`redelivered`, the priority sub-queue from
+the message's priority, the exchange's binding), then one Lua script per batch that pushes a
+message only if the owner entry still names the dead node and the `unacked` entry is still the
+one read, and deletes the three entries (`scaler/restore.py`). A message is restored once,
+whoever races: two scalers, a restarted worker, or kombu's visibility-timeout sweep (its MULTI
+WATCHes `unacked`). A live worker's messages are never restored: only nodes known dead are named
+(a frozen container still running is alive). Each restore is a `restored` event in `/status` and
+the log, with the count, and `scaler_restored_messages_total{{service}}`. A worker that Docker's
+restart policy restarts in place (same node name, e.g. after an OOM kill) gives back what its
+previous run held itself, at start, before it consumes. In-flight counts: a dead worker's
+messages are restored in the reconcile that sees the death, before the cycle reads the queues,
+so they count as waiting at once, never as phantom in-flight work.
+
+Limits: (1) if Redis itself is lost without its data, the messages are lost with it (AOF
+`everysec` can lose the last second; the owner entries are in the same transactions, so what
+survives is consistent). (2) If no scaler runs when a worker dies, the next scaler to start or
+take over the lease restores, from the owner hash, the messages of every node that is neither
+among its backend's live workers nor answering a Celery ping (and that holds only messages of
+the queues its policy manages); a worker whose event loop cannot answer a ping (a solo pool busy
+on a long task) outside the scaler's management could be taken for dead then: the idempotent
+effect (keyed by task id) absorbs such a second run. (3) Worker node names must be unique
+(Celery's own rule). (4) kombu's Redis consumer takes a message with `BRPOP` (it leaves the
+list) and only then writes it to `unacked`, with its owner, in one pipeline: a worker killed in
+between (a fraction of a millisecond per message taken, longer on a loaded machine) loses that
+one message. It is in no list and in no hash, so neither kombu's visibility-timeout sweep nor
+this restore can give it back; RabbitMQ has no such window. This is kombu's, not new here (and
+not closed here: a blocking pop that moves atomically from several priority lists does not
+exist in Redis); measured on this machine, a threads worker (4) draining 10 ms tasks and
+SIGKILLed 30 times lost 2 messages, each time with 3 of its 4 prefetch slots recorded. The stack
+scenarios below therefore kill a worker at a moment it holds its full prefetch (frozen with
+SIGSTOP, its owner entries counted, then SIGKILL): it has no `BRPOP` outstanding then, and what
+it held is exactly what must come back. (5) Kombu's visibility-timeout sweep stays the last net
+for a dead worker's recorded messages that no scaler restores. (6) An ack that cannot reach Redis
+(the task finished while Redis was down or restarting) leaves its entry in `unacked` under a
+live worker: no dead worker's, so nothing here restores it; it comes back after the visibility
+timeout (an hour as shipped) and runs again, absorbed by the idempotent effect, and the scaler
+counts it in flight until the abandoned bound (180 s). The Redis-restart scenario below gives
+such entries back the way kombu's sweep would, and counts them.
 
 What the scaler sees meanwhile (Redis): a worker killed outright leaves its message in kombu's
 `unacked` hash until the visibility timeout. Counted as in flight for all that time, such a
@@ -35,8 +82,8 @@ phantom would hold replicas up and block scale to zero. The scaler's reader stop
 unacked entry once it is older (from its delivery time in `unacked_index`, or from its ETA when
 later) than the longest a live worker can hold a due task: the app's `task_time_limit` plus a
 60 s margin (180 s with the stack's 120 s limit) and reports it as `abandoned` (a field of
-the queue signal, for status); it
-stay in Redis until kombu restores them and they count as waiting again. An app without a hard
+the queue signal, for status); such entries (a worker without owner tracking, or one no scaler
+saw die) stay in Redis until they are restored and count as waiting again. An app without a hard
 time limit has no such bound, and every unacked entry counts. Tested in
 `tests/scaler/test_signals_redis.py` with a real worker SIGKILLed mid-task.
 """
@@ -106,8 +153,8 @@ def render(document: dict[str, Any]) -> str:
         "- RabbitMQ restart mid-burst is not run: a RabbitMQ node of the suite's own is too "
         "costly to start and restart here.",
         "- Stack-level scenarios (scaler or leader killed, Docker API unreachable, worker "
-        "container SIGKILL, Redis/PostgreSQL restart inside the stack, malformed policy reload) "
-        "live in tests/chaos/test_stack_*.py.",
+        "container SIGKILL, OOM kill, freeze then kill, Redis/PostgreSQL restart inside the "
+        "stack, malformed policy reload) live in tests/chaos/test_stack_*.py.",
         "",
     ]
     return "\n".join(lines)

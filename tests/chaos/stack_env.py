@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -23,8 +24,10 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
+import psutil
+import redis
 from docker_socket_proxy import DockerSocketProxy
 from exactly_once import PostgresEffects, RedisBroker, Verdict, send_burst, verdict
 
@@ -51,13 +54,15 @@ FILES = (
     COMPOSE_DIR / "compose.prod.yaml",
     Path(__file__).with_name("compose.stack-chaos.yaml"),
 )
-# Short windows so each scenario scales within seconds. Redis redelivers an unacked task after
-# CELERY_VISIBILITY_TIMEOUT: 15 s keeps a SIGKILL scenario short (time limit 10 s below it, the
-# stop grace above it, as the settings check demands). A 3 s lease: a standby takes over in ~4 s.
+# Short windows so each scenario scales within seconds. The visibility timeout is the one the
+# stack ships (an hour): a dead worker's tasks must come back through the scaler's restore
+# (scaler.restore), not through kombu's sweep. A 10 s hard time limit (stop grace above it), and
+# a 3 s lease: a standby takes over in ~4 s.
 SETTINGS = {
-    "APP_IMAGE": "celery-stack/app:chaos",
+    # Its own tag per checkout when two runs share an engine (CHAOS_APP_IMAGE): a run's clones
+    # start from the tag, so another run rebuilding it would swap the code under this one.
+    "APP_IMAGE": os.environ.get("CHAOS_APP_IMAGE", "celery-stack/app:chaos"),
     "IO_CONCURRENCY": "4",
-    "CELERY_VISIBILITY_TIMEOUT": "15",
     "CELERY_TASK_TIME_LIMIT": "10",
     "CELERY_TASK_SOFT_TIME_LIMIT": "8",
     "WORKER_STOP_GRACE_SECONDS": "12",
@@ -207,6 +212,73 @@ class ChaosStack:
     def container(self, service: str, number: int = 1) -> str:
         return f"{self.project.name}-{service}-{number}"
 
+    # -- who holds what (services.ownership's owner hash) ------------------------------------
+    def broker(self) -> redis.Redis:
+        return redis.Redis.from_url(self.broker_url, socket_timeout=5)
+
+    def node_of(self, container: str) -> str:
+        """The Celery node name of a worker container (start-worker.sh: ``$QUEUE@%h``)."""
+        hostname = self.docker("inspect", "-f", "{{.Config.Hostname}}", container).strip()
+        return f"{IO_QUEUE}@{hostname}"
+
+    def held(self, node: str) -> list[str]:
+        """Task ids of the unacked messages ``node`` holds (by the owner hash)."""
+        client = self.broker()
+        try:
+            tags = [t for t, n in client.hgetall("unacked_owner").items() if n.decode() == node]
+            entries = client.hmget("unacked", tags) if tags else []
+        finally:
+            client.close()
+        return [json.loads(e)[0]["headers"]["id"] for e in entries if e is not None]
+
+    def busy_container(self, ids: list[str], exclude: tuple[str, ...] = ()) -> tuple[str, str]:
+        """(container, node) of a running worker-io replica holding tasks of ``ids``."""
+        wanted = set(ids)
+
+        def pick() -> tuple[str, str] | None:
+            for name in self.running(IO_SERVICE):
+                if name in exclude:
+                    continue
+                node = self.node_of(name)
+                if wanted & set(self.held(node)):
+                    return name, node
+            return None
+
+        found: tuple[str, str] = wait_until("a busy worker-io replica", pick, deadline_s=30,
+                                            every_s=0.1)  # fmt: skip
+        return found
+
+    def freeze_holding_full(
+        self, container: str, node: str, ids: list[str], deadline_s: float = 30
+    ) -> list[str]:
+        """SIGSTOP the worker at a moment it holds its full prefetch (IO_CONCURRENCY messages,
+        multiplier 1); the task ids it holds, frozen as they are.
+
+        kombu's Redis consumer BRPOPs a message (gone from the list) and only then writes it to
+        ``unacked`` (and its owner entry): a worker killed in between loses that message, for
+        kombu's visibility-timeout sweep and for the scaler's restore alike (docs/reliability.md,
+        limits). A worker holding its full prefetch has no BRPOP outstanding, so a kill while it
+        is frozen so leaves nothing in that window: what it held is exactly what comes back."""
+        full = int(SETTINGS["IO_CONCURRENCY"])
+        wanted = set(ids)
+        deadline = time.monotonic() + deadline_s
+        while True:
+            self.freeze(container, signal.SIGSTOP)
+            held = [t for t in self.held(node) if t in wanted]  # this burst's: its credit
+            if len(held) == full:
+                return held
+            self.freeze(container, signal.SIGCONT)
+            if time.monotonic() > deadline:
+                raise AssertionError(f"{container} never held {full} messages: last {held}")
+            time.sleep(0.15)
+
+    def freeze(self, container: str, sig: signal.Signals = signal.SIGSTOP) -> None:
+        """Send ``sig`` to every process of the container (SIGSTOP: frozen, still 'running')."""
+        pid = int(self.docker("inspect", "-f", "{{.State.Pid}}", container).strip())
+        root = psutil.Process(pid)
+        for proc in [root, *root.children(recursive=True)]:
+            proc.send_signal(sig)
+
     # -- bursts and verdicts ---------------------------------------------------------------
     def burst(self, scenario: str, n: int, duration: float) -> list[str]:
         """Send N io tasks with unique ids (the id is also the task id and the effect key)."""
@@ -220,11 +292,14 @@ class ChaosStack:
         """Wait until every id has its effect and the broker holds nothing; then the verdict."""
         broker = RedisBroker(self.broker_url, "")
         try:
-            wait_until(
-                f"all {len(ids)} tasks have their effect",
-                lambda: len(self.effects.counts(ids)) == len(ids),
-                deadline_s=timeout,
-            )
+            try:
+                wait_until(
+                    f"all {len(ids)} tasks have their effect",
+                    lambda: len(self.effects.counts(ids)) == len(ids),
+                    deadline_s=timeout,
+                )
+            except AssertionError as exc:
+                raise AssertionError(f"{exc}\n{self.missing_report(ids)}") from None
             wait_until(
                 "nothing waiting or unacked on the broker",
                 lambda: broker.waiting([IO_QUEUE]) == 0 and broker.unacked() == 0,
@@ -233,6 +308,61 @@ class ChaosStack:
             return verdict(self.effects, broker, ids, [IO_QUEUE])
         finally:
             broker.close()
+
+    def missing_report(self, ids: list[str]) -> str:
+        """Where the ids without an effect are: failure records, broker lists, unacked."""
+        missing = set(ids) - set(self.effects.counts(ids))
+        lines = [f"{len(missing)} without an effect: {sorted(missing)[:5]}"]
+        records = redis.Redis.from_url(self.records_url, socket_timeout=5)
+        client = self.broker()
+        try:
+            for raw in cast(list[bytes], records.lrange("task_failures", 0, -1)):
+                record = json.loads(raw)
+                if record.get("task_id") in missing:
+                    lines.append(f"failed: {record}")
+            for key in cast(list[bytes], client.keys("*")):
+                kind = client.type(key).decode()
+                size = {"list": client.llen, "hash": client.hlen, "zset": client.zcard}.get(kind)
+                lines.append(f"broker key {key!r} ({kind}){f': {size(key)}' if size else ''}")
+            for key in cast(list[bytes], client.keys("*")):
+                if client.type(key) == b"list":
+                    for raw in cast(list[bytes], client.lrange(key, 0, -1)):
+                        task_id = json.loads(raw).get("headers", {}).get("id")
+                        if task_id in missing:
+                            lines.append(f"{task_id} waiting in {key!r}")
+        finally:
+            records.close()
+            client.close()
+        return "\n".join(lines)
+
+    def give_back_lost_acks(self, ids: list[str], wait_s: float = 5) -> list[str]:
+        """Once every id has its effect: entries of ``ids`` still in ``unacked`` after
+        ``wait_s`` are acks that never reached Redis (the task finished while Redis was down).
+        kombu's visibility-timeout sweep gives such an entry back after the timeout (an hour as
+        shipped) and the idempotent effect absorbs the second run; this does that sweep's step
+        (kombu's own ``restore_by_tag``) now. Returns the task ids given back."""
+        wanted = set(ids)
+        client = self.broker()
+        try:
+
+            def stranded() -> dict[bytes, str]:
+                entries = cast(dict[bytes, bytes], client.hgetall("unacked"))
+                found = {tag: json.loads(raw)[0]["headers"]["id"] for tag, raw in entries.items()}
+                return {tag: task for tag, task in found.items() if task in wanted}
+
+            deadline = time.monotonic() + wait_s
+            while (left := stranded()) and time.monotonic() < deadline:
+                time.sleep(0.2)
+            if not left:
+                return []
+            assert self.app is not None
+            with self.app.connection_for_write() as conn:
+                qos = conn.default_channel.qos
+                for tag in left:
+                    qos.restore_by_tag(tag.decode())
+            return sorted(left.values())
+        finally:
+            client.close()
 
     def healthy(self, deadline_s: float = 60) -> float:
         """Wait for a healthy stack: every worker service running >= 1 replica as the scaler

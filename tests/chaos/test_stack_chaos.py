@@ -9,12 +9,13 @@ scaler sees). The figures go to $CHAOS_REPORT like the worker-level scenarios'.
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Iterator
 
 import pytest
 from chaos_figures import Figures
-from exactly_once import absorbed_redeliveries
+from exactly_once import absorbed_redeliveries, runs_per_task
 from prometheus_client.parser import text_string_to_metric_families
 from stack_env import (
     IO_SERVICE,
@@ -55,6 +56,54 @@ def finish(stack: ChaosStack, figures: Figures, ids: list[str], fault: str, t_fa
     figures.notes.append(f"stack healthy again {took} s after the burst settled")
 
 
+def restored_by_scaler(stack: ChaosStack, node: str) -> int:
+    """Messages of ``node`` the scaler reports restored in its recent /status events."""
+    total = 0
+    for event in stack.status()["events"]:
+        if " restored: " in event and node in event:
+            total += int(event.split(" restored: ", 1)[1].split(" ", 1)[0])
+    return total
+
+
+def finish_death(
+    stack: ChaosStack,
+    figures: Figures,
+    ids: list[str],
+    fault: str,
+    t_death: float,
+    held: list[str],
+    live: dict[str, list[str]],
+    timeout: float = 90,
+) -> float:
+    """Settle a burst in which a worker died holding ``held`` while ``live`` (node -> ids) held
+    the others; record the figures. Recovery: the death to the last of the dead one's tasks
+    done (PostgreSQL's time of its effect row). Asserts exactly once, and that no task a live
+    worker held ran twice (a live worker's message is never restored)."""
+    result = stack.settle(ids, timeout=timeout)
+    figures.broker = "redis (stack)"
+    figures.fault = fault
+    figures.count(result.sent, result.done, len(result.lost), len(result.duplicated))
+    figures.absorbed_redeliveries = absorbed_redeliveries(stack.records_url, "", ids)
+    result.assert_exactly_once()
+    assert held, "the dead worker held none of the burst's tasks"
+    done_at = stack.effects.done_at(held)
+    recovery = round(max(done_at.values()) - t_death, 2)
+    figures.recovery_s = recovery
+    figures.recovery_means = "the death to the last of the tasks the dead worker held done"
+    live_ids = [t for ts in live.values() for t in ts if t not in held]
+    twice = {t: n for t, n in runs_per_task(stack.records_url, "", live_ids).items() if n != 1}
+    assert not twice, f"tasks live workers held ran other than once: {twice}"
+    figures.notes.append(f"the dead worker held {len(held)} tasks; {len(live_ids)} held by live "
+                         "workers at the death each ran once")  # fmt: skip
+    return recovery
+
+
+def holders(stack: ChaosStack, exclude: str = "") -> dict[str, list[str]]:
+    """Node -> task ids held, for every running worker-io replica but ``exclude``."""
+    nodes = [stack.node_of(c) for c in stack.running(IO_SERVICE) if c != exclude]
+    return {node: stack.held(node) for node in nodes}
+
+
 def wait_scaled_up(stack: ChaosStack, at_least: int = 2, deadline_s: float = 30) -> int:
     return wait_until(
         f"{IO_SERVICE} scaled to >= {at_least}",
@@ -90,15 +139,18 @@ def test_scale_down_in_the_middle_of_a_burst(stack: ChaosStack, figures: Figures
 
 
 def test_sigkill_of_a_busy_worker_container(stack: ChaosStack, figures: Figures) -> None:
-    ids = stack.burst("sigkill", N, DURATION)
-    victim = stack.container(IO_SERVICE, 1)
-    wait_until("the burst is being worked on", lambda: 0 < len(stack.effects.counts(ids)) < N,
-               deadline_s=30, every_s=0.1)  # fmt: skip
-    t_fault = time.time()
+    ids = stack.burst("sigkill", N, 2.0)
+    victim, node = stack.busy_container(ids)
+    wait_scaled_up(stack)  # a live replica beside it, whose tasks must not be restored
+    held = stack.freeze_holding_full(victim, node, ids)  # no message between BRPOP and unacked
+    live = holders(stack, exclude=victim)
+    t_death = time.time()
     stack.docker("kill", victim)
-    finish(stack, figures, ids, f"docker kill (SIGKILL) of busy {victim} mid-burst of {N}",
-           t_fault, timeout=120)  # fmt: skip
-    figures.notes.append("its in-flight tasks come back after the visibility timeout (15 s here)")
+    finish_death(stack, figures, ids, f"docker kill (SIGKILL) of busy {victim} mid-burst of {N} "
+                 "tasks of 2 s", t_death, held, live)  # fmt: skip
+    figures.notes.append(f"the scaler restored {restored_by_scaler(stack, node)} of its messages "
+                         "(visibility timeout: 1 h, as shipped)")  # fmt: skip
+    stack.healthy()
 
 
 def test_redis_restart_mid_burst(stack: ChaosStack, figures: Figures) -> None:
@@ -107,8 +159,17 @@ def test_redis_restart_mid_burst(stack: ChaosStack, figures: Figures) -> None:
                deadline_s=30, every_s=0.1)  # fmt: skip
     t_fault = time.time()
     stack.docker("restart", stack.container("redis"))
+    wait_until(f"all {N} tasks have their effect", lambda: len(stack.effects.counts(ids)) == N,
+               deadline_s=120)  # fmt: skip
+    # A task that finished while Redis was down could not ack: its entry stays unacked until
+    # the visibility timeout (an hour as shipped), then runs again, absorbed by its effect.
+    lost_acks = stack.give_back_lost_acks(ids)
     finish(stack, figures, ids, f"docker restart of redis (AOF everysec) mid-burst of {N}",
            t_fault, timeout=120)  # fmt: skip
+    figures.notes.append(
+        f"acks lost while Redis was down (entries left unacked, given back as kombu's "
+        f"visibility-timeout sweep would after 1 h): {len(lost_acks)} {lost_acks[:3]}"
+    )
 
 
 def test_postgres_restart_mid_burst(stack: ChaosStack, figures: Figures) -> None:
@@ -165,13 +226,20 @@ def test_scaler_killed_and_restarted_mid_burst(stack: ChaosStack, figures: Figur
 
 def test_leader_scaler_killed_while_a_standby_runs(stack: ChaosStack, figures: Figures) -> None:
     stack.project.run("--profile", "ha", "up", "-d", "--wait", "scaler-standby", timeout=180)
+    race: Racers | None = None
     try:
         wait_until("the standby reports as standby", lambda: stack.status(standby=True)["role"]
                    == "standby", deadline_s=30)  # fmt: skip
         stack.at_min()
         ids = stack.burst("leader", 60, DURATION)
+        # A busy worker dies with the leader: no scaler sees it die; the standby restores its
+        # messages when it takes over, raced by restorers of the test's own (each message once).
+        victim, node = stack.busy_container(ids)
+        held = stack.freeze_holding_full(victim, node, ids)  # frozen: the leader sees it running
         t_fault = time.time()
         stack.project.run("kill", "-s", "SIGKILL", "scaler")
+        stack.docker("kill", victim)
+        race = Racers(stack, node)
         stack.project.run("stop", "-t", "0", "scaler")  # no auto-restart: the standby must act
         takeover = wait_until("the standby takes the lease",
                               lambda: stack.status(standby=True)["role"] == "leader"
@@ -189,17 +257,88 @@ def test_leader_scaler_killed_while_a_standby_runs(stack: ChaosStack, figures: F
         figures.recovery_s = round(takeover - t_fault, 2)
         figures.recovery_means = "kill to the standby holding the lease"
         result.assert_exactly_once()
+        race.stop()
+        done_at = stack.effects.done_at(held)
+        by_standby = restored_by_scaler_standby(stack, node)
+        figures.notes.append(
+            f"{victim} SIGKILLed with the leader, holding {len(held)} tasks: the standby's "
+            f"takeover restored {by_standby}, {race.workers} racing restorers of the test "
+            f"{race.restored} ({race.calls} calls), each message once; the last of its tasks done "
+            f"{max(done_at.values()) - t_fault:.1f} s after the death"
+        )
+        assert by_standby + race.restored == len(held), (by_standby, race.restored, held)
         stack.project.run("start", "scaler")
         wait_until(
             "the restarted scaler joins as standby or leader",
             lambda: stack.status()["role"] in ("standby", "leader"),
             deadline_s=30,
         )
+    except BaseException:
+        logs = stack.project.run("logs", "--no-color", "--tail", "150", "scaler-standby",
+                                 "worker-io", check=False, timeout=60)  # fmt: skip
+        print(f"--- scaler-standby and worker-io logs\n{logs.stdout[-30000:]}{logs.stderr}")
+        raise
     finally:
+        if race is not None:
+            race.stop()  # never left running into the next scenario
         stack.project.run("--profile", "ha", "stop", "-t", "5", "scaler-standby", check=False)
         stack.project.run("--profile", "ha", "rm", "-f", "scaler-standby", check=False)
         stack.project.run("start", "scaler", check=False)
     stack.healthy(deadline_s=60)
+
+
+def restored_by_scaler_standby(stack: ChaosStack, node: str) -> int:
+    total = 0
+    for event in stack.status(standby=True)["events"]:
+        if " restored: " in event and node in event:
+            total += int(event.split(" restored: ", 1)[1].split(" ", 1)[0])
+    return total
+
+
+class Racers:
+    """Restorers of the test's own, racing the scaler for one dead node's messages."""
+
+    def __init__(self, stack: ChaosStack, node: str, workers: int = 3) -> None:
+        from scaler.restore import UnackedRestorer
+
+        assert stack.app is not None
+        self.node, self.workers = node, workers
+        self.restored = self.calls = 0
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._stopped = False
+        self.errors: list[str] = []
+        self._restorers = [UnackedRestorer.for_app(stack.app) for _ in range(workers)]
+        self._threads = [threading.Thread(target=self._run, args=(r,), daemon=True)
+                         for r in self._restorers]  # fmt: skip
+        for thread in self._threads:
+            thread.start()
+
+    def _run(self, restorer: object) -> None:
+        from scaler.restore import UnackedRestorer
+
+        assert isinstance(restorer, UnackedRestorer)
+        try:
+            while not self._stop.is_set():
+                n = restorer.restore_nodes([self.node]).restored
+                with self._lock:
+                    self.restored += n
+                    self.calls += 1
+                self._stop.wait(0.05)
+        except Exception as exc:  # reported by stop(), never raised into a later test
+            self.errors.append(f"{type(exc).__name__}: {exc}")
+
+    def stop(self) -> None:
+        """Stop the threads and close their connections (idempotent)."""
+        if self._stopped:
+            return
+        self._stopped = True
+        self._stop.set()
+        for thread in self._threads:
+            thread.join(10)
+        for restorer in self._restorers:
+            if restorer is not None:
+                restorer.close()
 
 
 def _errors_by_source(stack: ChaosStack) -> dict[str, float]:
@@ -271,3 +410,83 @@ def test_malformed_policy_reload_is_refused(stack: ChaosStack, figures: Figures)
     finish(stack, figures, ids, f"policy rewritten with max_replicas: 0 and SIGHUP mid-burst of "
            f"{N}", t_fault)  # fmt: skip
     figures.notes.append(f"refused with: {s['policy_error'][:160]}")
+
+
+def test_worker_killed_by_its_memory_limit_mid_task(stack: ChaosStack, figures: Figures) -> None:
+    """worker-io's container limit (768M in compose.prod.yaml) kills a task allocating 1.1 GB:
+    the OOM killer takes the worker's one process (threads pool) and Docker's restart policy
+    restarts the container in place, under the same node name."""
+    stack.at_min()
+    victim = stack.running(IO_SERVICE)[0]
+    node = stack.node_of(victim)
+    before = int(stack.docker("inspect", "-f", "{{.RestartCount}}", victim).strip())
+    assert stack.app is not None
+    big = f"stack-oom-{time.time_ns()}"
+    stack.app.send_task("tasks.io_intensive.allocate", task_id=big,
+                        kwargs={"megabytes": 1100, "hold_s": 1.0, "key": big})  # fmt: skip
+    ids = [big, *stack.burst("oom", 11, 2.0)]
+    wait_until("the allocating task taken", lambda: big in stack.held(node), deadline_s=30,
+               every_s=0.1)  # fmt: skip
+    held = stack.held(node)
+    wait_until(f"{victim} restarted after the OOM kill", lambda: int(stack.docker(
+        "inspect", "-f", "{{.RestartCount}}", victim).strip()) > before, deadline_s=60,
+        every_s=0.2)  # fmt: skip
+    state = stack.docker("inspect", "-f", "{{.State.FinishedAt}}|{{.State.ExitCode}}", victim)
+    finished, code = state.strip().split("|")
+    t_death = _docker_time(finished)
+    finish_death(stack, figures, ids, f"a task allocating 1.1 GB in {victim} (limit 768M) among "
+                 "11 tasks of 2 s: OOM-killed, restarted in place by Docker", t_death, held,
+                 {})  # fmt: skip
+    by_scaler = restored_by_scaler(stack, node)
+    figures.notes.append(f"exit code {code}; restored by the scaler: {by_scaler}, the rest by the "
+                         "worker itself when it restarted under the same node name")  # fmt: skip
+    stack.healthy()
+
+
+def test_worker_frozen_then_killed(stack: ChaosStack, figures: Figures) -> None:
+    ids = stack.burst("frozen", 16, 2.0)
+    victim, node = stack.busy_container(ids)
+    held = stack.freeze_holding_full(victim, node, ids)
+    cycle = stack.status()["cycle"]
+    wait_until("three scaler cycles while it is frozen", lambda: stack.status()["cycle"]
+               >= cycle + 3, deadline_s=30, every_s=0.3)  # fmt: skip
+    still = [t for t in stack.held(node) if t in set(ids)]
+    assert sorted(still) == sorted(held), (
+        f"a frozen (live) worker's messages were touched: {held} -> {still}"
+    )
+    live = holders(stack, exclude=victim)
+    t_death = time.time()
+    stack.docker("kill", victim)
+    finish_death(stack, figures, ids, f"SIGSTOP of every process of busy {victim} for 3 scaler "
+                 "cycles (nothing restored: it is alive), then docker kill", t_death, held,
+                 live)  # fmt: skip
+    stack.healthy()
+
+
+def test_scaler_restarted_while_a_worker_is_dead(stack: ChaosStack, figures: Figures) -> None:
+    ids = stack.burst("scalerdead", 24, 2.0)
+    wait_scaled_up(stack)
+    first = stack.container(IO_SERVICE, 1)  # the replica Compose made stays (the template)
+    stack.project.run("kill", "-s", "SIGKILL", "scaler")
+    stack.project.run("stop", "-t", "0", "scaler")
+    victim, node = stack.busy_container(ids, exclude=(first,))
+    held = stack.freeze_holding_full(victim, node, ids)
+    live = holders(stack, exclude=victim)
+    t_death = time.time()
+    stack.docker("rm", "-f", victim)  # killed and gone: the new scaler never sees its container
+    stack.project.run("start", "scaler")
+    finish_death(stack, figures, ids, f"scaler stopped, busy {victim} SIGKILLed and removed, "
+                 "scaler started again", t_death, held, live)  # fmt: skip
+    figures.notes.append(
+        f"the restarted scaler's start sweep restored "
+        f"{restored_by_scaler(stack, node)} (owner not alive, no ping answer)"
+    )
+    stack.healthy()
+
+
+def _docker_time(text: str) -> float:
+    from scaler.backends.compose import docker_time
+
+    stamp = docker_time(text)
+    assert stamp is not None, text
+    return stamp

@@ -29,7 +29,8 @@ from compose_project import (
 # fewer io threads per replica so that a test burst needs the scaler (scaler-test-policy.yaml).
 E2E_SETTINGS = {
     "HEALTH_CHECK_INTERVAL": "3",
-    "APP_IMAGE": "celery-stack/app:e2e",
+    # E2E_APP_IMAGE: a tag of another checkout's own when two runs share one engine.
+    "APP_IMAGE": os.environ.get("E2E_APP_IMAGE", "celery-stack/app:e2e"),
     "LOG_LEVEL": "INFO",
     "IO_CONCURRENCY": "8",
 }

@@ -1,0 +1,160 @@
+"""Who holds which unacked message: the worker side of issue 12 (restore a dead worker's tasks).
+
+kombu's Redis transport emulates acks: a message a worker takes is written to the ``unacked``
+hash (and its delivery time to the ``unacked_index`` sorted set) in one MULTI pipeline
+(``QoS.append``) and removed again on ack or reject (``QoS._remove_from_indices``, also used
+inside ``restore_by_tag``'s MULTI). Nothing there says *which* worker holds a message, so a
+worker that dies without a clean shutdown (SIGKILL, the OOM killer, a lost node) leaves its
+messages invisible until the visibility timeout (an hour in this stack).
+
+This module records ``delivery_tag -> Celery node name`` in one more hash,
+``<global_keyprefix>unacked_owner`` (the transport option ``unacked_owner_key``), **in the same
+pipeline** as kombu's own writes: the entry and its owner appear together and go together,
+whatever moment the worker dies at. The scaler (``scaler.restore``) then puts exactly a dead
+node's messages back on their queues as soon as it sees that worker's container or process die.
+
+How it is wired, and why this way:
+
+- A :class:`QoS` subclass of kombu's Redis QoS, selected by a :class:`Channel` and
+  :class:`Transport` subclass that the app names in ``broker_transport``
+  (``services.ownership:Transport``; kombu accepts a ``module:Class`` transport). No monkey
+  patching: a process that uses another transport (a client, a test app) is untouched, and the
+  class is chosen by configuration, like any kombu transport.
+- Removal overrides ``_remove_from_indices`` and only *adds* an ``HDEL`` to the pipeline kombu
+  returns, so ack, reject and kombu's own ``restore_by_tag`` (the visibility-timeout sweep) drop
+  the owner in their own pipeline or MULTI without any of their code being copied.
+- ``append`` has no such seam (kombu builds and executes its pipeline inline), so it is kombu
+  5.7's ``append`` with one ``HSET`` more in the pipeline. ``tests/scaler/test_restore.py``
+  checks that the entries it writes are byte-for-byte what kombu's own ``append`` writes, so a
+  kombu upgrade that changes the format fails a test instead of drifting.
+- A process that is not a worker (``node`` unknown) writes exactly what kombu writes.
+
+The node name comes from Celery's ``worker_init`` signal (the worker's own expanded ``-n``).
+On that signal the worker also gives back what an earlier run **of the same node name** left
+behind (a container restarted in place by Docker's restart policy, a supervisor restarting a
+process): at start nothing can be held under its name yet, and node names are unique among live
+workers (Celery's own rule; a duplicate is detected by a ping and left alone).
+
+Cost on the hot path: one more field in a pipeline that is sent anyway (no extra round trip).
+Measured in docs/benchmarks.md (benchmark 4's side-by-side run).
+"""
+
+from __future__ import annotations
+
+import logging
+from time import time
+from typing import Any
+
+from celery.signals import worker_init
+from kombu.transport import redis as kombu_redis
+from kombu.transport import virtual
+from kombu.utils.json import dumps
+
+log = logging.getLogger(__name__)
+
+OWNER_KEY = "unacked_owner"
+TRANSPORT = "services.ownership:Transport"
+
+_node: str | None = None  # this process's Celery node name, once it is a worker
+
+
+def current_node() -> str | None:
+    """The node name owner entries are written under in this process (None: not a worker)."""
+    return _node
+
+
+def set_node(node: str | None) -> None:
+    """Set the node name (the ``worker_init`` handler does; tests may too)."""
+    global _node
+    _node = node
+
+
+class QoS(kombu_redis.QoS):
+    """kombu's Redis QoS, plus the owner of each unacked message in the same pipelines."""
+
+    def append(self, message: Any, delivery_tag: Any) -> None:
+        node = _node
+        if node is None:
+            super().append(message, delivery_tag)
+            return
+        delivery = message.delivery_info
+        entry = dumps([message._raw, delivery["exchange"], delivery["routing_key"]])
+        with self.pipe_or_acquire() as pipe:
+            pipe.zadd(self.unacked_index_key, {delivery_tag: time()}).hset(
+                self.unacked_key, delivery_tag, entry
+            ).hset(self.channel.unacked_owner_key, delivery_tag, node).execute()
+            virtual.QoS.append(self, message, delivery_tag)
+
+    def _remove_from_indices(self, delivery_tag: Any, pipe: Any = None) -> Any:
+        pipe = super()._remove_from_indices(delivery_tag, pipe)
+        return pipe.hdel(self.channel.unacked_owner_key, delivery_tag)
+
+
+class Channel(kombu_redis.Channel):
+    """kombu's Redis channel with the owner-recording QoS and the ``unacked_owner_key`` option."""
+
+    QoS = QoS
+    unacked_owner_key = OWNER_KEY
+    from_transport_options = (  # type: ignore[assignment]
+        *kombu_redis.Channel.from_transport_options,
+        "unacked_owner_key",
+    )
+
+
+class Transport(kombu_redis.Transport):
+    """kombu's Redis transport with :class:`Channel` (select it with ``broker_transport``)."""
+
+    Channel = Channel
+
+
+def restore_previous_run(app: Any, node: str) -> int:
+    """Give back the messages an earlier run of ``node`` left unacked; the number restored.
+
+    Called at worker start, before the consumer starts, so nothing held under ``node`` can be
+    this run's. If another live worker answers to the same name (a misconfiguration Celery warns
+    about), nothing is touched. Best effort: a broker error is logged and the scaler or the
+    visibility timeout restores them later.
+    """
+    from scaler.restore import UnackedRestorer  # the one restore module (same image)
+
+    try:
+        restorer = UnackedRestorer.for_app(app)
+        if restorer is None:
+            return 0
+        try:
+            if not restorer.owned_by(node):
+                return 0
+            if node in restorer.answering([node]):
+                log.warning("unacked messages under %s left alone: a live %s answers", node, node)
+                return 0
+            result = restorer.restore_nodes([node])
+        finally:
+            restorer.close()
+    except Exception as exc:  # never stop a worker from starting over this
+        log.warning("could not restore what an earlier %s left unacked: %s", node, exc)
+        return 0
+    if result.restored:
+        log.warning(
+            "restored %d unacked message(s) an earlier run of %s left behind",
+            result.restored,
+            node,
+        )
+    return result.restored
+
+
+def _on_worker_init(sender: Any = None, **_: Any) -> None:
+    hostname = getattr(sender, "hostname", None)
+    app = getattr(sender, "app", None)
+    if not hostname or app is None or not uses_owner_tracking(app):
+        return
+    set_node(str(hostname))
+    restore_previous_run(app, str(hostname))
+
+
+def uses_owner_tracking(app: Any) -> bool:
+    """True when ``app`` consumes through this module's transport."""
+    transport = app.conf.broker_transport
+    return transport is Transport or transport == TRANSPORT
+
+
+worker_init.connect(_on_worker_init, weak=False)
