@@ -18,10 +18,15 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from scaler.problems import Problems, WordedProblems, validation_lines
+from scaler.problems import (
+    Problems,
+    WordedProblems,
+    parse_yaml,
+    read_text_file,
+    validation_lines,
+)
 
 __all__ = [
     "ENV_DEFAULTS",
@@ -390,16 +395,7 @@ def parse_policy(data: object, env: Mapping[str, str] | None = None) -> Policy:
 def load_policy(path: str | Path, env: Mapping[str, str] | None = None) -> Policy:
     """Read and validate a YAML policy file; raises PolicyError naming the file on any problem."""
     p = Path(path)
-    try:
-        text = p.read_text(encoding="utf-8")
-    except OSError as exc:
-        raise PolicyError([f"{p}: cannot read the policy file: {exc.strerror or exc}"]) from None
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        where = getattr(exc, "problem_mark", None)
-        at = f" at line {where.line + 1}, column {where.column + 1}" if where else ""
-        raise PolicyError([f"{p}: not valid YAML{at}: {getattr(exc, 'problem', exc)}"]) from None
+    data = parse_yaml(read_text_file(p, "policy file", PolicyError), p, PolicyError)
     return parse_policy(data, env)
 
 

@@ -9,11 +9,20 @@ validating; ``validation_lines`` words its errors that way.
 from __future__ import annotations
 
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
+import yaml
 from pydantic import ValidationError
 
-__all__ = ["Problems", "WordedProblems", "expectation", "validation_lines"]
+__all__ = [
+    "Problems",
+    "WordedProblems",
+    "expectation",
+    "parse_yaml",
+    "read_text_file",
+    "validation_lines",
+]
 
 
 class Problems(ValueError):
@@ -72,3 +81,21 @@ def validation_lines(exc: ValidationError, prefix: str = "") -> list[str]:
         else:
             lines.append(f"{loc}: {err.get('input')!r} is invalid: {expectation(err)}")
     return lines
+
+
+def read_text_file(path: Path, what: str, error: type[Problems]) -> str:
+    """The file's text; ``error`` naming the file and ``what`` it is when it cannot be read."""
+    try:
+        return path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise error([f"{path}: cannot read the {what}: {exc.strerror or exc}"]) from None
+
+
+def parse_yaml(text: str, path: Path, error: type[Problems]) -> Any:
+    """YAML as plain data; ``error`` naming the file, line and column when it is not YAML."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise error([f"{path}: not valid YAML{at}: {getattr(exc, 'problem', exc)}"]) from None

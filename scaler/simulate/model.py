@@ -55,11 +55,10 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any
 
-import yaml
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
 
 from scaler.policy import Policy
-from scaler.problems import Problems, validation_lines
+from scaler.problems import Problems, parse_yaml, read_text_file, validation_lines
 from scaler.simulate.distributions import (
     Exponential,
     Fixed,
@@ -227,16 +226,7 @@ def parse_model_spec(data: object, where: str) -> ModelSpec:
 def load_model_spec(path: str | Path) -> ModelSpec:
     """Read a ``--model`` YAML file (the same shape as a trace's ``model:`` section)."""
     p = Path(path)
-    try:
-        text = p.read_text(encoding="utf-8")
-    except OSError as exc:
-        raise ModelError([f"{p}: cannot read the model file: {exc.strerror or exc}"]) from None
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        raise ModelError([f"{p}: not valid YAML{at}: {getattr(exc, 'problem', exc)}"]) from None
+    data = parse_yaml(read_text_file(p, "model file", ModelError), p, ModelError)
     return parse_model_spec(data, str(p))
 
 

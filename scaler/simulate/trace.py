@@ -32,11 +32,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from scaler.policy import Policy
-from scaler.problems import Problems, validation_lines
+from scaler.problems import Problems, parse_yaml, read_text_file, validation_lines
 from scaler.simulate.model import ModelError, ModelSpec, parse_model_spec
 
 __all__ = [
@@ -381,16 +380,7 @@ def parse_trace_data(data: object, source: str) -> Trace:
 def load_trace(path: str | Path) -> Trace:
     """Read a ``.csv`` recording or a ``.yaml``/``.yml`` generator file."""
     p = Path(path)
-    try:
-        text = p.read_text(encoding="utf-8")
-    except OSError as exc:
-        raise TraceError([f"{p}: cannot read the trace file: {exc.strerror or exc}"]) from None
+    text = read_text_file(p, "trace file", TraceError)
     if p.suffix.lower() == ".csv":
         return parse_csv(text, str(p))
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        raise TraceError([f"{p}: not valid YAML{at}: {getattr(exc, 'problem', exc)}"]) from None
-    return parse_trace_data(data, str(p))
+    return parse_trace_data(parse_yaml(text, p, TraceError), str(p))
