@@ -48,32 +48,26 @@ class PostgresEffects:
     def __init__(self, database_url: str) -> None:
         self.database_url = database_url
 
-    def counts(self, task_ids: list[str]) -> dict[str, int]:
+    def _rows(self, sql: str, task_ids: list[str]) -> list[tuple[Any, Any]]:
         conn = psycopg2.connect(self.database_url, connect_timeout=5)
         try:
             with conn.cursor() as cur:
-                cur.execute(
-                    "SELECT task_id, count(*) FROM task_effects"
-                    " WHERE task_id = ANY(%s) GROUP BY task_id",
-                    (task_ids,),
-                )
-                return {task_id: int(n) for task_id, n in cur.fetchall()}
+                cur.execute(sql, (task_ids,))
+                return list(cur.fetchall())
         finally:
             conn.close()
 
+    def counts(self, task_ids: list[str]) -> dict[str, int]:
+        sql = "SELECT task_id, count(*) FROM task_effects WHERE task_id = ANY(%s) GROUP BY task_id"
+        return {task_id: int(n) for task_id, n in self._rows(sql, task_ids)}
+
     def done_at(self, task_ids: list[str]) -> dict[str, float]:
         """When each id's effect was written (Unix seconds, PostgreSQL's clock), ids done only."""
-        conn = psycopg2.connect(self.database_url, connect_timeout=5)
-        try:
-            with conn.cursor() as cur:
-                cur.execute(
-                    "SELECT task_id, extract(epoch FROM created_at) FROM task_effects"
-                    " WHERE task_id = ANY(%s)",
-                    (task_ids,),
-                )
-                return {task_id: float(at) for task_id, at in cur.fetchall()}
-        finally:
-            conn.close()
+        sql = (
+            "SELECT task_id, extract(epoch FROM created_at) FROM task_effects"
+            " WHERE task_id = ANY(%s)"
+        )
+        return {task_id: float(at) for task_id, at in self._rows(sql, task_ids)}
 
 
 class RedisBroker:
