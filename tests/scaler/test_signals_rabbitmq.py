@@ -25,7 +25,9 @@ def queue(amqp_url: str) -> Iterator[Queue]:
 
 
 def publish(amqp_url: str, q: Queue, count: int) -> None:
-    with Connection(amqp_url) as conn:
+    # Publisher confirms: each publish returns once the broker has queued the message, so a depth
+    # read right after sees all of them (without them a read could race the last publishes).
+    with Connection(amqp_url, transport_options={"confirm_publish": True}) as conn:
         producer = Producer(conn.default_channel)
         for i in range(count):
             producer.publish({"i": i}, exchange=q.exchange, routing_key=q.routing_key)
