@@ -200,15 +200,18 @@ class UnackedRestorer:
 
     # -- restoring -----------------------------------------------------------------------------
 
-    def restore_nodes(self, nodes: Iterable[str]) -> RestoreResult:
-        """Put back every message the (dead) ``nodes`` hold; raises redis.RedisError."""
+    def restore_nodes(self, nodes: Iterable[str], *, keep: Iterable[str] = ()) -> RestoreResult:
+        """Put back every message the (dead) ``nodes`` hold, except the delivery tags in ``keep``
+        (what a live worker still holds: its own sweep after a reconnect); raises
+        redis.RedisError."""
         wanted = set(nodes)
         if not wanted:
             return RestoreResult()
+        held = set(keep)
         owned = {
             _text(tag): _text(node)
             for tag, node in _hgetall(self.client, self.keys[2]).items()
-            if _text(node) in wanted
+            if _text(node) in wanted and _text(tag) not in held
         }
         by_node: Counter[str] = Counter()
         by_queue: Counter[str] = Counter()

@@ -18,7 +18,7 @@ from services.base_task import RecordingTask
 from services.config import PRIORITY_SEP, PRIORITY_STEPS, QUEUE_NAMES, Settings
 from services.db import DatabasePool
 from services.heartbeat import HeartbeatFile
-from services.ownership import OWNER_KEY, TRANSPORT
+from services.ownership import OWNER_KEY, TRANSPORT, RestoreOnReconnect
 from services.records import TaskRecorder
 from services.schedule import beat_schedule
 
@@ -166,6 +166,7 @@ def create_app(settings: Settings, main: str = "services") -> ServiceApp:
         beat_sync_every=1,
     )
     app.steps["consumer"].add(HeartbeatFile)
+    app.steps["consumer"].add(RestoreOnReconnect)
     logging.getLogger("services").setLevel(settings.log_level)
 
     # Weak references would let these closures be collected at once; the app lives as long.

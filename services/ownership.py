@@ -33,7 +33,9 @@ The node name comes from Celery's ``worker_init`` signal (the worker's own expan
 On that signal the worker also gives back what an earlier run **of the same node name** left
 behind (a container restarted in place by Docker's restart policy, a supervisor restarting a
 process): at start nothing can be held under its name yet, and node names are unique among live
-workers (Celery's own rule; a duplicate is detected by a ping and left alone).
+workers (Celery's own rule; a duplicate is detected by a ping and left alone). And when its
+consumer restarts on a new broker connection (Redis restarted or unreachable for a while), the
+worker gives back what it recorded but no longer holds (:class:`RestoreOnReconnect`).
 
 Cost on the hot path: one more field in a pipeline that is sent anyway (no extra round trip).
 Measured in docs/benchmarks.md (benchmark 4's side-by-side run).
@@ -45,6 +47,7 @@ import logging
 from time import time
 from typing import Any
 
+from celery import bootsteps
 from celery.signals import worker_init
 from kombu.transport import redis as kombu_redis
 from kombu.transport import virtual
@@ -140,6 +143,75 @@ def restore_previous_run(app: Any, node: str) -> int:
             node,
         )
     return result.restored
+
+
+def held_tags(consumer: Any) -> set[str]:
+    """The delivery tags this worker still holds: the requests it runs or keeps reserved, and
+    whatever the current channel has delivered (nothing yet while the consumer starts)."""
+    from celery.worker.state import active_requests, reserved_requests
+
+    tags = set()
+    for request in (*active_requests, *reserved_requests):
+        message = getattr(request, "message", None)
+        if message is not None and message.delivery_tag is not None:
+            tags.add(str(message.delivery_tag))
+    channel = getattr(getattr(consumer, "task_consumer", None), "channel", None)
+    qos = getattr(channel, "_qos", None)  # kombu builds it lazily: absent means nothing delivered
+    tags.update(str(t) for t in getattr(qos, "_delivered", {}) or {})
+    return tags
+
+
+def restore_after_reconnect(app: Any, node: str, held: set[str]) -> int:
+    """Give back what ``node`` (this live worker) left unacked on its lost connection.
+
+    When the broker connection drops, Celery forgets its reserved requests and stops running
+    late-ack tasks (``worker_cancel_long_running_tasks_on_connection_loss``), and kombu's own
+    give-back at channel close fails while Redis is unreachable: their messages would stay in
+    ``unacked`` until the visibility timeout (an hour as shipped). Once connected again the
+    worker knows exactly what it still holds (``held``), so every other message under its name
+    goes back now, by the same atomic restore the scaler uses. Best effort, like the start-time
+    sweep: an error is logged and the visibility timeout remains the net.
+    """
+    from scaler.restore import UnackedRestorer
+
+    try:
+        restorer = UnackedRestorer.for_app(app)
+        if restorer is None:
+            return 0
+        try:
+            result = restorer.restore_nodes([node], keep=held)
+        finally:
+            restorer.close()
+    except Exception as exc:  # never stop the consumer from starting over this
+        log.warning("could not give back what %s held on its lost connection: %s", node, exc)
+        return 0
+    if result.restored:
+        log.warning(
+            "restored %d unacked message(s) %s held on its lost broker connection",
+            result.restored,
+            node,
+        )
+    return result.restored
+
+
+class RestoreOnReconnect(bootsteps.StartStopStep):
+    """On every consumer restart after a lost connection, give back what this worker no longer
+    holds (see :func:`restore_after_reconnect`); the first start is ``worker_init``'s job.
+
+    It starts after the Tasks step, so ``task_consumer`` is the new connection's (the old one's
+    channel still lists the orphaned messages as delivered) and nothing has been consumed on it
+    yet: deliveries only come once the event loop runs."""
+
+    requires = ("celery.worker.consumer.tasks:Tasks",)
+
+    def include_if(self, parent: Any) -> bool:
+        return uses_owner_tracking(parent.app)
+
+    def start(self, parent: Any) -> None:
+        node = _node
+        if node is None or parent.restart_count < 1:
+            return
+        restore_after_reconnect(parent.app, node, held_tags(parent))
 
 
 def _on_worker_init(sender: Any = None, **_: Any) -> None:

@@ -27,9 +27,10 @@ processes (prefork), brokers are real Redis and RabbitMQ; see tests/chaos/ for e
 
 Settings under test: late acks, `task_reject_on_worker_lost`, prefetch 1, JSON only. The
 worker-level Redis scenarios that kill a worker use a visibility timeout of 8 s (task time limit
-7 s) so that kombu's own redelivery happens within the test; the stack scenarios run with the
-visibility timeout the stack ships (3600 s), so there a dead worker's tasks come back only
-through the scaler's restore (below).
+7 s) so that kombu's own redelivery happens within the test (no scaler runs there); the Redis
+restart scenarios and the stack scenarios run with the visibility timeout the stack ships
+(3600 s), so there a dead worker's tasks come back only through the scaler's restore, and a live
+worker's through its own give-back when it reconnects (below).
 
 **A dead worker's tasks come back at once (Redis, issue 12).** Each worker records, for every
 message it takes, `delivery_tag -> its Celery node name` in `unacked_owner`, in the same Redis
@@ -71,10 +72,13 @@ SIGSTOP, its owner entries counted, then SIGKILL): it has no `BRPOP` outstanding
 it held is exactly what must come back. (5) Kombu's visibility-timeout sweep stays the last net
 for a dead worker's recorded messages that no scaler restores. (6) An ack that cannot reach Redis
 (the task finished while Redis was down or restarting) leaves its entry in `unacked` under a
-live worker: no dead worker's, so nothing here restores it; it comes back after the visibility
-timeout (an hour as shipped) and runs again, absorbed by the idempotent effect, and the scaler
-counts it in flight until the abandoned bound (180 s). The Redis-restart scenario below gives
-such entries back the way kombu's sweep would, and counts them.
+live worker; so do the late-ack tasks Celery stops on a lost connection and the messages it had
+reserved, and kombu's give-back at channel close fails while Redis is unreachable. Each worker
+therefore, when its consumer restarts on a new connection, gives back every message recorded
+under its name that it no longer runs or holds (`services.ownership.RestoreOnReconnect`, the
+same atomic restore): they run again within seconds of the reconnect, not after the visibility
+timeout; a task whose ack was lost runs a second time, absorbed by the idempotent effect. If
+that give-back fails too (Redis gone again), the visibility timeout remains the net.
 
 What the scaler sees meanwhile (Redis): a worker killed outright leaves its message in kombu's
 `unacked` hash until the visibility timeout. Counted as in flight for all that time, such a
