@@ -18,8 +18,9 @@ COMPOSE_FILES := -f compose/compose.yaml \
   $(if $(PROD),-f compose/compose.prod.yaml)
 COMPOSE := docker compose --env-file $(ENV_FILE) $(COMPOSE_FILES)
 PROFILES := $(if $(MONITOR),--profile monitoring) $(if $(HA),--profile ha)
-# The scaler's container joins the Docker socket's group (it runs as uid 10001, not root): the
-# group id is read off the socket here and handed to Compose (an exported DOCKER_GID wins).
+# The Docker API proxy (docker-proxy, the only container with the socket) joins the socket's group
+# instead of running as root: the group id is read off the socket here and handed to Compose (an
+# exported DOCKER_GID wins).
 DOCKER_SOCKET ?= /var/run/docker.sock
 DOCKER_GID ?= $(shell stat -c %g $(DOCKER_SOCKET) 2>/dev/null)
 export DOCKER_SOCKET DOCKER_GID
@@ -42,14 +43,20 @@ $(STAMP): pyproject.toml
 
 venv: $(STAMP) ## Create the virtual environment with the test dependencies
 
+# Two pytest-xdist workers: most tests wait on brokers, containers and workers rather than
+# compute, so two share the 2-core machine well. Whole files (and the two whole-stack suites,
+# together) stay on one worker: tests/conftest.py groups them. TEST_WORKERS=0 runs in-process.
+TEST_WORKERS ?= 2
 test: $(STAMP) ## Run the whole test suite (starts throwaway Redis/Postgres/RabbitMQ when not given)
-	$(VENV)/bin/pytest $(PYTEST_ARGS)
+	$(VENV)/bin/pytest $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadgroup) $(PYTEST_ARGS)
 
 lint: $(STAMP) ## Run ruff and mypy
 	$(VENV)/bin/ruff check services scaler tests bench
 	$(VENV)/bin/ruff format --check services scaler tests bench
 	$(VENV)/bin/mypy
 
+# Always run: it creates the file, or appends only the secrets an older file lacks.
+.PHONY: $(ENV_FILE)
 $(ENV_FILE):
 	@compose/scripts/init-env.sh .env.example $(ENV_FILE)
 

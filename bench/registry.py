@@ -18,6 +18,7 @@ from bench.result import Result
 # name -> module, in the order the report shows them
 MODULES: dict[str, str] = {
     "reaction": "bench.reaction",
+    "cold_start": "bench.cold_start",
     "burst_drain": "bench.burst_drain",
     "scaler_cost": "bench.scaler_cost",
     "throughput": "bench.throughput",

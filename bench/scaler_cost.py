@@ -42,6 +42,7 @@ from scaler.backends.base import (
 )
 from scaler.backends.compose import ComposeBackend
 from scaler.decide import decide
+from scaler.fencing import UNFENCED, Fence
 from scaler.loop import PolicySource, Scaler
 from scaler.observations import QueueSignal, Resources
 from scaler.policy import parse_policy
@@ -124,12 +125,17 @@ class TimedBackend:
     def replicas(self, service: str) -> int:
         return self.timer.call("container list (replicas)", lambda: self.inner.replicas(service))
 
-    def scale(self, service: str, replicas: int) -> ScaleResult:
-        return self.inner.scale(service, replicas)
+    def warm(self, service: str) -> int:
+        return self.inner.warm(service)
 
-    def reconcile(self) -> list[BackendEvent]:
+    def scale(
+        self, service: str, replicas: int, fence: Fence = UNFENCED, warm: int | None = None
+    ) -> ScaleResult:
+        return self.inner.scale(service, replicas, fence, warm)
+
+    def reconcile(self, fence: Fence = UNFENCED) -> list[BackendEvent]:
         step = "reconcile (container list, stats readers)"
-        return self.timer.call(step, self.inner.reconcile)
+        return self.timer.call(step, lambda: self.inner.reconcile(fence))
 
     def resources(self, service: str) -> Resources:
         return self.timer.call("stats read", lambda: self.inner.resources(service))

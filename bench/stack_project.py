@@ -112,7 +112,8 @@ class BenchStack:
         port = {s: int(self.compose("port", s, p).strip().rsplit(":", 1)[1])
                 for s, p in inner.items()}  # fmt: skip
         v = self.values
-        self.broker_url = f"redis://:{v['REDIS_PASSWORD']}@127.0.0.1:{port['redis']}/0"
+        # As a producer connects: Redis's `worker` user.
+        self.broker_url = f"redis://worker:{v['REDIS_WORKER_PASSWORD']}@127.0.0.1:{port['redis']}/0"
         self.database_url = (
             f"postgresql://{v.get('POSTGRES_USER', 'celery')}:{v['POSTGRES_PASSWORD']}"
             f"@127.0.0.1:{port['postgres']}/{v.get('POSTGRES_DB', 'celery')}"

@@ -40,6 +40,7 @@ from typing import Any
 
 from scaler.api import HttpSettings, ScalerHTTPServer
 from scaler.backends.base import Backend
+from scaler.backends.warm_pool import RedisPoolStore
 from scaler.control import ControlError, ControlStore, ControlUnavailable, Override
 from scaler.leader import LeaderLease, LeaseSettings
 from scaler.live import LiveFeed
@@ -50,6 +51,7 @@ from scaler.recorder import FlightRecorder, add_record_command, add_run_flags, s
 from scaler.restore import UnackedRestorer
 from scaler.signals.collector import Collector, queue_reader_for_app
 from scaler.status import STATE_FILE_ENV, default_state_file, read_snapshot, render
+from scaler.wakeup import detector_for_app
 
 POLICY_ENV = "SCALER_POLICY"
 BACKEND_ENV = "SCALER_BACKEND"
@@ -168,6 +170,10 @@ def _build(args: argparse.Namespace, dry_run: bool) -> tuple[Scaler, Backend, An
     restorer = UnackedRestorer.for_app(app)
     if hasattr(backend, "restorer"):
         backend.restorer = restorer
+    # Warm-pool membership in the scaler's Redis (scaler:warm:*), else in memory only.
+    url = scaler_redis_url(app)
+    if url is not None and hasattr(backend, "use_pool_store"):
+        backend.use_pool_store(RedisPoolStore.from_url(url, os.environ.get(KEY_PREFIX_ENV, "")))
     collector = Collector(queue_reader_for_app(app))
     state = Path(args.state_file) if getattr(args, "state_file", None) else None
     scaler = Scaler(
@@ -289,6 +295,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     recorder = FlightRecorder(app, record) if record is not None else None
     scaler.recorder_status = recorder.status if recorder is not None else None
     scaler.metrics = ScalerMetrics()
+    # Arrivals on an idle service's queue start its decision at once (policy `wakeup:`).
+    probe = f"{os.environ.get(KEY_PREFIX_ENV, '')}scaler:wakeup-probe:{socket.gethostname()}"
+    scaler.detector = detector_for_app(app, scaler.alarm.ring, probe_key=probe)
     if not args.no_http:
         LiveFeed().attach(scaler)  # the dashboard's history and event feed
     url = scaler_redis_url(app)
@@ -321,6 +330,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     try:
         if recorder is not None:
             recorder.start()
+        scaler.detector.start()
         if http is not None:
             http.start()
         if scaler.leader is not None:
@@ -328,6 +338,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             scaler.leader.start()
         scaler.run(stop, max_cycles=args.max_cycles)
     finally:
+        scaler.detector.stop()
         if recorder is not None:
             recorder.stop()  # appends the buckets still open
         if scaler.leader is not None:

@@ -6,13 +6,18 @@ and when. The loop reads :meth:`ControlStore.controls` every cycle and passes it
 core: paused -> hold with reason "paused by operator", pinned N -> desired N.
 
 Validation happens here, not in the callers (HTTP API, CLI): an unknown service or a pin outside
-``[0, max]`` raises an error naming the service, the value and what was expected.
+``[0, max]`` raises an error naming the service, the value and what was expected. What is read
+back is validated too, field by field (:meth:`Override.parse`): the hash can be written by anyone
+holding Redis credentials that reach it, so a malformed value (``"replicas": -1``, a wrong type, a
+service that does not match its field) is reported once, naming the service and the field, and
+ignored: the service is decided as if it had no override, and the loop goes on.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import math
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
@@ -28,11 +33,13 @@ Mode = Literal["pause", "pin"]
 MAX_TEXT = 200  # reason / who: enough for a sentence, small enough for logs and status
 
 # KEYS[1] = hash, ARGV[1] = service, ARGV[2] = mode to clear. Returns the removed JSON, nil when
-# there was nothing, or an error reply naming the other mode so the caller can explain.
+# there was nothing, or an error reply naming the other mode so the caller can explain. A value
+# that is not a JSON object (malformed: the loop ignores it) is cleared by either verb.
 _CLEAR_LUA = """
 local raw = redis.call('HGET', KEYS[1], ARGV[1])
 if not raw then return nil end
-local mode = cjson.decode(raw)['mode']
+local ok, value = pcall(cjson.decode, raw)
+local mode = ok and type(value) == 'table' and value['mode'] or ARGV[2]
 if mode ~= ARGV[2] then return redis.error_reply('MODE ' .. tostring(mode)) end
 redis.call('HDEL', KEYS[1], ARGV[1])
 return raw
@@ -49,6 +56,15 @@ class UnknownServiceError(ControlError):
 
 class ConflictError(ControlError):
     """E.g. resume on a pinned service: the operator asked for the other kind of undo."""
+
+
+class InvalidOverride(ValueError):
+    """A stored override that cannot be used; names the service and the field."""
+
+    def __init__(self, service: str, field: str, problem: str) -> None:
+        super().__init__(f"override for {service!r}: {field}: {problem}")
+        self.service = service
+        self.field = field
 
 
 class ControlUnavailable(RuntimeError):
@@ -93,19 +109,52 @@ class Override:
 
     @classmethod
     def from_json(cls, raw: str | bytes) -> Override:
-        data = json.loads(raw)
-        mode = data["mode"]
+        """Parse a value written by :meth:`as_json`; InvalidOverride names the bad field."""
+        return cls.parse(raw)
+
+    @classmethod
+    def parse(cls, raw: str | bytes, service: str | None = None) -> Override:
+        """Parse and check one stored value, strictly: the same bounds :class:`ControlStore`'s
+        writers enforce, except the max (the loop clamps a pin above a lowered max). ``service``
+        is the hash field the value was stored under; the value must name the same one."""
+        where = service if service is not None else "?"
+        try:
+            data = json.loads(raw)
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise InvalidOverride(where, "value", f"not JSON ({exc})") from None
+        if not isinstance(data, dict):
+            raise InvalidOverride(where, "value", f"expected a JSON object, got {data!r:.60}")
+        named = data.get("service")
+        if not isinstance(named, str) or (service is not None and named != service):
+            raise InvalidOverride(
+                where, "service", f"{named!r:.60} does not match the field it is stored under"
+            )
+        mode = data.get("mode")
         if mode not in ("pause", "pin"):
-            raise ValueError(f"override mode must be 'pause' or 'pin', got {mode!r}")
+            raise InvalidOverride(named, "mode", f"expected 'pause' or 'pin', got {mode!r:.60}")
         replicas = data.get("replicas")
-        return cls(
-            service=str(data["service"]),
-            mode=mode,
-            replicas=None if replicas is None else int(replicas),
-            reason=str(data.get("reason", "")),
-            by=str(data.get("by", "")),
-            at=float(data.get("at", 0.0)),
-        )
+        if mode == "pin":
+            # bool is an int in Python; a JSON `true` is not a replica count.
+            if isinstance(replicas, bool) or not isinstance(replicas, int) or replicas < 0:
+                raise InvalidOverride(
+                    named, "replicas", f"expected an integer >= 0 for a pin, got {replicas!r:.60}"
+                )
+        elif replicas is not None:
+            raise InvalidOverride(
+                named, "replicas", f"expected null for a pause, got {replicas!r:.60}"
+            )
+        texts = {}
+        for name in ("reason", "by"):
+            value = data.get(name, "")
+            if not isinstance(value, str) or len(value) > MAX_TEXT:
+                raise InvalidOverride(
+                    named, name, f"expected a string of at most {MAX_TEXT} characters"
+                )
+            texts[name] = value
+        at = data.get("at", 0.0)
+        if isinstance(at, bool) or not isinstance(at, int | float) or not math.isfinite(at):
+            raise InvalidOverride(named, "at", f"expected a finite number, got {at!r:.60}")
+        return cls(named, mode, replicas, texts["reason"], texts["by"], float(at))
 
 
 ServiceLimits = Mapping[str, int] | Callable[[], Mapping[str, int]]
@@ -131,6 +180,11 @@ class ControlStore:
         self._limits = limits
         self._clock = clock
         self._clear = client.register_script(_CLEAR_LUA)
+        # Stored values refused by the last read: service -> why. Each distinct value is
+        # reported once (log + new_rejections), not every cycle it stays there.
+        self.rejected: dict[str, str] = {}
+        self._reported: dict[str, bytes] = {}
+        self._fresh: list[InvalidOverride] = []
 
     @classmethod
     def from_url(cls, url: str, limits: ServiceLimits, **kwargs: Any) -> ControlStore:
@@ -182,12 +236,14 @@ class ControlStore:
             raise ControlUnavailable(f"cannot read overrides from {self.key}: {exc}") from exc
         limits = self.limits()
         result: dict[str, Override] = {}
+        rejected: dict[str, str] = {}
         for field, value in raw.items():
-            service = field.decode() if isinstance(field, bytes) else str(field)
+            service = field.decode(errors="replace") if isinstance(field, bytes) else str(field)
             try:
-                override = Override.from_json(value)
-            except (ValueError, KeyError, TypeError) as exc:
-                log.warning("ignoring unreadable override for %r in %s: %s", service, self.key, exc)
+                override = Override.parse(value, service)
+            except InvalidOverride as exc:
+                rejected[service] = str(exc)
+                self._reject(service, value, exc)
                 continue
             if service not in limits:
                 log.info("ignoring override for %r: not a managed service any more", service)
@@ -200,13 +256,32 @@ class ControlStore:
                     reason=f"{override.reason} (pin {override.replicas} clamped to max {top})",
                 )
             result[service] = override
+        self.rejected = rejected
+        for gone in set(self._reported) - set(rejected):
+            del self._reported[gone]  # fixed or removed: report it again if it comes back
         return result
+
+    def new_rejections(self) -> list[InvalidOverride]:
+        """Stored overrides refused since the last call, each distinct value once (the loop
+        puts them in its event feed)."""
+        fresh, self._fresh = self._fresh, []
+        return fresh
 
     def controls(self) -> dict[str, ServiceControl]:
         """:meth:`overrides` in the decision core's form, for ``decide(..., controls=...)``."""
         return {service: o.as_control() for service, o in self.overrides().items()}
 
     # -- internals ------------------------------------------------------------------------------
+
+    def _reject(self, service: str, value: bytes | str, exc: InvalidOverride) -> None:
+        raw = value.encode() if isinstance(value, str) else bytes(value)
+        if self._reported.get(service) == raw:
+            return
+        self._reported[service] = raw
+        self._fresh.append(exc)
+        report = {"event": "override-rejected", "key": self.key, "service": service}
+        report.update(field=exc.field, error=str(exc), effect="ignored")
+        log.warning(json.dumps(report))
 
     def _check_service(self, service: str) -> int:
         limits = self.limits()
@@ -242,7 +317,10 @@ class ControlStore:
             raise ControlUnavailable(f"cannot clear override in {self.key}: {exc}") from exc
         if raw is None:
             return None
-        removed = Override.from_json(raw)
+        try:
+            removed = Override.parse(raw, service)
+        except InvalidOverride:  # a malformed value of that mode: gone now, which was the point
+            removed = Override(service, mode, None, "(malformed value removed)", "?", 0.0)
         log.info("override cleared: %s was %s", service, removed.explanation)
         return removed
 

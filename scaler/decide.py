@@ -17,8 +17,11 @@ describes them (the way Kubernetes' HPA names ``stabilizeRecommendationWithBehav
 5. ``apply_emergency``: a queue past its depth or age threshold jumps to ``scale_to`` at once;
 6. ``pace``: cooldowns, then step limits (an emergency and restoring the minimum skip both);
 7. ``guard_host``: no scale-up while host CPU or memory is past its limit (or unknown), except
-   back to the minimum or to one consumer for work waiting at zero; then, across services,
-   ``give_way_under_pressure``: the least urgent service with an idle replica gives one up.
+   back to the minimum or to one consumer for work waiting at zero;
+8. ``plan_warm_pool``: the warm pool's size beside the serving count (within max_replicas, not
+   refilled while the host guard blocks, released under host pressure or, by choice, at zero);
+   then, across services, ``give_way_under_pressure``: unless a service scales down or releases
+   warm replicas this cycle, the least urgent service with an idle replica gives one up.
 
 The caller acts on the decisions and then records what it actually achieved with
 ``History.record_action`` (see ``scaler.history``): decide() never assumes its advice was followed.
@@ -47,7 +50,8 @@ class Decision:
     ``current`` and ``desired`` are None only when the replica count could not be read; the
     action is then "hold". ``recommended`` is this cycle's recommendation as remembered for the
     stabilisation windows (a standing emergency's count included), before the windows,
-    cooldowns, step limits and the host guard (None when none was made).
+    cooldowns, step limits and the host guard (None when none was made). ``warm_current`` and
+    ``warm`` are the warm pool's size as observed and as wanted (serving counts exclude it).
     """
 
     service: str
@@ -57,6 +61,8 @@ class Decision:
     reasons: tuple[str, ...]
     emergency: bool = False
     recommended: int | None = None
+    warm_current: int = 0
+    warm: int = 0
 
 
 @dataclass(frozen=True)
@@ -143,29 +149,45 @@ class _Outcome:
 
 
 def _hold(
-    service: str, current: int | None, reasons: list[str], history: ServiceHistory
+    service: str,
+    current: int | None,
+    reasons: list[str],
+    history: ServiceHistory,
+    warm: int = 0,
 ) -> _Outcome:
-    return _Outcome(Decision(service, current, current, "hold", tuple(reasons)), history)
+    d = Decision(service, current, current, "hold", tuple(reasons), warm_current=warm, warm=warm)
+    return _Outcome(d, history)
 
 
 # --- 1. operator controls ----------------------------------------------------------------------
 
 
 def apply_operator_control(
-    name: str, current: int | None, control: ServiceControl | None, sh: ServiceHistory
+    name: str,
+    sp: ServicePolicy,
+    current: int | None,
+    warm_now: int,
+    control: ServiceControl | None,
+    host: HostState,
+    sh: ServiceHistory,
 ) -> _Outcome | None:
-    """Pause holds, pin targets its count at once; None when no override applies."""
+    """Pause holds (its warm pool too), pin targets its count at once (the warm pool then
+    follows the policy beside it); None when no override applies."""
     if control is None:
         return None
     note = f" ({control.note})" if control.note else ""
     if control.paused:
-        return _hold(name, current, [f"paused by operator{note}: holding"], sh)
+        return _hold(name, current, [f"paused by operator{note}: holding"], sh, warm_now)
     if control.pinned is None:
         return None
     if current is None:
-        return _hold(name, None, ["pinned, but replica count unknown: holding"], sh)
+        return _hold(name, None, ["pinned, but replica count unknown: holding"], sh, warm_now)
     n = control.pinned
-    d = Decision(name, current, n, _action(current, n), (f"pinned to {n} by operator{note}",))
+    reasons = [f"pinned to {n} by operator{note}"]
+    warm = plan_warm_pool(sp, n, warm_now, host, reasons)
+    d = Decision(
+        name, current, n, _action(current, n), tuple(reasons), warm_current=warm_now, warm=warm
+    )
     return _Outcome(d, sh)
 
 
@@ -205,7 +227,7 @@ def hold_on_missing_signals(
     if so is None:
         return _hold(name, None, ["service not observed this cycle: holding"], sh)
     if so.replicas is None:
-        return _hold(name, None, ["replica count unknown: holding"], sh)
+        return _hold(name, None, ["replica count unknown: holding"], sh, so.warm)
     missing = missing_signals(sp, so, now, policy.stale_after_s)
     if missing:
         return _hold(
@@ -213,6 +235,7 @@ def hold_on_missing_signals(
             so.replicas,
             [f"holding at {so.replicas}: " + "; ".join(missing)],
             replace(sh, idle_since=None),
+            so.warm,
         )
     return None
 
@@ -565,15 +588,57 @@ def guard_host(
     return allowed
 
 
+# --- 8. warm pool ------------------------------------------------------------------------------
+
+
+def plan_warm_pool(
+    sp: ServicePolicy, desired: int, warm_now: int, host: HostState, reasons: list[str]
+) -> int:
+    """How many warm replicas (booted, consuming nothing) to keep beside ``desired`` serving.
+
+    The policy's ``warm``, within max_replicas together with the serving ones; none at zero
+    unless ``warm_at_zero``. Refilling starts containers, so it waits while the host guard
+    blocks scale-up; under host pressure the pool is released first: it is not capacity.
+    """
+    if sp.warm == 0:
+        if warm_now:
+            reasons.append(f"no warm pool in the policy: {warm_now} warm -> 0")
+        return 0
+    if desired == 0 and not sp.warm_at_zero:
+        if warm_now:
+            reasons.append(f"at zero and warm_at_zero is false: warm pool {warm_now} -> 0")
+        return 0
+    target = max(0, min(sp.warm, sp.max_replicas - desired))
+    if target < sp.warm and target != warm_now:
+        reasons.append(
+            f"warm pool {target} of {sp.warm}: serving {desired} + warm within max "
+            f"{sp.max_replicas}"
+        )
+    if host.pressure and warm_now:
+        reasons.append(f"{host.reason}: warm pool released ({warm_now} -> 0)")
+        return 0
+    if target > warm_now and host.blocks_up:
+        reasons.append(f"{host.reason}: warm pool not refilled (would be {target}) -> {warm_now}")
+        return warm_now
+    if target > warm_now:
+        reasons.append(f"warm pool refilled {warm_now} -> {target}")
+    return target
+
+
 def give_way_under_pressure(
     policy: Policy, host: HostState, outcomes: dict[str, _Outcome]
 ) -> dict[str, _Outcome]:
     """Under host pressure the least urgent service with an idle replica gives one up.
 
-    Not when some service already scales down this cycle (that relieves the host too). Never the
-    last replica: a service goes to zero only through its quiet period.
+    Not when some service already scales down or releases warm replicas this cycle (that
+    relieves the host too). Never the last replica: a service goes to zero only through its
+    quiet period.
     """
-    if not host.pressure or any(o.decision.action == "down" for o in outcomes.values()):
+    relieving = any(
+        o.decision.action == "down" or o.decision.warm < o.decision.warm_current
+        for o in outcomes.values()
+    )
+    if not host.pressure or relieving:
         return outcomes
     candidates = [n for n, o in outcomes.items() if o.can_give_way]
     if not candidates:
@@ -609,7 +674,8 @@ def _decide_service(
     now: float,
 ) -> _Outcome:
     current = so.replicas if so is not None else None
-    early = apply_operator_control(name, current, control, sh)
+    warm_now = so.warm if so is not None else 0
+    early = apply_operator_control(name, sp, current, warm_now, control, host, sh)
     early = early or hold_on_missing_signals(name, sp, so, sh, policy, now)
     if early is not None:
         return early
@@ -630,6 +696,7 @@ def _decide_service(
     desired, jumped = apply_emergency(emergency, desired, current, reasons)
     desired = pace(sp, sh, desired, current, jumped, now, reasons)
     desired = guard_host(sp, host, load, desired, current, reasons)
+    warm = plan_warm_pool(sp, desired, warm_now, host, reasons)
 
     new_sh = replace(
         sh,
@@ -642,8 +709,9 @@ def _decide_service(
     since = sh.since_last_scale(now)
     cooling = since is not None and since < sp.scale_down.cooldown_s
     decision = Decision(
-        name, current, desired, _action(current, desired), tuple(reasons), jumped, rec
-    )
+        name, current, desired, _action(current, desired), tuple(reasons), jumped, rec,
+        warm_current=warm_now, warm=warm,
+    )  # fmt: skip
     floor = max(sp.min_replicas, 1)
     return _Outcome(
         decision,

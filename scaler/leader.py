@@ -3,8 +3,10 @@
 Two scalers may run for availability, but only one may act: two actors would fight over replica
 counts. The lease is a Redis key holding the owner's id with a TTL:
 
-- acquire: ``SET key owner NX PX lease_ms`` (only when nobody holds it);
-- renew: a Lua compare-and-pexpire (only while we are still the owner);
+- acquire: ``SET key owner NX PX lease_ms`` (only when nobody holds it) and, in the same Lua
+  call, ``INCR key:generation``: the lease's generation, a fencing token (``scaler.fencing``);
+- renew: a Lua compare-and-pexpire (only while we are still the owner), which also reads the
+  generation back (a changed one makes every action begun under the old one stop);
 - release on a clean stop: a Lua compare-and-del (never deletes someone else's lease).
 
 Leadership is judged by the local clock, conservatively: we count ourselves leader only until
@@ -13,6 +15,11 @@ comes back late ends leadership before Redis could have handed the key to anyone
 error ends leadership at once. The holder renews every ``lease / 3``, and a follower retries at
 the same pace, so after a leader dies the key expires within one lease and the follower takes it
 within ``lease + lease / 3`` (under two lease periods).
+
+The lease is held for a loop that works, not for a process that merely runs: with
+:meth:`LeaderLease.expect_progress` (the loop calls it after each cycle, saying when the next one
+should be done) the renewer neither renews nor acquires once that time has passed. A loop stuck in
+a call lets the lease lapse like a dead process would, and the standby takes over.
 """
 
 from __future__ import annotations
@@ -30,12 +37,29 @@ from typing import Any
 
 import redis
 
+from scaler.fencing import LeaseFence
+
 log = logging.getLogger(__name__)
 
-# KEYS[1] = lease key, ARGV[1] = owner, ARGV[2] = lease in ms. 1 if renewed, 0 if not ours.
+# KEYS[1] = lease key, KEYS[2] = generation key, ARGV[1] = owner, ARGV[2] = lease in ms.
+# The generation (>= 1) if renewed, 0 if not ours. A generation key lost while we hold the lease
+# (a flush) is bumped: a generation is never handed out twice to two holders.
 _RENEW_LUA = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then
-  return redis.call('PEXPIRE', KEYS[1], ARGV[2])
+  redis.call('PEXPIRE', KEYS[1], ARGV[2])
+  local generation = redis.call('GET', KEYS[2])
+  if not generation then
+    return redis.call('INCR', KEYS[2])
+  end
+  return tonumber(generation)
+end
+return 0
+"""
+
+# Same keys and arguments: the new generation if acquired, 0 if someone holds the lease.
+_ACQUIRE_LUA = """
+if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then
+  return redis.call('INCR', KEYS[2])
 end
 return 0
 """
@@ -88,6 +112,8 @@ class LeaseState:
     valid_for_s: float  # how much longer we count ourselves leader (0 when not leader)
     last_error: str | None
     transitions: int  # times leadership was gained or lost
+    generation: int | None = None  # the fencing token of our lease (None when not leader)
+    refused_actions: int = 0  # actions a fence stopped because the lease was lost
 
     def as_json(self) -> dict[str, Any]:
         return {
@@ -97,6 +123,8 @@ class LeaseState:
             "valid_for_s": round(self.valid_for_s, 3),
             "last_error": self.last_error,
             "transitions": self.transitions,
+            "generation": self.generation,
+            "refused_actions": self.refused_actions,
         }
 
 
@@ -128,6 +156,7 @@ class LeaderLease:
             )
         self.client = client
         self.key = f"{prefix}leader:{name}"
+        self.generation_key = f"{self.key}:generation"
         self.owner = owner or default_owner_id()
         self.lease_s = lease_s
         self.safety_s = safety
@@ -135,11 +164,15 @@ class LeaderLease:
         self._lease_ms = max(1, int(lease_s * 1000))
         self._clock = clock
         self._renew = client.register_script(_RENEW_LUA)
+        self._acquire = client.register_script(_ACQUIRE_LUA)
         self._release = client.register_script(_RELEASE_LUA)
         self._lock = threading.Lock()
         self._valid_until = 0.0  # local clock; leader while clock() < this
         self._was_leader = False
         self._transitions = 0
+        self._generation: int | None = None  # of the lease we last acquired or renewed
+        self._progress_until: float | None = None  # None: nobody asked for progress
+        self._refused = 0
         self.last_error: str | None = None
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -168,6 +201,33 @@ class LeaderLease:
         with self._lock:
             return self._clock() < self._valid_until
 
+    def current_generation(self) -> int | None:
+        """The lease's generation while we are leader by the local clock, else None."""
+        with self._lock:
+            return self._generation if self._clock() < self._valid_until else None
+
+    def fence(self) -> LeaseFence:
+        """A fence for an action starting now: valid while this leadership lasts, under this
+        generation (``scaler.fencing``); refuses at once if we are not leader."""
+        return LeaseFence(self, self.current_generation())
+
+    def note_refused(self, message: str) -> None:
+        """A fence refused an action (``message``: which and why): counted for status, logged."""
+        with self._lock:
+            self._refused += 1
+        log.warning("leader lease %s: fenced: %s", self.key, message)
+
+    def expect_progress(self, within_s: float) -> None:
+        """The loop is alive and will call again within ``within_s``; until then renew."""
+        with self._lock:
+            self._progress_until = self._clock() + within_s
+
+    def stalled(self) -> bool:
+        """True when the loop promised progress and did not make it: the lease is let lapse."""
+        with self._lock:
+            until = self._progress_until
+        return until is not None and self._clock() > until
+
     def holder(self) -> str | None:
         """Who holds the lease key now (any replica), None if nobody or Redis cannot say."""
         try:
@@ -188,21 +248,31 @@ class LeaderLease:
                 valid_for_s=max(0.0, remaining),
                 last_error=self.last_error,
                 transitions=self._transitions,
+                generation=self._generation if remaining > 0 else None,
+                refused_actions=self._refused,
             )
 
     # -- one election step ----------------------------------------------------------------------
 
     def step(self) -> bool:
-        """Renew if we hold the lease, otherwise try to take it. Returns :meth:`is_leader`."""
+        """Renew if we hold the lease, otherwise try to take it. Returns :meth:`is_leader`.
+
+        Neither while the loop is stalled (:meth:`expect_progress`): the lease then lapses.
+        """
         started = self._clock()  # before the call: the server's TTL starts later than this
-        try:
-            held = bool(self._renew(keys=[self.key], args=[self.owner, self._lease_ms]))
-            if not held:
-                held = bool(self.client.set(self.key, self.owner, nx=True, px=self._lease_ms))
-        except (redis.RedisError, OSError) as exc:
-            self._record(False, started, f"redis error: {type(exc).__name__}: {exc}")
+        if self.stalled():
+            self._record(0, started, "loop stalled: no cycle completed in time; lease not renewed")
             return False
-        self._record(held, started, None)
+        keys = [self.key, self.generation_key]
+        args: list[str | int] = [self.owner, self._lease_ms]
+        try:
+            generation = int(self._renew(keys=keys, args=args))
+            if not generation:
+                generation = int(self._acquire(keys=keys, args=args))
+        except (redis.RedisError, OSError) as exc:
+            self._record(0, started, f"redis error: {type(exc).__name__}: {exc}")
+            return False
+        self._record(generation, started, None)
         return self.is_leader()
 
     def release(self) -> bool:
@@ -218,16 +288,19 @@ class LeaderLease:
         self._note_transition(False)
         return released
 
-    def _record(self, held: bool, started: float, error: str | None) -> None:
+    def _record(self, generation: int, started: float, error: str | None) -> None:
+        """``generation`` 0: not held."""
         with self._lock:
-            if held:
+            if generation:
                 self._valid_until = started + self.lease_s - self.safety_s
+                self._generation = generation
             else:
                 self._valid_until = 0.0
+            quiet = error is not None and error == self.last_error
             self.last_error = error
-        if error:
+        if error and not quiet:
             log.warning("leader lease %s: %s; not leader", self.key, error)
-        self._note_transition(held)
+        self._note_transition(bool(generation))
 
     def _note_transition(self, leader: bool) -> None:
         with self._lock:

@@ -16,8 +16,8 @@ thread, per request, never in the cycle.
 
 "starting" counts workers this scaler started less than ``starting_s`` seconds ago (a Celery
 worker needs a few seconds between its process starting and its first task); a standby, which
-starts nothing, shows every running worker as serving. Room is left for more states (e.g. a
-"warm" pool) as further keys of a point's service entry.
+starts nothing, shows every running worker as serving. Warm-pool replicas (booted, consuming
+nothing: not capacity) are their own key, ``warm``, and never counted as serving.
 """
 
 from __future__ import annotations
@@ -57,6 +57,7 @@ _BACKEND_KINDS = {
     "crash-loop": "crash-loop",
     "restored": "restore",
     "restore-failed": "restore",
+    "override-rejected": "override",  # not a backend's, but said the same way (Scaler.events)
 }
 # The loop keeps backend events as "<service> <kind>: <detail>" (Scaler.events).
 _BACKEND_TEXT = re.compile(r"^(?P<service>\S+) (?P<kind>[^\s:]+): (?P<detail>.*)$", re.DOTALL)
@@ -181,6 +182,7 @@ class LiveFeed:
         self, scaler: Scaler, name: str, row: Mapping[str, Any], now: float
     ) -> dict[str, Any]:
         serving: int | None = row.get("current")
+        warm: int | None = row.get("warm")
         starting: int | None = 0
         draining: int | None = None
         try:
@@ -191,12 +193,13 @@ class LiveFeed:
             running = [w for w in workers if w.state == "running"]
             new = sum(1 for w in running if w.name in self._started)
             starting = new
-            serving = len(running) - new
+            serving = max(0, len(running) - new - (warm or 0))  # members list as running
             draining = sum(1 for w in workers if w.state == "draining")
         return {
             "serving": serving,
             "starting": starting,
             "draining": draining,
+            "warm": warm,
             "desired": row.get("desired"),
             "waiting": row.get("waiting"),
             "in_flight": row.get("in_flight"),

@@ -19,7 +19,11 @@ module does the I/O around it and the safety rules that belong to acting:
   the stabilisation windows, cooldowns and the idle timer; the wall clock (``wall_clock``) only
   stamps the status snapshot for people;
 - with a leader lease, only the leader acts (reconcile and scale). The flag is read once per
-  cycle and checked again right before every scale call, so a lease lost mid-cycle stops action.
+  cycle and checked again right before every scale call, and the cycle's actions carry a fence
+  (``scaler.fencing``) that the backends check right before each engine call, in their drain and
+  replacement threads too, so a lease lost mid-cycle (or mid-drain) stops action. After each
+  cycle the loop tells the lease when the next one will be done: a loop that stops completing
+  cycles stops renewing, and the lease lapses to the standby.
   A standby still observes, decides and reports (marked "standby: not the leader"), and re-reads
   the backend's view each cycle so that, on taking over, it knows the workers the old leader ran;
 - operator overrides (pause, pin) are read every cycle; if they cannot be read every service
@@ -41,6 +45,7 @@ from typing import Any
 from scaler.backends.base import Backend, BackendEvent, ScaleResult, ServiceSpec
 from scaler.control import ControlStore, ControlUnavailable, Override
 from scaler.decide import Decision, ServiceControl, decide
+from scaler.fencing import UNFENCED, Fence, LeadershipLost
 from scaler.history import History
 from scaler.leader import LeaderLease
 from scaler.live import LiveFeed
@@ -50,6 +55,7 @@ from scaler.policy import Policy, PolicyError, load_policy
 from scaler.restore import RESTORE_FAILED, RESTORED, UnackedRestorer
 from scaler.signals.collector import Collector
 from scaler.status import ServiceStatus, Snapshot, write_snapshot
+from scaler.wakeup import Alarm, WakeupDetector, Watch
 
 log = logging.getLogger("scaler.loop")
 decision_log = logging.getLogger("scaler.decisions")
@@ -157,6 +163,7 @@ class Scaler:
     sleep: Callable[[float], None] = time.sleep
     history: History = field(default_factory=History)
     leader: LeaderLease | None = None
+    stall_s: float | None = None  # see stall_budget_s
     control: ControlStore | None = None
     metrics: ScalerMetrics | None = None
     cycles: int = 0
@@ -168,6 +175,10 @@ class Scaler:
     # Gives dead workers' unacked messages back (scaler.restore): the backends on each death;
     # the loop at start and takeover for workers that died while no scaler watched.
     restorer: UnackedRestorer | None = None
+    # Event-driven detection (scaler.wakeup): rings ``alarm`` when a message lands on an armed
+    # service's queue, so the loop's wait between cycles ends early. None: polling only.
+    detector: WakeupDetector | None = None
+    alarm: Alarm = field(default_factory=Alarm)
     _sweep_pending: bool = field(default=True, init=False)
     _reload: threading.Event = field(default_factory=threading.Event, init=False)
     _managed: tuple[ServiceSpec, ...] = field(default=(), init=False)
@@ -181,9 +192,15 @@ class Scaler:
     def _sync_backend(self, refresh: bool = False) -> None:
         """Tell the backend which services it manages; ``refresh`` re-reads its view even when
         the policy did not change (a standby adopting what the leader runs)."""
+        policy = self.source.policy
         specs = tuple(
-            ServiceSpec(name, tuple(svc.queues))
-            for name, svc in self.source.policy.services.items()
+            ServiceSpec(
+                name,
+                tuple(svc.queues),
+                unresponsive_after_s=policy.unresponsive_after_s,
+                allowed_bind_mounts=tuple(policy.clone.allowed_bind_mounts),
+            )
+            for name, svc in policy.services.items()
         )
         if refresh or specs != self._managed:
             self.backend.manage(list(specs))
@@ -192,6 +209,23 @@ class Scaler:
     def is_leading(self) -> bool:
         """May this replica act? Always without a lease; otherwise only while it holds it."""
         return self.leader is None or self.leader.is_leader()
+
+    def fence(self) -> Fence:
+        """The fence for actions starting now: the lease's, or none without election."""
+        return UNFENCED if self.leader is None else self.leader.fence()
+
+    def stall_budget_s(self) -> float:
+        """How long one cycle may take before the loop counts as stuck (and the lease lapses):
+        ``stall_s`` if set, else two lease periods and at least 10 s (the cycle's own retries
+        and timeouts)."""
+        if self.stall_s is not None:
+            return self.stall_s
+        lease_s = self.leader.lease_s if self.leader is not None else 0.0
+        return max(10.0, 2 * lease_s)
+
+    def _expect_progress(self) -> None:
+        if self.leader is not None:
+            self.leader.expect_progress(self.next_delay() + self.stall_budget_s())
 
     def _read_controls(
         self, policy: Policy, errors: list[str]
@@ -204,6 +238,10 @@ class Scaler:
             errors.append(f"control: {exc}")
             held = ServiceControl(paused=True, note=UNREADABLE_NOTE)
             return {name: held for name in policy.services}, {}
+        # A malformed stored override is ignored (the service is decided without it) and said
+        # once in the event feed; the control store has logged it.
+        for bad in self.control.new_rejections():
+            self.events.append(f"{bad.service} override-rejected: {bad} (ignored)")
         return {s: o.as_control() for s, o in overrides.items()}, overrides
 
     def cycle(self) -> CycleReport:
@@ -215,6 +253,7 @@ class Scaler:
         policy = self.source.policy
         errors: list[str] = []
         leading = self.is_leading()  # once per cycle; _act checks again before each scale
+        fence = self.fence()  # the lease this cycle's actions run under
         self.backend.begin_cycle()  # the cycle's reads may share one listing; actions re-list
         # A standby re-reads the backend every cycle, and so does a replica that just became
         # leader: either way the workers may have been started by another scaler.
@@ -225,8 +264,10 @@ class Scaler:
             errors.append(f"leader: {self.leader.last_error}")
         if leading and not self.dry_run:
             try:
-                for event in self.backend.reconcile():
+                for event in self.backend.reconcile(fence=fence):
                     self._backend_event(event)
+            except LeadershipLost as exc:
+                errors.append(f"leader: lease lost during reconcile: {exc}")
             except Exception as exc:
                 errors.append(f"backend: reconcile failed: {exc}")
             self._sweep_dead_owners(policy)
@@ -239,7 +280,7 @@ class Scaler:
         decisions, history = decide(policy, obs, self.history, now, controls)
         outcomes: dict[str, ActOutcome] = {}
         for service, decision in decisions.items():
-            outcome = self._act_paced(obs, decision, now, leading=leading)
+            outcome = self._act_paced(obs, decision, now, leading=leading, fence=fence)
             if outcome.result is not None:
                 r = outcome.result
                 history = history.record_action(service, r.before, r.after, now)
@@ -249,9 +290,11 @@ class Scaler:
             self._log_decision(decision, outcome)
         self.history = history
         self.cycles += 1
+        self._expect_progress()
         self.consecutive_failures = self.consecutive_failures + 1 if shared_failed else 0
         report = CycleReport(obs, decisions, outcomes, tuple(errors), leading, overrides)
         duration = time.monotonic() - started
+        self._watch_arrivals(report)
         self._record(report, duration)
         if self.live is not None:
             try:
@@ -319,7 +362,13 @@ class Scaler:
             )
 
     def _act_paced(
-        self, obs: Observations, decision: Decision, now: float, *, leading: bool
+        self,
+        obs: Observations,
+        decision: Decision,
+        now: float,
+        *,
+        leading: bool,
+        fence: Fence = UNFENCED,
     ) -> ActOutcome:
         """Act unless the service is backing off after failed scales; keep its backoff current.
 
@@ -335,7 +384,7 @@ class Scaler:
                 note=f"backing off after {backoff.failures} failed scale(s): next attempt in "
                 f"{backoff.until - now:.1f} s",
             )
-        outcome = self._act(obs, decision, leading=leading)
+        outcome = self._act(obs, decision, leading=leading, fence=fence)
         if outcome.acted:
             self.backoffs.pop(service, None)
         elif outcome.scale_failed:
@@ -344,8 +393,18 @@ class Scaler:
             self.backoffs[service] = ServiceBackoff(failures, now + wait)
         return outcome
 
-    def _act(self, obs: Observations, decision: Decision, *, leading: bool = True) -> ActOutcome:
-        if decision.action == "hold" or decision.desired is None or self.dry_run:
+    def _act(
+        self,
+        obs: Observations,
+        decision: Decision,
+        *,
+        leading: bool = True,
+        fence: Fence = UNFENCED,
+    ) -> ActOutcome:
+        pool_moves = decision.warm != decision.warm_current  # refill or trim the warm pool
+        if (decision.action == "hold" and not pool_moves) or decision.desired is None:
+            return ActOutcome(acted=False)
+        if self.dry_run:
             return ActOutcome(acted=False)
         if not leading:
             return ActOutcome(acted=False, note=STANDBY_NOTE)
@@ -366,8 +425,12 @@ class Scaler:
                     f"{decision.desired}: not acting",
                 )
             try:
-                result = self.backend.scale(decision.service, decision.desired)
+                # The pool's size only when there is one to keep (backends before it take none).
+                pool = {"warm": decision.warm} if decision.warm or decision.warm_current else {}
+                result = self.backend.scale(decision.service, decision.desired, fence=fence, **pool)
                 return ActOutcome(acted=True, result=result)
+            except LeadershipLost as exc:  # not the engine's fault: no retry, no backoff
+                return ActOutcome(acted=False, error=f"leader: lease lost while scaling: {exc}")
             except Exception as exc:
                 last = f"{type(exc).__name__}: {exc}"
                 log.warning(
@@ -436,6 +499,8 @@ class Scaler:
                 override=_override_label(override),
                 not_due=sum(s.not_due for s in signals),
                 abandoned=sum(s.abandoned for s in signals),
+                warm=seen.warm if seen else None,
+                warm_target=decision.warm if decision else 0,
             )
         host = report.observations.host
         snapshot = Snapshot(
@@ -456,6 +521,7 @@ class Scaler:
             leader=self._lease_view(),
             overrides={s: o.as_json() for s, o in report.overrides.items()},
             recorder=dict(self.recorder_status()) if self.recorder_status else None,
+            detection=self._detection_view(),
         )
         self.last_snapshot = snapshot
         if self.state_file is not None:
@@ -491,6 +557,8 @@ class Scaler:
 
     def run(self, stop: threading.Event, max_cycles: int | None = None) -> None:
         """Cycle until ``stop`` is set (or ``max_cycles`` ran); a crashing cycle is logged."""
+        if self.leader is not None:  # the first cycle, too, must end in time to keep the lease
+            self.leader.expect_progress(self.stall_budget_s())
         while not stop.is_set():
             try:
                 self.cycle()
@@ -499,7 +567,52 @@ class Scaler:
                 log.exception(json.dumps({"event": "cycle-crashed"}))
             if max_cycles is not None and self.cycles >= max_cycles:
                 return
-            stop.wait(self.next_delay())
+            # The interval, cut short when an arrival on an armed service's queue rings.
+            woken = self.alarm.wait(self.next_delay(), stop)
+            if woken and not stop.is_set():
+                log.info(json.dumps({"event": "wakeup", "services": sorted(woken)}))
+
+    def _watch_arrivals(self, report: CycleReport) -> None:
+        """Arm the detector for the services a *new* backlog should decide at once: nothing was
+        waiting on their queues at this cycle, and they are at their minimum (or their count is
+        unread) or below the last decision's target. A service with a backlog already seen is
+        decided at its ticks (an early decision would see what this one saw); a standby arms
+        none."""
+        if self.detector is None:
+            return
+        policy = self.source.policy
+        armed: set[str] = set()
+        for name, svc in policy.services.items():
+            seen = report.observations.services.get(name)
+            current = seen.replicas if seen else None
+            decision = report.decisions.get(name)
+            wanted = decision.desired if decision else None
+            waiting = (
+                [seen.queues[q].waiting for q in svc.queues if q in seen.queues] if seen else []
+            )
+            if any(w for w in waiting):
+                continue
+            if current is None or current <= svc.min_replicas or (wanted or 0) > current:
+                armed.add(name)
+        queues = {q: name for name, svc in policy.services.items() for q in svc.queues}
+        self.detector.watch(
+            Watch(
+                queues,
+                frozenset(armed if report.leading else ()),
+                enabled=policy.wakeup.events,
+                debounce_s=policy.wakeup.debounce_s,
+            )
+        )
+        if self.metrics is not None:
+            self.metrics.record_detection(self.detector.status())
+
+    def _detection_view(self) -> dict[str, Any]:
+        """How new backlogs are noticed, for the status: events (and from where) or polling."""
+        if self.detector is None:
+            off = not self.source.policy.wakeup.events
+            reason = "wakeup.events is off in the policy" if off else "no event detector running"
+            return {"mode": "polling", "source": None, "reason": reason}
+        return self.detector.status()
 
 
 def _override_label(override: Override | None) -> str | None:

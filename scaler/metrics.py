@@ -18,6 +18,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
@@ -129,6 +130,12 @@ class ScalerMetrics:
         self.replicas_current = Gauge(
             "scaler_replicas_current", "Replicas running now", ["service"], registry=r
         )
+        self.replicas_warm = Gauge(
+            "scaler_replicas_warm",
+            "Warm-pool replicas: booted (or booting) but consuming nothing, not capacity",
+            ["service"],
+            registry=r,
+        )
         self.replicas_desired = Gauge(
             "scaler_replicas_desired",
             "Replicas the last decision asked for",
@@ -203,6 +210,26 @@ class ScalerMetrics:
             ["service"],
             registry=r,
         )
+        # Event-driven detection (scaler.wakeup); absent until the loop reports it.
+        self.detection_up = Gauge(
+            "scaler_event_detection_up",
+            "1 while queue events can start decisions at once; 0 while the scaler only polls "
+            "(the reason is in /status detection.reason)",
+            registry=r,
+        )
+        self.event_wakeups = Counter(
+            "scaler_event_wakeups",
+            "Decisions started early by an arrival on a service's queue (after debouncing)",
+            ["service"],
+            registry=r,
+        )
+        self.event_coalesced = Counter(
+            "scaler_event_arrivals_coalesced",
+            "Arrivals folded into an earlier wake-up by the debounce window",
+            registry=r,
+        )
+        self._wakeups_seen: dict[str, int] = {}
+        self._coalesced_seen = 0
         for source in ERROR_SOURCES:  # present from the start, so rate() works from zero
             self.errors.labels(source=source)
         self._lock = threading.Lock()
@@ -253,6 +280,21 @@ class ScalerMetrics:
             self.last_cycle.set(time.time())
             self._last_cycle_monotonic = clock()
 
+    def record_detection(self, status: Mapping[str, Any]) -> None:
+        """The detector's status (WakeupDetector.status()): up or not, and its running totals,
+        turned into counter increments."""
+        with self._lock:
+            self.detection_up.set(1 if status.get("mode") == "events" else 0)
+            for service, total in (status.get("wakeups") or {}).items():
+                seen = self._wakeups_seen.get(service, 0)
+                if total > seen:
+                    self.event_wakeups.labels(service=service).inc(total - seen)
+                self._wakeups_seen[service] = total
+            coalesced = int(status.get("coalesced") or 0)
+            if coalesced > self._coalesced_seen:
+                self.event_coalesced.inc(coalesced - self._coalesced_seen)
+            self._coalesced_seen = coalesced
+
     def record_restored(self, service: str, count: int) -> None:
         """Count messages restored from a dead worker of ``service``."""
         if count > 0:
@@ -278,10 +320,12 @@ class ScalerMetrics:
         age: dict[tuple[str, ...], float] = {}
         in_flight: dict[tuple[str, ...], float] = {}
         current: dict[tuple[str, ...], float] = {}
+        warm: dict[tuple[str, ...], float] = {}
         cpu: dict[tuple[str, ...], float] = {}
         memory: dict[tuple[str, ...], float] = {}
         for name, service in obs.services.items():
             _put(current, (name,), service.replicas)
+            _put(warm, (name,), service.warm if service.replicas is not None else None)
             _put(cpu, (name,), service.workers.cpu_percent)
             _put(memory, (name,), service.workers.memory_percent)
             for queue, signal in service.queues.items():
@@ -294,6 +338,7 @@ class ScalerMetrics:
         self._set_series(self.queue_oldest_age, age)
         self._set_series(self.queue_in_flight, in_flight)
         self._set_series(self.replicas_current, current)
+        self._set_series(self.replicas_warm, warm)
         self._set_series(self.service_cpu, cpu)
         self._set_series(self.service_memory, memory)
         _set_or_nan(self.host_cpu, obs.host.cpu_percent)

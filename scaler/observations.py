@@ -54,6 +54,7 @@ class ServiceObservation:
     queues: Mapping[str, QueueSignal]
     workers: Resources  # mean over the service's replicas
     busy_replicas: int | None = None  # replicas running at least one task, when known
+    warm: int = 0  # warm-pool replicas (booted, consuming nothing): not counted in ``replicas``
 
 
 @dataclass(frozen=True)

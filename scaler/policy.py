@@ -30,6 +30,7 @@ from scaler.problems import (
 
 __all__ = [
     "ENV_DEFAULTS",
+    "CloneRules",
     "EmergencyRule",
     "HostLimits",
     "Policy",
@@ -39,6 +40,7 @@ __all__ = [
     "ScaleToZero",
     "ServicePolicy",
     "Target",
+    "WakeupRules",
     "load_policy",
     "parse_policy",
     "validate_file",
@@ -166,6 +168,12 @@ class ServicePolicy(_Model):
     resources: ResourceLimits = Field(default_factory=ResourceLimits)
     # Higher is more urgent; under host pressure the least urgent service gives way first.
     urgency: int = 0
+    # Replicas booted and healthy but consuming nothing (the warm pool): a scale-up takes them
+    # first, in milliseconds, and the pool is refilled with cold starts. Serving + warm replicas
+    # stay within max_replicas.
+    warm: int = Field(default=0, ge=0)
+    # Keep the warm replicas while the service is at zero (fast wake, at the cost of their memory).
+    warm_at_zero: bool = True
 
     @model_validator(mode="after")
     def _consistent(self) -> ServicePolicy:
@@ -174,6 +182,12 @@ class ServicePolicy(_Model):
             problems.append(
                 f"max_replicas: {self.max_replicas} is invalid: "
                 f"must be >= min_replicas ({self.min_replicas})"
+            )
+        if self.warm and self.min_replicas + self.warm > self.max_replicas:
+            problems.append(
+                f"warm: {self.warm} is invalid: min_replicas + warm ({self.min_replicas} + "
+                f"{self.warm}) must be <= max_replicas ({self.max_replicas}); warm replicas count "
+                "against the maximum"
             )
         if len(set(self.queues)) != len(self.queues):
             problems.append(f"queues: {self.queues!r} is invalid: names must be unique")
@@ -196,13 +210,56 @@ class ServicePolicy(_Model):
         return self
 
 
+class CloneRules(_Model):
+    """What a clone of a worker's container may carry over from its template."""
+
+    # Host paths (absolute; a path inside one is allowed too) that a template's bind mounts may
+    # come from. Any other bind mount, and privileged mode, added capabilities, devices or host
+    # namespaces, make the scaler refuse to clone (scaler.backends.template_safety).
+    allowed_bind_mounts: list[str] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _absolute(self) -> CloneRules:
+        problems = []
+        for i, path in enumerate(self.allowed_bind_mounts):
+            parts = path.split("/")
+            if not path.startswith("/") or ".." in parts:
+                problems.append(
+                    f"allowed_bind_mounts.{i}: {path!r} is invalid: expected an absolute host "
+                    "path without '..'"
+                )
+            elif path.strip("/") == "":
+                problems.append(
+                    f"allowed_bind_mounts.{i}: {path!r} is invalid: '/' would allow every host "
+                    "path; name the directories the workers need"
+                )
+        if problems:
+            raise WordedProblems(problems)
+        return self
+
+
+class WakeupRules(_Model):
+    """Event-driven detection (scaler.wakeup): a message landing on the queue of a service at its
+    minimum or below its target starts that service's decision at once, not at the next tick."""
+
+    events: bool = True
+    # Arrivals within this window after a wake-up fold into one more decision at its end, so a
+    # flood costs about one decision per service per window, not one per message.
+    debounce_s: float = Field(default=0.2, gt=0, le=10)
+
+
 class Policy(_Model):
     """The whole policy: cycle timing, host limits and one entry per managed worker service."""
 
     interval_s: float = Field(default=2.0, gt=0)
     # A signal read longer ago than this counts as missing (the core then holds).
     stale_after_s: float = Field(default=10.0, gt=0)
+    # A worker whose heartbeat is older than this is drained if it answers, else stopped, and
+    # replaced (its unacked tasks restored); null: never. Above the workers' heartbeat interval.
+    unresponsive_after_s: float | None = Field(default=90.0, gt=0)
     host: HostLimits = Field(default_factory=HostLimits)
+    clone: CloneRules = Field(default_factory=CloneRules)
+    wakeup: WakeupRules = Field(default_factory=WakeupRules)
     services: dict[str, ServicePolicy] = Field(min_length=1)
 
     @model_validator(mode="after")

@@ -41,6 +41,10 @@ class ServiceStatus:
     override: str | None = None  # "paused" or "pinned N" while an operator override holds
     not_due: int = 0  # messages with an ETA still ahead: in the queue, not waiting yet
     abandoned: int = 0  # a dead worker's unacked messages, no longer counted in flight
+    # Warm-pool replicas (booted or booting, consuming nothing: not capacity, not in ``current``)
+    # and the pool size the last decision wanted.
+    warm: int | None = None
+    warm_target: int = 0
 
 
 @dataclass(frozen=True)
@@ -64,6 +68,8 @@ class Snapshot:
     leader: Mapping[str, Any] | None = None  # this replica's lease state and the key's holder
     overrides: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
     recorder: Mapping[str, Any] | None = None  # FlightRecorder.status(); None: not recording
+    # How new backlogs are noticed: WakeupDetector.status() ("events" or "polling" and why).
+    detection: Mapping[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready form (the same shape HTTP /status can serve)."""
@@ -130,8 +136,8 @@ def render(data: Mapping[str, Any], now: float | None = None) -> str:
         f"updated {age:.1f}s ago, policy {data.get('policy_file') or '-'}",
         _role_line(data),
     ]
-    header = ["SERVICE", "CURRENT", "DESIRED", "WAITING", "IN-FLIGHT", "OLDEST(s)", "LAST",
-              "OVERRIDE", "WHY"]  # fmt: skip
+    header = ["SERVICE", "CURRENT", "DESIRED", "WARM", "WAITING", "IN-FLIGHT", "OLDEST(s)",
+              "LAST", "OVERRIDE", "WHY"]  # fmt: skip
     rows = [header]
     for name, svc in sorted((data.get("services") or {}).items()):
         why = "; ".join(svc.get("reasons") or [])
@@ -147,6 +153,7 @@ def render(data: Mapping[str, Any], now: float | None = None) -> str:
                 name,
                 _cell(svc.get("current")),
                 _cell(svc.get("desired")),
+                _warm_cell(svc),
                 _cell(svc.get("waiting")),
                 _cell(svc.get("in_flight")),
                 _cell(svc.get("oldest_age_s")),
@@ -170,7 +177,29 @@ def render(data: Mapping[str, Any], now: float | None = None) -> str:
         lines.append(f"event: {event}")
     if data.get("recorder"):
         lines.append(_recorder_line(data["recorder"], now))
+    if data.get("detection"):
+        lines.append(_detection_line(data["detection"]))
     return "\n".join(lines)
+
+
+def _warm_cell(svc: Mapping[str, Any]) -> str:
+    """``-`` without a pool; the warm count, and ``->N`` while the pool moves towards N."""
+    warm, target = svc.get("warm"), int(svc.get("warm_target") or 0)
+    if not warm and not target:
+        return "-"
+    return _cell(warm) if warm == target else f"{_cell(warm)}->{target}"
+
+
+def _detection_line(det: Mapping[str, Any]) -> str:
+    """`detection events (...)` or `detection POLLING (reason)`: a scaler that only polls reacts
+    an interval later, and the operator should know why."""
+    if det.get("mode") == "events":
+        wakeups = sum((det.get("wakeups") or {}).values())
+        return (
+            f"detection events ({det.get('source')}): {wakeups} early decision(s), "
+            f"{det.get('coalesced', 0)} arrival(s) coalesced, debounce {det.get('debounce_s')} s"
+        )
+    return f"detection POLLING only, at the cycle interval: {det.get('reason') or 'unknown'}"
 
 
 def _recorder_line(rec: Mapping[str, Any], now: float) -> str:

@@ -21,6 +21,7 @@ from services.heartbeat import HeartbeatFile
 from services.ownership import OWNER_KEY, TRANSPORT, RestoreOnReconnect
 from services.records import TaskRecorder
 from services.schedule import beat_schedule
+from services.warm_start import WarmStart
 
 TASK_MODULES = [
     "services.tasks.default",
@@ -167,6 +168,7 @@ def create_app(settings: Settings, main: str = "services") -> ServiceApp:
     )
     app.steps["consumer"].add(HeartbeatFile)
     app.steps["consumer"].add(RestoreOnReconnect)
+    app.steps["consumer"].add(WarmStart)  # WORKER_WARM_START=1: boot for the warm pool
     logging.getLogger("services").setLevel(settings.log_level)
 
     # Weak references would let these closures be collected at once; the app lives as long.

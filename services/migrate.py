@@ -3,13 +3,16 @@
 ``python -m services.migrate`` waits for PostgreSQL (until a deadline: in Compose it may start
 before the database accepts connections), takes a session advisory lock so concurrent runners
 serialise, and applies each ``migrations/NNNN_name.sql`` not yet in ``schema_migrations``, each in
-its own transaction together with its record.
+its own transaction together with its record. Then, when ``POSTGRES_APP_PASSWORD`` is set, it
+makes sure the tasks' own role exists with DML rights only (services.db_roles): the migrations run
+as the owner, the tasks never do.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 import time
 from pathlib import Path
@@ -19,6 +22,7 @@ import psycopg2
 import psycopg2.extensions
 
 from services.config import ConfigError, load_settings
+from services.db_roles import AppRole, RoleError, ensure_app_role
 
 log = logging.getLogger(__name__)
 
@@ -57,8 +61,14 @@ def connect_until(database_url: str, deadline_s: float) -> psycopg2.extensions.c
             time.sleep(0.5)
 
 
-def migrate(database_url: str, deadline_s: float = 60.0) -> list[str]:
-    """Apply the pending migrations; return the versions applied by this call."""
+def migrate(
+    database_url: str, deadline_s: float = 60.0, app_role: AppRole | None = None
+) -> list[str]:
+    """Apply the pending migrations, then grant ``app_role`` (if any) the tasks' DML.
+
+    Returns the versions applied by this call. The role step runs every time (idempotent), so a
+    rotated password or a table added by hand gets its grants without a new migration.
+    """
     conn = connect_until(database_url, deadline_s)
     applied: list[str] = []
     try:
@@ -82,6 +92,8 @@ def migrate(database_url: str, deadline_s: float = 60.0) -> list[str]:
                     )
                 applied.append(migration.version)
                 log.info("applied migration %s", migration.version)
+            if app_role is not None:
+                ensure_app_role(conn, app_role)
         finally:
             conn.autocommit = True
             with conn.cursor() as cur:
@@ -100,15 +112,18 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     try:
         settings = load_settings()
+        app_role = AppRole.from_env(os.environ)
     except ConfigError as exc:
         print(exc, file=sys.stderr)
         return 2
     try:
-        applied = migrate(settings.database_url, args.deadline)
-    except (TimeoutError, psycopg2.Error) as exc:
+        applied = migrate(settings.database_url, args.deadline, app_role)
+    except (TimeoutError, RoleError, psycopg2.Error) as exc:
         print(f"migration failed: {exc}", file=sys.stderr)
         return 1
     print(f"applied {len(applied)} migration(s): {', '.join(applied) or 'none pending'}")
+    if app_role is not None:
+        print(f"app role {app_role.name}: DML on the application's tables, nothing more")
     return 0
 
 

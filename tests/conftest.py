@@ -138,3 +138,32 @@ def database_url(backing: Backing) -> Iterator[str]:
             )
             cur.execute(f'DROP DATABASE IF EXISTS "{name}"')
         admin.close()
+
+
+# -- parallel runs (pytest-xdist, `make test` runs two workers) ----------------------------------
+
+# The two whole-stack suites (the session-scoped e2e stack of tests/e2e/conftest.py and the
+# chaos stack of tests/chaos/test_stack_chaos.py) share one group: one worker brings each stack up
+# once and runs them one after the other, so two full stacks never compete for the machine's two
+# cores while the other worker runs everything else.
+_STACKS_GROUP = "stacks"
+_STACK_FILES = {ROOT / "tests" / "chaos" / "test_stack_chaos.py"}
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Give every test an ``xdist_group``: its file's (module fixtures are built once), or the
+    stacks' group. Under ``--dist loadgroup`` (``make test``) a worker then takes whole files (or
+    the whole stacks group), and the session's backing services, key prefix and database are
+    per worker."""
+    for item in items:
+        if item.get_closest_marker("xdist_group") is not None:
+            continue
+        path = Path(str(item.path)).resolve()
+        uses_e2e_stack = "stack" in getattr(item, "fixturenames", ()) and path.parent == (
+            ROOT / "tests" / "e2e"
+        )
+        if uses_e2e_stack or path in _STACK_FILES:
+            group = _STACKS_GROUP
+        else:
+            group = str(path.relative_to(ROOT))
+        item.add_marker(pytest.mark.xdist_group(group))

@@ -33,14 +33,31 @@ value_of() {
 fail() { errors+=("$1"); }
 
 secret_re='^[A-Za-z0-9._~-]{16,}$'
-for name in REDIS_PASSWORD POSTGRES_PASSWORD FLOWER_PASSWORD; do
+for name in POSTGRES_PASSWORD POSTGRES_APP_PASSWORD FLOWER_PASSWORD; do
   v=$(value_of "$name")
   if [[ -z $v ]]; then
-    fail "$name is missing or empty: expected a generated secret (delete $env_file and run make up to generate one)"
+    fail "$name is missing or empty: expected a generated secret (make up appends one when the line is absent; an empty value must be set by hand, and POSTGRES_PASSWORD must stay what the database volume was created with)"
   elif [[ ! $v =~ $secret_re ]]; then
     fail "$name is malformed: expected at least 16 URL-safe characters (A-Z a-z 0-9 . _ ~ -)"
   fi
 done
+# Redis's ACL users: each password, and the SHA-256 of it that is all Redis is given. Nothing is
+# stored under these passwords, so a missing one can simply be generated (an upgrade from a .env
+# that had only REDIS_PASSWORD).
+sha256_hex() { if command -v sha256sum >/dev/null; then sha256sum; else shasum -a 256; fi | cut -c1-64; }
+for name in REDIS_WORKER_PASSWORD REDIS_SCALER_PASSWORD REDIS_ADMIN_PASSWORD; do
+  v=$(value_of "$name") h=$(value_of "${name}_SHA256")
+  if [[ -z $v ]]; then
+    fail "$name is missing or empty: expected a generated secret (make up appends it and its hash when the line is absent; or add one: $name=\$(od -An -N16 -tx1 /dev/urandom | tr -d ' \\n'), and ${name}_SHA256 of it)"
+  elif [[ ! $v =~ $secret_re ]]; then
+    fail "$name is malformed: expected at least 16 URL-safe characters (A-Z a-z 0-9 . _ ~ -)"
+  elif [[ -z $h ]]; then
+    fail "${name}_SHA256 is missing or empty: expected the SHA-256 of $name (printf %s \"\$$name\" | sha256sum)"
+  elif [[ $h != "$(printf '%s' "$v" | sha256_hex)" ]]; then
+    fail "${name}_SHA256 does not match $name: expected its SHA-256 as 64 lowercase hex digits (printf %s \"\$$name\" | sha256sum)"
+  fi
+done
+
 v=$(value_of SCALER_TOKEN)
 if [[ -n $v && ! $v =~ $secret_re ]]; then
   fail "SCALER_TOKEN is malformed: expected at least 16 URL-safe characters (A-Z a-z 0-9 . _ ~ -)"
@@ -53,16 +70,34 @@ elif [[ ! $v =~ ^[A-Za-z0-9._-]+$ ]]; then
   fail "FLOWER_USER='$v' is malformed: expected letters, digits, '.', '_' or '-' (no ':')"
 fi
 
-for name in POSTGRES_USER POSTGRES_DB; do
+for name in POSTGRES_USER POSTGRES_DB POSTGRES_APP_USER; do
   v=$(value_of "$name")
-  if [[ -n $v && ! $v =~ ^[A-Za-z_][A-Za-z0-9_]*$ ]]; then
-    fail "$name='$v' is malformed: expected a PostgreSQL identifier (letters, digits, '_')"
+  if [[ -n $v && ! $v =~ ^[A-Za-z_][A-Za-z0-9_]{0,62}$ ]]; then
+    fail "$name='$v' is malformed: expected a PostgreSQL identifier (letters, digits, '_'; at most 63)"
   fi
 done
+# The tasks' role must not be the owner: it exists to hold less than the owner does.
+owner=$(value_of POSTGRES_USER) app_user=$(value_of POSTGRES_APP_USER)
+if [[ ${app_user:-celery_app} == "${owner:-celery}" ]]; then
+  fail "POSTGRES_APP_USER='${app_user:-celery_app}' equals POSTGRES_USER: expected a role of its own for the tasks (default celery_app)"
+fi
 
 v=$(value_of CELERY_KEY_PREFIX)
 if [[ -n $v && ! $v =~ ^[A-Za-z0-9:._-]+$ ]]; then
   fail "CELERY_KEY_PREFIX='$v' is malformed: expected letters, digits, ':', '.', '_' or '-'"
+fi
+
+# redis-server's maxmemory: bytes, or a number with k/kb/m/mb/g/gb (k = 1000, kb = 1024); at
+# least 16mb, or Redis refuses every write from the start.
+v=$(value_of REDIS_MAXMEMORY)
+v=${v:-384mb}
+if [[ ! ${v,,} =~ ^([1-9][0-9]{0,12})(b|k|kb|m|mb|g|gb)?$ ]]; then
+  fail "REDIS_MAXMEMORY='$v' is malformed: expected a size such as 384mb or 1gb (b, k, kb, m, mb, g, gb)"
+else
+  declare -A unit_bytes=([b]=1 [k]=1000 [kb]=1024 [m]=1000000 [mb]=1048576 [g]=1000000000 [gb]=1073741824)
+  if (( BASH_REMATCH[1] * unit_bytes[${BASH_REMATCH[2]:-b}] < 16 * 1048576 )); then
+    fail "REDIS_MAXMEMORY='$v' is too small: expected at least 16mb"
+  fi
 fi
 
 v=$(value_of LOG_LEVEL)
@@ -95,13 +130,20 @@ for name in FLOWER_HOST_PORT SCALER_HTTP_PORT_HOST SCALER_STANDBY_HTTP_PORT_HOST
     fail "$name='${num[$name]}' is not a TCP port: expected 1-65535"
   fi
 done
+if [[ -n ${num[POSTGRES_MAX_CONNECTIONS]-} ]] && (( num[POSTGRES_MAX_CONNECTIONS] > 999 )); then
+  fail "POSTGRES_MAX_CONNECTIONS='${num[POSTGRES_MAX_CONNECTIONS]}' is out of range: expected 1-999 (one process each, under postgres's pids limit of 1024 in compose.yaml)"
+fi
 if [[ -n ${num[SCALER_LEASE_S]-} ]] && (( num[SCALER_LEASE_S] > 600 )); then
   fail "SCALER_LEASE_S='${num[SCALER_LEASE_S]}' is out of range: expected 1-600 seconds"
 fi
-# The Docker socket's group, for the scaler (`make up` exports it from the socket): 0 is valid.
+# The Docker socket's group, for docker-proxy (`make up` exports it from the socket): 0 is valid.
 v=$(value_of DOCKER_GID)
 if [[ -n $v && ! $v =~ ^[0-9]{1,9}$ ]]; then
   fail "DOCKER_GID='$v' is malformed: expected a numeric group id (stat -c %g /var/run/docker.sock)"
+fi
+v=$(value_of DOCKER_PROXY_ALLOW_BIND_MOUNTS)
+if [[ -n $v && $v != 0 && $v != 1 ]]; then
+  fail "DOCKER_PROXY_ALLOW_BIND_MOUNTS='$v' is malformed: expected 0 (refuse bind mounts) or 1"
 fi
 
 # The windows must nest, or a running task is killed or delivered twice:

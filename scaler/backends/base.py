@@ -4,6 +4,10 @@ A backend owns the replicas of the managed worker services: it lists them, count
 service to N (starting workers, or draining and stopping the chosen ones), replaces workers that
 died, and reports its own health and the workers' CPU and memory. Backends are thin adapters: no
 policy and no arithmetic lives here.
+
+Every action (``scale``, ``reconcile``) gets the :class:`~scaler.fencing.Fence` of the lease it
+runs under, and checks it right before each mutating call, in the threads it starts too (drains,
+replacements): an action outlives neither its leadership nor its lease generation.
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
 
+from scaler.fencing import UNFENCED, Fence
 from scaler.observations import Resources
 
 
@@ -25,6 +30,12 @@ class ServiceSpec:
 
     name: str
     queues: tuple[str, ...]
+    # A worker whose heartbeat is older than this is drained if it answers, else stopped, and
+    # replaced (the policy's unresponsive_after_s); None: never.
+    unresponsive_after_s: float | None = None
+    # Host paths a clone of this service's container may bind-mount (the policy's
+    # clone.allowed_bind_mounts); any other bind mount makes the template unsafe to clone.
+    allowed_bind_mounts: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -46,6 +57,10 @@ class ScaleResult:
     after: int
     started: tuple[str, ...] = ()
     draining: tuple[str, ...] = ()
+    promoted: tuple[str, ...] = ()  # warm replicas that serve now (in ``started`` too)
+    to_pool: tuple[str, ...] = ()  # drained replicas returning to the warm pool
+    warm_started: tuple[str, ...] = ()  # replicas started for the warm pool
+    warm_stopped: tuple[str, ...] = ()  # warm replicas being stopped (pool trimmed)
 
 
 @dataclass(frozen=True)
@@ -96,11 +111,22 @@ class Backend(Protocol):
         Raises BackendError when the count cannot be read: the loop then holds.
         """
 
-    def scale(self, service: str, replicas: int) -> ScaleResult:
-        """Move the service towards ``replicas``; scale-down drains before stopping."""
+    def warm(self, service: str) -> int:
+        """Warm-pool replicas (booted or booting, consuming nothing; returning to the pool
+        too): not counted by ``replicas``. BackendError when the pool cannot be read."""
 
-    def reconcile(self) -> list[BackendEvent]:
-        """Replace dead workers and finish drains; what happened, for the log and status."""
+    def scale(
+        self, service: str, replicas: int, fence: Fence = UNFENCED, warm: int | None = None
+    ) -> ScaleResult:
+        """Move the service towards ``replicas`` serving; scale-up promotes ready warm replicas
+        before starting cold ones, scale-down drains before stopping and returns drained
+        replicas to the pool while it is short of ``warm``; then the pool is refilled or trimmed
+        to ``warm`` (None: the pool is left as it is, nothing returns to it). Raises
+        :class:`~scaler.fencing.LeadershipLost` when ``fence`` refuses a step."""
+
+    def reconcile(self, fence: Fence = UNFENCED) -> list[BackendEvent]:
+        """Replace dead and unresponsive workers and finish drains; what happened, for the log
+        and status. Steps ``fence`` refuses are skipped (reported as events)."""
 
     def resources(self, service: str) -> Resources:
         """Mean CPU and memory of the service's workers (fields None when unreadable)."""

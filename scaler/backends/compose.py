@@ -19,6 +19,10 @@ Compose has no "scale to N" API of its own that a sidecar could call, so this ba
   that died within ``crash_window_s`` of its start crashed, and consecutive crashes delay the
   service's next start exponentially (``scaler.backends.restart_backoff``, shared with the local
   backend): the dead container stays until then, and no scale-up starts one either.
+- A template that reaches the host (privileged, added capabilities, devices, host namespaces,
+  an unconfined SecurityOpt, VolumesFrom, bind mounts outside the policy's
+  ``clone.allowed_bind_mounts``) is never cloned nor woken (``scaler.backends.template_safety``):
+  the error names the container and each setting, and the service holds.
 - Container CPU is read in percent of the container's CPU limit (``cpus``), inspected once per
   container when its stats reader starts.
 - Engine and broker errors are retried with a short backoff, then raised as BackendError and shown
@@ -33,6 +37,25 @@ Compose has no "scale to N" API of its own that a sidecar could call, so this ba
   queues (``scaler.backends.stranded``), so a worker whose drain was cut short by a scaler's
   death takes work again; a worker whose own drain here failed after the cancel is checked the
   same way at the next reconcile.
+- Unresponsive workers: a live container whose healthcheck says unhealthy (the listing's status,
+  no extra call) is inspected once; when its heartbeat (the age ``healthcheck-file.sh`` prints,
+  else how long its probes have failed) is older than the service's ``unresponsive_after_s``, a
+  background thread drains it if it answers a ping (else stops it: SIGTERM, SIGKILL past the
+  grace period), restores what it held and starts a clone in its place under the same number.
+  A failing ping (the broker down, which also stops every heartbeat) holds the replacement.
+- Fencing (``scaler.fencing``): every engine call that changes something (create, connect,
+  start, stop, remove) and every drain step (cancel consumer, stop, remove, re-add consumers)
+  checks the fence of the action it belongs to first, in drain and replacement threads too: a
+  thread that outlives its leadership, or its lease generation, stops before its next call and
+  the container is left to the next leader's adoption check.
+- The warm pool (``scaler.backends.warm_pool``; docs/scaler-compose-backend.md): members are
+  container ids in the pool store. A clone for the pool gets ``WORKER_WARM_START=1`` (cold clones
+  never carry it), is recorded between create and start, and is watched until its worker
+  answers. ``replicas()`` leaves members out; ``scale`` promotes ready members before cloning,
+  returns drained replicas to the pool while it is short, then refills or trims it (stopping
+  and removing idle members, booting ones first). A member that died or stopped is removed, not
+  replaced; a parked container born warm is re-created cold rather than woken (it would boot
+  consuming nothing); members are never judged by their heartbeat nor given queues back.
 """
 
 from __future__ import annotations
@@ -44,7 +67,7 @@ import shlex
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime
 from functools import partial
 from pathlib import Path
@@ -65,6 +88,9 @@ from scaler.backends.base import (
 )
 from scaler.backends.restart_backoff import RestartBackoff
 from scaler.backends.stranded import restore_stranded
+from scaler.backends.template_safety import unsafe_settings
+from scaler.backends.warm_pool import WARM_ENV, PoolStore, WarmPool, set_consumers
+from scaler.fencing import UNFENCED, Fence, LeadershipLost
 from scaler.observations import Resources
 from scaler.restore import UnackedRestorer, restore_dead_workers
 from scaler.signals.containers import ContainerStats
@@ -96,6 +122,7 @@ class ComposeContainer:
     number: int
     state: str  # Docker's: running, exited, created, restarting, paused, dead, removing
     exit_code: int | None  # for exited containers, parsed from the list's status text
+    unhealthy: bool = False  # its healthcheck fails ("(unhealthy)" in the list's status text)
 
     @property
     def live(self) -> bool:
@@ -124,6 +151,35 @@ def docker_time(text: object) -> float | None:
     whole, fraction, zone = match.groups()
     stamp = datetime.fromisoformat(whole + ("+00:00" if zone == "Z" else zone)).timestamp()
     return stamp + (float(f"0.{fraction}") if fraction else 0.0)
+
+
+_HEARTBEAT_AGE = re.compile(r" is (\d+)s old")
+
+
+def heartbeat_age_s(inspected: dict[str, Any], now: float) -> float | None:
+    """How old an unhealthy container's heartbeat is at ``now`` (Unix seconds); None when the
+    container is not unhealthy or has no probe results.
+
+    ``healthcheck-file.sh`` prints the file's age when it fails: the age the last probe saw (not
+    extrapolated: a worker that came back since would be judged on a guess). Any other failing
+    check (or "no heartbeat file yet") counts from the start of the oldest failing probe Docker
+    still keeps. Both are lower bounds: the scaler acts late, never early.
+    """
+    health = (inspected.get("State") or {}).get("Health") or {}
+    probes = health.get("Log") or []
+    if health.get("Status") != "unhealthy" or not probes:
+        return None
+    last = probes[-1]
+    match = _HEARTBEAT_AGE.search(str(last.get("Output") or ""))
+    if match:
+        return float(match.group(1))
+    failing = []
+    for probe in reversed(probes):
+        if probe.get("ExitCode") == 0:
+            break
+        failing.append(probe)
+    started = docker_time(failing[-1].get("Start")) if failing else None
+    return None if started is None else max(0.0, now - started)
 
 
 def lifetime_s(inspected: dict[str, Any]) -> float | None:
@@ -247,6 +303,10 @@ def _start(container_id: str, client: docker.DockerClient) -> None:
     client.api.start(container_id)
 
 
+def _remove(container_id: str, client: docker.DockerClient) -> None:
+    client.api.remove_container(container_id, force=True)
+
+
 def _connect(
     container_id: str, network: str, aliases: list[str], client: docker.DockerClient
 ) -> None:
@@ -282,6 +342,7 @@ class ComposeBackend:
         stats_stale_after_s: float = 5.0,
         restart_backoff: RestartBackoff | None = None,
         restorer: UnackedRestorer | None = None,
+        pool_store: PoolStore | None = None,
     ) -> None:
         if not project or not re.fullmatch(r"[a-z0-9][a-z0-9_-]*", project):
             raise ValueError(
@@ -328,6 +389,15 @@ class ComposeBackend:
         # Gives a dead worker's unacked messages back at once (scaler.restore); None: not Redis.
         self.restorer = restorer
         self._restored: set[str] = set()  # dead container ids whose messages were given back
+        self._refused: dict[str, str] = {}  # service -> the last clone refusal, reported once
+        self._pool = WarmPool(app, timeout_s=inspect_timeout_s)
+        if pool_store is not None:
+            self._pool.store = pool_store
+        self._to_pool: dict[str, str] = {}  # container id -> service: drains into the pool
+
+    def use_pool_store(self, store: PoolStore) -> None:
+        """Keep warm-pool membership in ``store`` (Redis: survives restarts and leader changes)."""
+        self._pool.store = store
 
     # -- the Backend interface ---------------------------------------------------------------
 
@@ -367,37 +437,80 @@ class ComposeBackend:
         return out
 
     def replicas(self, service: str) -> int:
-        """Live containers that are not draining; BackendError when the engine cannot be read."""
+        """Live containers neither draining nor warm; BackendError when the engine (or the
+        pool store) cannot be read."""
         draining, containers = self._view(service)
-        return sum(1 for c in containers if c.live and c.id not in draining)
+        members = self._pool.members(service)
+        return sum(1 for c in containers if c.live and c.id not in draining | members)
 
-    def scale(self, service: str, replicas: int) -> ScaleResult:
+    def warm(self, service: str) -> int:
+        """Live warm-pool members (booting or booted) plus drains returning to the pool."""
+        draining, containers = self._view(service)
+        members = self._pool.members(service)
+        with self._lock:
+            pooling = sum(1 for svc in self._to_pool.values() if svc == service)
+        return pooling + sum(1 for c in containers if c.live and c.id in members - draining)
+
+    def scale(
+        self, service: str, replicas: int, fence: Fence = UNFENCED, warm: int | None = None
+    ) -> ScaleResult:
         if replicas < 0:
             raise ValueError(f"replicas={replicas!r} for service {service!r}: expected >= 0")
+        if warm is not None and warm < 0:
+            raise ValueError(f"warm={warm!r} for service {service!r}: expected >= 0 or None")
         self._check_managed(service)
+        members = self._pool.members(service)
         draining = self._draining_ids()
         containers = self._list()[service]  # never act on the cycle's shared listing
         live = [c for c in containers if c.live and c.id not in draining]
-        before = len(live)
+        serving = [c for c in live if c.id not in members]
+        pool = [c for c in live if c.id in members]
+        before = len(serving)
         try:
+            result = ScaleResult(service, before, before)
             if replicas > before:
-                started = self._scale_up(service, containers, replicas - before)
-                return ScaleResult(service, before, before + len(started), started=started)
-            if replicas < before:
-                chosen = self._scale_down(service, live, before - replicas, park=replicas == 0)
-                return ScaleResult(service, before, before - len(chosen), draining=chosen)
-            return ScaleResult(service, before, before)
+                promoted = self._promote(service, pool, replicas - before, fence)
+                pool = [c for c in pool if c.name not in promoted]
+                need = replicas - before - len(promoted)
+                try:
+                    started = self._scale_up(service, containers, need, fence) if need else ()
+                except BackendError:
+                    if not promoted:
+                        raise
+                    started = ()
+                after = before + len(promoted) + len(started)
+                result = ScaleResult(service, before, after, started=(*promoted, *started),
+                                     promoted=promoted)  # fmt: skip
+            elif replicas < before:
+                with self._lock:
+                    pooling = sum(1 for svc in self._to_pool.values() if svc == service)
+                room = max(0, warm - len(pool) - pooling) if warm is not None else 0
+                chosen, to_pool = self._scale_down(
+                    service, serving, before - replicas, park=replicas == 0, fence=fence,
+                    to_pool=room,
+                )  # fmt: skip
+                after = before - len(chosen) - len(to_pool)
+                result = ScaleResult(service, before, after, draining=chosen, to_pool=to_pool)
+            if warm is None:
+                return result
+            started_warm, stopped_warm = self._size_pool(service, containers, pool, warm, fence)
+            return replace(result, warm_started=started_warm, warm_stopped=stopped_warm)
         finally:
             self._invalidate()
 
-    def reconcile(self) -> list[BackendEvent]:
-        """Replace dead containers, keep one stats reader per live container, report drains,
-        and give stranded workers their queues back (on adoption, and after a failed drain)."""
+    def reconcile(self, fence: Fence = UNFENCED) -> list[BackendEvent]:
+        """Replace dead and unresponsive containers, keep one stats reader per live container,
+        report drains, and give stranded workers their queues back (on adoption, and after a
+        failed drain)."""
         draining = self._draining_ids()
         listing = self._list()  # afresh; it becomes the cycle's shared listing
-        events: list[BackendEvent] = []
+        events, members = self._reconcile_pool(listing, draining, fence)
+        pooled = set().union(*members.values()) if members else set()
+        if events:
+            listing = self._list()  # dead members were removed
+        unread = [s for s in self._specs if s not in members]
         for service in self._specs:
-            skip = draining | self._parked
+            skip = draining | self._parked | pooled
             dead = [c for c in listing.get(service, []) if c.died and c.id not in skip]
             for c in dead:
                 if not self._backoff.knows(service, c.id):
@@ -407,11 +520,17 @@ class ComposeBackend:
             if not self._backoff.may_start(service):
                 continue  # a crash loop: the dead stay until the backoff runs out
             for c in dead:
-                events.append(self._replace(service, c, listing.get(service, [])))
+                events.append(self._replace(service, c, listing.get(service, []), fence))
         if events:
             self._invalidate()  # the listing still shows the dead, not their replacements
         events = self._backoff.events() + events
-        events += self._restore_stranded(listing, draining)
+        # Members are warm on purpose: never judged by their heartbeat nor given queues back;
+        # while a service's pool is unreadable none of its workers is.
+        others = {s: [c for c in cs if c.id not in pooled] for s, cs in listing.items()}
+        events += self._replace_unresponsive(others, draining, fence)
+        events += self._restore_stranded(
+            {s: cs for s, cs in others.items() if s not in unread}, draining, fence
+        )
         live = [c.id for cs in listing.values() for c in cs if c.live]
         limits = self._cpu_limits(live)
         self._stats.track((cid for cid in live if cid in limits), limits)
@@ -441,6 +560,10 @@ class ComposeBackend:
             extra["last_error"] = self._last_error
         return BackendHealth(True, "", extra)
 
+    def wait_for_warm(self, timeout_s: float) -> bool:
+        """Wait until every booting warm replica answered (for tests and benchmarks)."""
+        return self._pool.wait_ready(timeout_s)
+
     def close(self) -> None:
         """Stop the stats readers and drop the client; containers and drains are left running."""
         self._stats.close()
@@ -450,13 +573,19 @@ class ComposeBackend:
 
     # -- reading the engine --------------------------------------------------------------------
 
-    def _call(self, what: str, fn: Callable[[docker.DockerClient], T]) -> T:
+    def _call(
+        self, what: str, fn: Callable[[docker.DockerClient], T], fence: Fence | None = None
+    ) -> T:
         """Run one engine call, retrying transient errors with backoff; BackendError at the end.
 
-        Client errors (4xx: not found, conflict) are not transient and are raised at once.
+        Client errors (4xx: not found, conflict) are not transient and are raised at once. A
+        call that changes something passes its action's ``fence``, checked before each attempt
+        (LeadershipLost is not retried).
         """
         delay = self._backoff_s
         for attempt in range(1, self._attempts + 1):
+            if fence is not None:
+                fence.check(what)
             try:
                 if self._client is None:
                     self._client = self._factory()
@@ -526,6 +655,7 @@ class ComposeBackend:
                     number=int(labels.get(NUMBER_LABEL, "0") or 0),
                     state=str(row.get("State", "")),
                     exit_code=int(match.group(1)) if match else None,
+                    unhealthy="(unhealthy)" in (row.get("Status") or ""),
                 )
             )
         for cs in grouped.values():
@@ -629,32 +759,60 @@ class ComposeBackend:
                 f"service {service!r} has no container in project {self.project!r} labelled "
                 f"{MANAGED_LABEL}=true to clone: start it once with `docker compose up`"
             )
+        self._refuse_unsafe(service, template)
         return template
 
+    def _refuse_unsafe(self, service: str, template: dict[str, Any]) -> None:
+        """BackendError naming the container and each setting that reaches the host (reported
+        once as a "clone-refused" event): the service is held, nothing is started from it."""
+        spec = self._specs.get(service)
+        problems = unsafe_settings(template, spec.allowed_bind_mounts if spec else ())
+        if not problems:
+            return
+        name = str(template.get("Name", "?")).lstrip("/")
+        detail = (
+            f"refusing to clone {name} (service {service!r}): {'; '.join(problems)}; fix the "
+            "service's definition (docs/security.md), nothing is started from it until then"
+        )
+        if self._refused.get(service) != detail:
+            self._refused[service] = detail
+            self._note(service, "clone-refused", detail)
+        self._last_error = detail
+        raise BackendError(detail)
+
     def _scale_up(
-        self, service: str, containers: list[ComposeContainer], count: int
+        self, service: str, containers: list[ComposeContainer], count: int, fence: Fence = UNFENCED
     ) -> tuple[str, ...]:
         started: list[str] = []
         errors: list[str] = []
         if not self._backoff.may_start(service):
             return ()  # a crash loop: nothing starts until its backoff runs out (see health())
+        # Checked first: a parked replica of an unsafe service is not woken either.
+        template = self._template(service, containers)
         # Wake parked replicas (stopped by a warm shutdown) first: they are the service's own.
         sleeping = [c for c in containers if not c.live and (c.id in self._parked or not c.died)]
         for parked in sleeping[:count]:
+            if self._born_warm(parked.id):  # it would boot consuming nothing: re-created cold
+                try:
+                    self._call(f"remove {parked.name}", partial(_remove, parked.id), fence)
+                    self._parked.discard(parked.id)
+                    started.append(self._clone(service, template, parked.number, fence))
+                except BackendError as exc:
+                    errors.append(str(exc))
+                continue
             try:
-                self._call(f"start {parked.name}", partial(_start, parked.id))
+                self._call(f"start {parked.name}", partial(_start, parked.id), fence)
                 self._backoff.started(service)
                 self._parked.discard(parked.id)
                 started.append(parked.name)
             except BackendError as exc:
                 errors.append(str(exc))
         if len(started) < count:
-            template = self._template(service, containers)
             number = max((c.number for c in containers), default=0)
             while len(started) < count and len(errors) < self._attempts:
                 number += 1
                 try:
-                    started.append(self._clone(service, template, number))
+                    started.append(self._clone(service, template, number, fence))
                 except BackendError as exc:
                     errors.append(str(exc))
         if errors:
@@ -664,10 +822,21 @@ class ComposeBackend:
             self._note(service, "scale-up-partial", self._last_error)
         return tuple(started)
 
-    def _clone(self, service: str, template: dict[str, Any], number: int) -> str:
-        """Create and start ``{project}-{service}-{number}`` from a replica's inspected config."""
+    def _clone(
+        self,
+        service: str,
+        template: dict[str, Any],
+        number: int,
+        fence: Fence = UNFENCED,
+        *,
+        warm: bool = False,
+    ) -> str:
+        """Create and start ``{project}-{service}-{number}`` from a replica's inspected config;
+        ``warm``: for the pool (booting without consuming, recorded before it starts)."""
         name = f"{self.project}-{service}-{number}"
         config = dict(template["Config"])
+        env = [e for e in config.get("Env") or [] if not str(e).startswith(f"{WARM_ENV}=")]
+        config["Env"] = [*env, f"{WARM_ENV}=1"] if warm else env
         host_config = dict(template["HostConfig"])
         labels = dict(config.get("Labels") or {})
         labels[NUMBER_LABEL] = str(number)
@@ -697,6 +866,7 @@ class ComposeBackend:
         created = self._call(
             f"create {name}",
             lambda cl: cl.api.create_container_from_config(config, name=name),
+            fence,
         )
         cid = created["Id"]
         try:
@@ -704,19 +874,33 @@ class ComposeBackend:
                 if network != primary:
                     aliases = endpoint(network)["Aliases"]
                     self._call(
-                        f"connect {name} to {network}", partial(_connect, cid, network, aliases)
+                        f"connect {name} to {network}",
+                        partial(_connect, cid, network, aliases),
+                        fence,
                     )
-            self._call(f"start {name}", partial(_start, cid))
-        except BackendError:
-            # Leave no half-made container behind for the next count to trip over.
+            if warm:
+                self._pool.enlist(service, cid, fence)  # before it runs: never taken for serving
+            self._call(f"start {name}", partial(_start, cid), fence)
+        except (BackendError, LeadershipLost):
+            # Leave no half-made container behind for the next count to trip over (a created,
+            # never started container is not a worker: removing it races nobody).
             try:
                 self._call(f"remove {name}", lambda cl: cl.api.remove_container(cid, force=True))
             except BackendError:
                 log.warning("could not remove the failed clone %s", name)
             raise
         self._backoff.started(service)
-        log.info("started %s (clone of %s)", name, template.get("Name", "?").lstrip("/"))
+        if warm:
+            resolve = partial(self._resolve_node, cid)
+            self._pool.watch(service, cid, resolve, self._specs[service].queues, fence)
+        log.info("started %s%s (clone of %s)", "warm " if warm else "", name,
+                 template.get("Name", "?").lstrip("/"))  # fmt: skip
         return name
+
+    def _born_warm(self, container_id: str) -> bool:
+        """Was the container created for the warm pool (it boots consuming nothing)?"""
+        env = (self._inspect(container_id).get("Config") or {}).get("Env") or []
+        return f"{WARM_ENV}=1" in env
 
     def _image_for(self, template: dict[str, Any]) -> str:
         """The image by its name when that still means the replica's image, else by its id."""
@@ -756,8 +940,17 @@ class ComposeBackend:
         }
 
     def _scale_down(
-        self, service: str, live: list[ComposeContainer], count: int, *, park: bool
-    ) -> tuple[str, ...]:
+        self,
+        service: str,
+        live: list[ComposeContainer],
+        count: int,
+        *,
+        park: bool,
+        fence: Fence = UNFENCED,
+        to_pool: int = 0,
+    ) -> tuple[tuple[str, ...], tuple[str, ...]]:
+        """Drain ``count`` idle workers: the first ``to_pool`` back into the warm pool, the
+        others to be stopped. Returns the names being stopped and those returning to the pool."""
         nodes = self._node_names([c.id for c in live])
         busy = self._busy(list(nodes.values()))
         idle = [c for c in live if busy[nodes[c.id]] is False]
@@ -774,30 +967,221 @@ class ComposeBackend:
                 "scale-down-held",
                 f"wanted to stop {count}, only {len(chosen)} idle; kept: {', '.join(held)}",
             )
+        pooled, chosen = chosen[:to_pool], chosen[to_pool:]
         keep = min(chosen, key=lambda c: c.number) if park and chosen else None
+        for c in pooled:
+            thread = threading.Thread(
+                target=self._drain_to_pool, args=(service, c, nodes[c.id], fence),
+                name=f"to-pool-{c.name}", daemon=True,
+            )  # fmt: skip
+            with self._lock:
+                self._draining[c.id] = thread
+                self._to_pool[c.id] = service
+            thread.start()
         for c in chosen:
             thread = threading.Thread(
                 target=self._drain,
-                args=(service, c, nodes[c.id], c is keep),
+                args=(service, c, nodes[c.id], c is keep, fence),
                 name=f"drain-{c.name}",
                 daemon=True,
             )
             with self._lock:
                 self._draining[c.id] = thread
             thread.start()
-        return tuple(c.name for c in chosen)
+        return tuple(c.name for c in chosen), tuple(c.name for c in pooled)
 
-    def _drain(self, service: str, container: ComposeContainer, node: str, park: bool) -> None:
-        """Cancel the worker's consumers, wait until it is idle, warm-stop it, remove it.
+    # -- the warm pool (scaler.backends.warm_pool) ----------------------------------------------
 
-        If it ends early after a cancel may have reached the worker (aborted, or an error), the
-        container is a suspect: the next reconcile gives it its queues back if it consumes none.
+    def _promote(
+        self, service: str, pool: list[ComposeContainer], count: int, fence: Fence
+    ) -> tuple[str, ...]:
+        """Make up to ``count`` ready pool members serve (add_consumer, confirmed)."""
+        promoted: list[str] = []
+        for c in pool:
+            if len(promoted) == count:
+                break
+            if self._pool.node(c.id) is None:
+                continue  # still booting
+            if self._pool.promote(service, c.id, self._specs[service].queues, fence) is None:
+                promoted.append(c.name)
+        return tuple(promoted)
+
+    def _size_pool(
+        self,
+        service: str,
+        containers: list[ComposeContainer],
+        pool: list[ComposeContainer],
+        warm: int,
+        fence: Fence,
+    ) -> tuple[tuple[str, ...], tuple[str, ...]]:
+        """Refill the pool with clones started warm, or stop the excess (booting ones first);
+        drains on their way into the pool count as members."""
+        with self._lock:
+            have = len(pool) + sum(1 for svc in self._to_pool.values() if svc == service)
+        if have < warm:
+            if not self._backoff.may_start(service):
+                return (), ()
+            template = self._template(service, containers)
+            number = max((c.number for c in containers), default=0)
+            started = []
+            for n in range(number + 1, number + 1 + warm - have):
+                started.append(self._clone(service, template, n, fence, warm=True))
+            return tuple(started), ()
+        excess = sorted(pool, key=lambda c: (self._pool.node(c.id) is not None, -c.number))
+        stopping = excess[: max(0, have - warm)]
+        for c in stopping:
+            thread = threading.Thread(
+                target=self._release, args=(service, c, fence), name=f"release-{c.name}",
+                daemon=True,
+            )  # fmt: skip
+            with self._lock:
+                self._draining[c.id] = thread
+            thread.start()
+        return (), tuple(c.name for c in stopping)
+
+    def _drain_to_pool(
+        self, service: str, container: ComposeContainer, node: str, fence: Fence
+    ) -> None:
+        """Cancel the worker's consumers (confirmed), wait until idle, record it as warm; one
+        still busy at the drain timeout gets its consumers back and serves."""
+        queues = self._specs[service].queues
+        try:
+            problem = set_consumers(self.app, node, queues, add=False, fence=fence,
+                                    timeout_s=self._inspect_timeout_s * 5)  # fmt: skip
+            deadline = time.monotonic() + self._drain_timeout_s
+            while problem is None:
+                fence.check(f"drain {container.name} to the warm pool")
+                if self._busy([node])[node] is False:
+                    self._pool.admit(service, container.id, node, fence)
+                    self._note(service, "returned-to-pool", f"{container.name} ({node}): warm")
+                    return
+                if time.monotonic() > deadline:
+                    problem = f"still busy after {self._drain_timeout_s:g} s"
+                    break
+                time.sleep(0.5)
+            set_consumers(self.app, node, queues, add=True, fence=fence,
+                          timeout_s=self._inspect_timeout_s * 5)  # fmt: skip
+            self._note(service, "to-pool-aborted", f"{container.name} ({node}): {problem}")
+        except LeadershipLost as exc:
+            self._note(service, "fenced", f"{container.name} ({node}): {exc}")
+            with self._lock:
+                self._suspects.add(container.id)
+        except Exception as exc:
+            self._note(service, "to-pool-error", f"{container.name} ({node}): {exc}")
+            with self._lock:
+                self._suspects.add(container.id)
+        finally:
+            with self._lock:
+                self._draining.pop(container.id, None)
+                self._to_pool.pop(container.id, None)
+                self._snapshot = None
+                self._generation += 1
+
+    def _release(self, service: str, container: ComposeContainer, fence: Fence) -> None:
+        """Stop and remove an idle warm member (the pool is trimmed), then drop it."""
+        client = self._factory()
+        try:
+            info = client.api.inspect_container(container.id)
+            grace = int((info.get("Config") or {}).get("StopTimeout") or DEFAULT_STOP_TIMEOUT_S)
+            fence.check(f"stop warm {container.name}")
+            client.api.stop(container.id, timeout=grace)
+            fence.check(f"remove warm {container.name}")
+            client.api.remove_container(container.id)
+            self._pool.leave(service, container.id)
+            self._note(service, "warm-stopped", f"{container.name}: pool trimmed")
+        except LeadershipLost as exc:
+            self._note(service, "fenced", f"warm {container.name}: {exc}")
+        except Exception as exc:  # a leftover member is pruned once its container is gone
+            self._note(service, "warm-stop-error", f"{container.name}: {exc}")
+        finally:
+            client.close()
+            with self._lock:
+                self._draining.pop(container.id, None)
+                self._snapshot = None
+                self._generation += 1
+            self._nodes.pop(container.id, None)
+            self._guesses.pop(container.id, None)
+
+    def _resolve_node(self, container_id: str) -> str | None:
+        """The node name of a (warm) clone once its worker answers: named like the service's
+        other workers (``<name>@<its hostname>``), asked directly, else a ping broadcast."""
+        if container_id in self._nodes:
+            return self._nodes[container_id]
+        host, guess = self._guess(container_id)
+        candidates = {guess, *(f"{n.split('@', 1)[0]}@{host}" for n in list(self._nodes.values()))}
+        try:
+            replies = self.app.control.ping(
+                destination=sorted(candidates), timeout=self._inspect_timeout_s, limit=1
+            )
+        except Exception as exc:
+            log.warning("ping of %s failed: %s", sorted(candidates), exc)
+            replies = []
+        for node in (n for reply in replies or [] for n in reply):
+            self._nodes[container_id] = node
+            return str(node)
+        self._node_names([container_id])  # a broadcast: confirms it if it answers at all
+        return self._nodes.get(container_id)
+
+    def _reconcile_pool(
+        self, listing: dict[str, list[ComposeContainer]], draining: set[str], fence: Fence
+    ) -> tuple[list[BackendEvent], dict[str, set[str]]]:
+        """Remove dead or stopped members (the next decision refills the pool), drop members
+        whose container is gone, watch booting (or adopted) members until they answer, and
+        correct ready ones whose consumer came back. Also returns each service's members."""
+        events: list[BackendEvent] = []
+        members: dict[str, set[str]] = {}
+        for service, containers in listing.items():
+            try:
+                mine = self._pool.members(service)
+                for c in containers:
+                    if c.id in mine and not c.live and c.id not in draining:
+                        fence.check(f"remove warm {c.name} ({c.state})")
+                        self._call(f"remove {c.name}", partial(_remove, c.id), fence)
+                        self._pool.leave(service, c.id)
+                        events.append(BackendEvent(service, "warm-died", f"{c.name} {c.state}"))
+                alive = {c.id for c in containers if c.live}
+                gone = self._pool.prune(service, alive | draining, fence)
+                if gone:
+                    events.append(BackendEvent(service, "warm-gone", f"dropped {gone}"))
+                mine = members[service] = self._pool.members(service)
+                for cid in mine - draining:
+                    resolve = partial(self._resolve_node, cid)
+                    self._pool.watch(service, cid, resolve, self._specs[service].queues, fence)
+                self._pool.check(service, self._specs[service].queues, fence)
+            except LeadershipLost as exc:
+                events.append(BackendEvent(service, "fenced", f"warm pool: {exc}"))
+            except Exception as exc:  # the store, the engine or the broker: next reconcile
+                detail = f"{type(exc).__name__}: {exc}; checked again at the next reconcile"
+                events.append(BackendEvent(service, "warm-check-failed", detail))
+        if events:
+            self._invalidate()
+        return events, members
+
+    def _drain(
+        self,
+        service: str,
+        container: ComposeContainer,
+        node: str,
+        park: bool,
+        fence: Fence = UNFENCED,
+        *,
+        answers: bool = True,
+        template: dict[str, Any] | None = None,
+    ) -> None:
+        """Cancel the worker's consumers, wait until it is idle, warm-stop it, remove it; with
+        a ``template``, start a clone of it in the container's place (an unresponsive worker;
+        one that does not ``answers`` a ping is stopped without the cancel and the wait).
+
+        If it ends early after a cancel may have reached the worker (aborted, fenced, or an
+        error), the container is a suspect: the next reconcile gives it its queues back if it
+        consumes none.
         """
         stopped = False
         try:
             spec = self._specs.get(service)
-            queues = spec.queues if spec else ()
+            queues = spec.queues if spec and answers else ()
             for queue in queues:
+                fence.check(f"cancel {node}'s consumer of {queue}")
                 replies = self.app.control.cancel_consumer(
                     queue, destination=[node], reply=True, timeout=self._inspect_timeout_s * 5
                 )
@@ -805,7 +1189,8 @@ class ComposeBackend:
                     self._note(service, "drain-aborted", f"{node} did not confirm leaving {queue}")
                     return
             deadline = time.monotonic() + self._drain_timeout_s
-            while True:
+            while answers:
+                fence.check(f"drain {container.name}")  # a drain outlives no leadership
                 try:
                     busy = self._busy([node])[node]
                 except BackendError as exc:
@@ -822,6 +1207,7 @@ class ComposeBackend:
             try:
                 info = client.api.inspect_container(container.id)
                 grace = int((info.get("Config") or {}).get("StopTimeout") or DEFAULT_STOP_TIMEOUT_S)
+                fence.check(f"stop {container.name}")
                 if park:
                     self._parked.add(container.id)  # even if the grace period runs out
                 client.api.stop(container.id, timeout=grace)
@@ -832,11 +1218,17 @@ class ComposeBackend:
                     with self._lock:
                         self._events.append(restored)
                 if not park:
+                    fence.check(f"remove {container.name}")
                     client.api.remove_container(container.id)
             finally:
                 client.close()
             what = "stopped and kept to wake from zero" if park else "stopped and removed"
-            self._note(service, "drained", f"{container.name} ({node}) {what}")
+            if template is not None:
+                what = self._replace_stopped(service, container, template, fence, answers)
+            self._note(service, "drained" if template is None else "replaced-unresponsive",
+                       f"{container.name} ({node}) {what}")  # fmt: skip
+        except LeadershipLost as exc:
+            self._note(service, "fenced", f"{container.name} ({node}): {exc}")
         except Exception as exc:
             self._note(service, "drain-error", f"{container.name} ({node}): {exc}")
         finally:
@@ -851,10 +1243,81 @@ class ComposeBackend:
                 self._nodes.pop(container.id, None)
                 self._guesses.pop(container.id, None)
 
+    def _replace_stopped(
+        self,
+        service: str,
+        container: ComposeContainer,
+        template: dict[str, Any],
+        fence: Fence,
+        answered: bool,
+    ) -> str:
+        """Start a clone in the place of an unresponsive container just stopped and removed."""
+        how = "drained, stopped and removed" if answered else "no ping answer: stopped, removed"
+        self._backoff.forget(service, container.id)
+        if not self._backoff.may_start(service):
+            return f"{how}; no clone while the service's crash backoff runs"
+        return f"{how}; started {self._clone(service, template, container.number, fence)}"
+
+    # -- workers whose heartbeat stopped -------------------------------------------------------
+
+    def _replace_unresponsive(
+        self, listing: dict[str, list[ComposeContainer]], draining: set[str], fence: Fence
+    ) -> list[BackendEvent]:
+        """Start a replacement thread for each live container whose heartbeat is older than its
+        service's bound (only unhealthy ones are inspected: the listing tells which)."""
+        events: list[BackendEvent] = []
+        now = time.time()
+        for service, containers in listing.items():
+            spec = self._specs.get(service)
+            bound = spec.unresponsive_after_s if spec else None
+            suspects = [c for c in containers if c.live and c.unhealthy and c.id not in draining]
+            if bound is None or not suspects:
+                continue
+            for c in suspects:
+                try:
+                    age = heartbeat_age_s(self._inspect(c.id), now)
+                    if age is None or age <= bound:
+                        continue
+                    node = self._node_names([c.id])[c.id]
+                    replies = self.app.control.ping(
+                        destination=[node], timeout=self._inspect_timeout_s
+                    )
+                    template = self._template(service, containers)
+                except Exception as exc:  # the engine or the broker: judged again next cycle
+                    detail = f"{c.name}: {type(exc).__name__}: {exc}; checked again next cycle"
+                    events.append(BackendEvent(service, "unresponsive-check-failed", detail))
+                    continue
+                answers = any(node in reply for reply in replies or [])
+                events.append(
+                    BackendEvent(
+                        service,
+                        "unresponsive",
+                        f"{c.name} ({node}): heartbeat {age:.0f} s old (bound {bound:g} s), "
+                        f"{'answers a ping: draining' if answers else 'no ping answer: stopping'}"
+                        " it, then a replacement",
+                    )
+                )
+                thread = threading.Thread(
+                    target=self._drain,
+                    args=(service, c, node, False, fence),
+                    kwargs={"answers": answers, "template": template},
+                    name=f"replace-{c.name}",
+                    daemon=True,
+                )
+                with self._lock:
+                    self._draining[c.id] = thread
+                thread.start()
+        if events:
+            self._invalidate()
+        return events
+
     # -- workers left consuming nothing --------------------------------------------------------
 
     def _restore_stranded(
-        self, listing: dict[str, list[ComposeContainer]], draining: set[str]
+        self,
+        listing: dict[str, list[ComposeContainer]],
+        draining: set[str],
+        fence: Fence = UNFENCED,
     ) -> list[BackendEvent]:
         """On adoption every live worker, else only suspects: re-add the queues of those that
         consume none of their service's (see scaler.backends.stranded for the rule)."""
@@ -874,6 +1337,7 @@ class ComposeBackend:
         try:
             nodes = self._node_names(list(candidates))
             wanted = {nodes[cid]: self._specs[svc].queues for cid, svc in candidates.items()}
+            fence.check(f"give stranded workers their queues back ({', '.join(sorted(wanted))})")
             restores = restore_stranded(self.app, wanted, self._inspect_timeout_s)
         except Exception as exc:  # broker or engine trouble: keep the check pending, try again
             log.warning("consumer check of %d workers failed: %s", len(candidates), exc)
@@ -898,20 +1362,26 @@ class ComposeBackend:
     # -- replacing dead containers --------------------------------------------------------------
 
     def _replace(
-        self, service: str, dead: ComposeContainer, containers: list[ComposeContainer]
+        self,
+        service: str,
+        dead: ComposeContainer,
+        containers: list[ComposeContainer],
+        fence: Fence = UNFENCED,
     ) -> BackendEvent:
         detail = f"{dead.name} {dead.state} (exit code {dead.exit_code})"
         log.warning("replacing %s", detail)
         try:
             template = self._template(service, containers)
-            self._call(f"remove {dead.name}", lambda cl: cl.api.remove_container(dead.id))
+            self._call(f"remove {dead.name}", lambda cl: cl.api.remove_container(dead.id), fence)
             self._restored.discard(dead.id)
             self._backoff.forget(service, dead.id)
             self._nodes.pop(dead.id, None)
             self._guesses.pop(dead.id, None)
-            name = self._clone(service, template, dead.number)
+            name = self._clone(service, template, dead.number, fence)
         except BackendError as exc:
             return BackendEvent(service, "replace-failed", f"{detail}: {exc}")
+        except LeadershipLost as exc:
+            return BackendEvent(service, "fenced", f"{detail}: {exc}")
         return BackendEvent(service, "replaced", f"{detail}; started {name}")
 
     def _restore_dead(self, service: str, dead: ComposeContainer) -> list[BackendEvent]:

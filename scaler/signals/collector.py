@@ -92,6 +92,12 @@ class Collector:
             except Exception as exc:
                 replicas = None
                 errors.append(f"backend: replicas of {service} unreadable: {exc}")
+            warm = 0
+            try:  # a backend without a pool (no warm()) has none
+                warm = backend.warm(service) if hasattr(backend, "warm") else 0
+            except Exception as exc:  # replicas() reads the same pool: it says so too
+                replicas = None
+                errors.append(f"backend: warm pool of {service} unreadable: {exc}")
             try:
                 workers = backend.resources(service)
             except Exception as exc:
@@ -102,5 +108,6 @@ class Collector:
                 replicas=replicas,
                 queues={q: signals[q] for q in queues},
                 workers=workers,
+                warm=warm,
             )
         return Observations(at=now, services=observed, host=self.host.read(), errors=tuple(errors))

@@ -16,6 +16,17 @@ What is modelled, and why so (the backend's behaviour is docs/scaler-compose-bac
   a busy replica or a starting one (it answers no inspect) is never chosen; with too few idle ones
   the rest are kept and the count reached is what ``record_action`` gets. A draining replica is
   not a replica any more, but it costs until it is gone ``drain_s`` later.
+- The warm pool (a service's ``warm``): warm replicas boot like cold ones (``startup_s``), then
+  consume nothing and cost ``warm_seconds``, not replica-seconds. A scale-up takes booted warm
+  replicas first (they consume after ``promote_s``: ``add_consumer``), then starts cold ones; a
+  scale-down returns drained replicas to the pool (at once: they are idle) while it is short,
+  and the pool is refilled or trimmed to the decision's ``warm`` after every decision.
+- Event-driven detection (the policy's ``wakeup``), with ``scaler.loop``'s arming rule: after
+  each cycle a service is armed when nothing was waiting on its queues and it is at its minimum
+  or below the decision's count; an arrival that leaves a backlog on an armed service wakes the
+  scaler ``EVENT_LATENCY_S`` later (on a 1/256 s grid), at most once per ``debounce_s`` per
+  service. After any cycle the next periodic one comes an interval later, as the real loop
+  waits ``interval_s`` after each cycle.
 - Worker CPU is each service's running tasks' host share, averaged over the cycle, in percent of
   what its ready replicas may use (``cpu_limit_cores`` each); host CPU is the base plus every
   running task's share (or a schedule override). Durations do not stretch when the host is busy.
@@ -56,8 +67,9 @@ __all__ = [
     "simulate",
 ]
 
-STARTING, READY, DRAINING, GONE = 0, 1, 2, 3
-_COMPLETE, _READY, _DRAINED = 0, 1, 2
+STARTING, READY, DRAINING, GONE, WARMING, WARM, RELEASING = 0, 1, 2, 3, 4, 5, 6
+_COMPLETE, _READY, _DRAINED, _WARMED = 0, 1, 2, 3
+EVENT_LATENCY_S = 0.005  # publish to the scaler's woken decision (keyspace notification + wake)
 INF = math.inf
 
 
@@ -74,6 +86,7 @@ class Step(NamedTuple):
     oldest_age: float | None
     desired: int | None
     action: str
+    warm: int = 0  # warm-pool replicas (booting or booted), beside the serving ones
 
 
 class DecisionRecord(NamedTuple):
@@ -129,6 +142,7 @@ class ReplicaLife:
     ready: float | None = None
     drain_start: float | None = None
     gone: float | None = None
+    warm: bool = False  # started as a warm-pool replica
 
 
 @dataclass
@@ -147,6 +161,7 @@ class SimResult:
     tasks: dict[str, TaskLog]
     replicas: list[ReplicaLife]
     replica_seconds: dict[str, float]  # starting, ready and draining replicas all cost
+    warm_seconds: dict[str, float]  # warm-pool replicas: booting, waiting and being stopped
     peak_replicas: dict[str, int]
     cycles: int
     settle_s: float
@@ -209,6 +224,7 @@ class _Svc:
     """One service's live state; counters kept incrementally so a cycle reads them in O(1)."""
 
     __slots__ = (
+        "armed",
         "busy",
         "concurrency",
         "cpu_int",
@@ -217,12 +233,17 @@ class _Svc:
         "cpu_scale",
         "cpu_t",
         "draw_drain",
+        "draw_promote",
         "draw_startup",
         "free",
+        "last_ring",
         "mem",
         "n_draining",
         "n_ready",
+        "n_releasing",
         "n_starting",
+        "n_warm",
+        "n_warming",
         "name",
         "next_id",
         "peak",
@@ -232,6 +253,7 @@ class _Svc:
         "rs_t",
         "slots",
         "sp",
+        "ws_int",
     )
 
     def __init__(self, name: str, sp: ServicePolicy, model: Model, seed: int) -> None:
@@ -250,10 +272,25 @@ class _Svc:
         self.cpu_scale = model.host.cpu_cores / m.cpu_limit_cores  # host share -> replica %
         self.mem = m.memory_percent
         self.rs_int = self.rs_t = 0.0
+        self.ws_int = 0.0
+        self.armed = False  # wakeup: a new backlog here wakes the loop (set after each cycle)
+        self.last_ring = -INF
+        self.n_warming = self.n_warm = self.n_releasing = 0
         self.peak = 0
         self.draw_startup = m.startup_s.sampler(Random(f"{seed}:startup:{name}"))
         self.draw_drain = m.drain_s.sampler(Random(f"{seed}:drain:{name}"))
+        self.draw_promote = m.promote_s.sampler(Random(f"{seed}:promote:{name}"))
         self.queues: list[_Queue] = []
+
+
+WAKE_GRID = 256  # woken cycles fall on a 1/256 s grid (see _on_wake_grid)
+
+
+def _on_wake_grid(t: float) -> float:
+    """``t`` rounded up to a multiple of 1/256 s: binary-exact, so decision-clock readings
+    (origin + t) and their differences carry no rounding whatever whole-second origin the
+    clock has, and a window boundary falls the same way from any origin."""
+    return math.ceil(t * WAKE_GRID) / WAKE_GRID
 
 
 def settle_time(policy: Policy, model: Model) -> float:
@@ -347,8 +384,51 @@ def simulate(
     push, pop = heapq.heappush, heapq.heappop
 
     def rs_update(s: _Svc, now: float) -> None:
-        s.rs_int += (s.n_ready + s.n_starting + s.n_draining) * (now - s.rs_t)
+        dt = now - s.rs_t
+        s.rs_int += (s.n_ready + s.n_starting + s.n_draining) * dt
+        s.ws_int += (s.n_warming + s.n_warm + s.n_releasing) * dt
         s.rs_t = now
+
+    def add_warm(s: _Svc, now: float) -> None:
+        rs_update(s, now)
+        life = ReplicaLife(s.name, s.next_id, now, warm=True)
+        lives.append(life)
+        r = _Replica(s.next_id, life)
+        r.state = WARMING
+        s.next_id += 1
+        s.replicas.append(r)
+        s.n_warming += 1
+        push(heap, (now + s.draw_startup(), next(seq), _WARMED, s, r, 0))
+
+    def promote(s: _Svc, r: _Replica, now: float) -> None:
+        """A booted warm replica starts consuming (add_consumer): serving, ready shortly."""
+        rs_update(s, now)
+        r.state = STARTING
+        s.n_warm -= 1
+        s.n_starting += 1
+        push(heap, (now + s.draw_promote(), next(seq), _READY, s, r, 0))
+        s.peak = max(s.peak, s.n_ready + s.n_starting)
+
+    def to_pool(s: _Svc, r: _Replica, now: float) -> None:
+        """A drained (idle) replica kept as a warm one instead of being stopped."""
+        rs_update(s, now)
+        r.state = WARM
+        s.n_ready -= 1
+        s.n_warm += 1
+        s.slots -= s.concurrency
+        s.free = deque(x for x in s.free if x is not r)  # its slots are gone, not stale
+
+    def release(s: _Svc, r: _Replica, now: float) -> None:
+        """A warm (or warming) replica stopped: it costs until it is gone."""
+        rs_update(s, now)
+        if r.state == WARM:
+            s.n_warm -= 1
+        else:
+            s.n_warming -= 1
+        r.state = RELEASING
+        r.life.drain_start = now
+        s.n_releasing += 1
+        push(heap, (now + s.draw_drain(), next(seq), _DRAINED, s, r, 0))
 
     def add_replica(s: _Svc, now: float, ready_now: bool) -> None:
         rs_update(s, now)
@@ -389,7 +469,8 @@ def simulate(
 
     def make_ready(s: _Svc, r: _Replica, now: float) -> None:
         r.state = READY
-        r.life.ready = now
+        if r.life.ready is None:  # a warm replica was ready (booted) before it was promoted
+            r.life.ready = now
         s.n_starting -= 1
         s.n_ready += 1
         for _ in range(s.concurrency):
@@ -423,6 +504,12 @@ def simulate(
     t_cycle = 0.0
     cycles = 0
     last_cycle_t = 0.0
+    # Periodic cycles on a grid from the last woken cycle (from 0 when nothing woke the loop).
+    grid_origin, grid_k = 0.0, 0
+    t_wake = INF
+    events = policy.wakeup.events
+    debounce = policy.wakeup.debounce_s
+    woken = 0
 
     while True:
         t_ev = heap[0][0] if heap else INF
@@ -462,12 +549,23 @@ def simulate(
                     end_at = settled_end
             elif kind == _READY:
                 make_ready(a, r, now)
-            else:  # drained: gone
+            elif kind == _WARMED:
+                s = a
+                if r.state == WARMING:
+                    rs_update(s, now)
+                    r.state = WARM
+                    r.life.ready = now
+                    s.n_warming -= 1
+                    s.n_warm += 1
+            else:  # drained or released: gone
                 s = a
                 rs_update(s, now)
+                if r.state == RELEASING:
+                    s.n_releasing -= 1
+                else:
+                    s.n_draining -= 1
                 r.state = GONE
                 r.life.gone = now
-                s.n_draining -= 1
                 s.replicas.remove(r)
         elif t_arr <= t_cycle:
             if t_arr > end_at:
@@ -484,12 +582,23 @@ def simulate(
                     if r.state == READY:
                         s.slots -= 1
                         start_task(s, q, r, now)
+            if s.armed and q.next_pub > q.next_start and t_wake == INF:
+                # A new backlog on an armed service: wake the loop, once per debounce window.
+                t_wake = _on_wake_grid(max(now + EVENT_LATENCY_S, s.last_ring + debounce))
+                s.last_ring = t_wake
+                t_cycle = min(t_cycle, t_wake)
         else:
             now = t_cycle
             if now > end_at:
                 break
             cycles += 1
-            t_cycle = cycles * interval
+            if now == t_wake and now < grid_origin + grid_k * interval:
+                woken += 1
+                grid_origin, grid_k = now, 1
+            else:
+                grid_k += 1
+            t_wake = INF
+            t_cycle = grid_origin + grid_k * interval
             # Host CPU schedule override.
             while sched_i < len(host_sched) and host_sched[sched_i][0] <= now:
                 sched_val = host_sched[sched_i][1]
@@ -525,14 +634,20 @@ def simulate(
                         age_max = age
                 serving = s.n_ready + s.n_starting
                 services[s.name] = ServiceObservation(
-                    s.name, serving, signals, Resources(cpu, mem, clock), s.busy
-                )
+                    s.name, serving, signals, Resources(cpu, mem, clock), s.busy,
+                    s.n_warm + s.n_warming,
+                )  # fmt: skip
                 seen.append((s, serving, w, f, age_max))
             host_cpu = min(100.0, base_cpu + host_load) if sched_val is None else sched_val
             obs = Observations(clock, services, Resources(host_cpu, host_mem, clock))
             decided, history = decide(policy, obs, history, clock)
             for s, serving, w, f, age_max in seen:
                 d = decided[s.name]
+                s.armed = (
+                    events
+                    and w == 0
+                    and (serving <= s.sp.min_replicas or (d.desired or 0) > serving)
+                )
                 steps.append(
                     Step(
                         now,
@@ -545,6 +660,7 @@ def simulate(
                         age_max,
                         d.desired,
                         d.action,
+                        s.n_warm + s.n_warming,
                     )
                 )
                 if keep == "all" or (keep == "changes" and (d.action != "hold" or d.emergency)):
@@ -560,17 +676,27 @@ def simulate(
                             d.recommended,
                         )
                     )
-                if d.action == "hold" or d.desired is None:
+                if d.desired is None:
                     continue
                 before = s.n_ready + s.n_starting
-                if d.desired > before:
-                    for _ in range(d.desired - before):
+                if d.action == "hold":
+                    pass
+                elif d.desired > before:
+                    need = d.desired - before
+                    if s.n_warm:  # the pool first: booted, consuming after add_consumer
+                        for r in [r for r in s.replicas if r.state == WARM][:need]:
+                            promote(s, r, now)
+                            need -= 1
+                    for _ in range(need):
                         add_replica(s, now, ready_now=False)
                 else:
                     idle = [r for r in s.replicas if r.state == READY and r.running == 0]
                     idle.sort(key=lambda r: -r.id)
                     rs_update(s, now)
                     for r in idle[: before - d.desired]:
+                        if s.n_warm + s.n_warming < d.warm:  # back to the pool, not stopped
+                            to_pool(s, r, now)
+                            continue
                         r.state = DRAINING
                         r.life.drain_start = now
                         s.n_ready -= 1
@@ -581,14 +707,27 @@ def simulate(
                 if after != before:
                     history = history.record_action(s.name, before, after, clock)
                     actions.append(Action(now, s.name, before, after, d.desired))
+                pool = s.n_warm + s.n_warming
+                if pool < d.warm:
+                    for _ in range(d.warm - pool):
+                        add_warm(s, now)
+                elif pool > d.warm:  # trim: the ones still booting first
+                    extra = sorted(
+                        (r for r in s.replicas if r.state in (WARMING, WARM)),
+                        key=lambda r: (r.state != WARMING, -r.id),
+                    )
+                    for r in extra[: pool - d.warm]:
+                        release(s, r, now)
             if horizon_s is None and settled_end is None and now >= cap:
                 break
 
     stop = min(end_at, last_cycle_t) if horizon_s is None else horizon_s
     rs: dict[str, float] = {}
+    ws: dict[str, float] = {}
     for s in svcs:
         rs_update(s, stop)
         rs[s.name] = s.rs_int
+        ws[s.name] = s.ws_int
     tasks = {
         q.name: TaskLog(
             q.name, q.svc.name, q.publish[: q.next_pub], q.start, q.end[: q.next_pub], q.replica
@@ -608,6 +747,7 @@ def simulate(
         tasks=tasks,
         replicas=lives,
         replica_seconds=rs,
+        warm_seconds=ws,
         peak_replicas={s.name: s.peak for s in svcs},
         cycles=cycles,
         settle_s=settle,
@@ -615,5 +755,6 @@ def simulate(
             "tasks_total": float(total_tasks),
             "tasks_done": float(done_tasks),
             "last_completion": last_completion,
+            "woken_cycles": float(woken),
         },
     )

@@ -13,6 +13,11 @@ startup_s (all)         lognormal median 3.05 s, sigma 0.1          docs/benchma
                                                                     2-core VM; ../shared/docs/
                                                                     environment.md measured 1.7 s
                                                                     "docker run to ready" idle
+promote_s (all)         uniform 0.007-0.03 s                        issue 14: a booted worker whose
+                                                                    consumer was cancelled starts a
+                                                                    waiting task 7 ms after
+                                                                    add_consumer; + the backend's
+                                                                    control call (assumption)
 drain_s (all)           uniform 1-3 s                               assumption: the Compose
                                                                     backend drains idle workers
                                                                     only (cancel consumer, warm
@@ -102,6 +107,7 @@ class ServiceSpec(_Strict):
     concurrency: int | None = Field(default=None, ge=1)
     startup_s: Dist | None = None
     drain_s: Dist | None = None
+    promote_s: Dist | None = None
     cpu_limit_cores: float | None = Field(default=None, gt=0)
     memory_percent: float | None = Field(default=None, ge=0, le=100)
 
@@ -136,6 +142,7 @@ class ServiceModel(_Strict):
     concurrency: int = Field(ge=1)
     startup_s: Dist
     drain_s: Dist
+    promote_s: Dist  # a warm replica's add_consumer to its first task taken
     cpu_limit_cores: float = Field(gt=0)
     memory_percent: float = Field(ge=0, le=100)
 
@@ -162,6 +169,7 @@ class Model(_Strict):
 
 _STARTUP: dict[str, Any] = {"lognormal": {"median": 3.05, "sigma": 0.1}}
 _DRAIN: dict[str, Any] = {"uniform": [1.0, 3.0]}
+_PROMOTE: dict[str, Any] = {"uniform": [0.007, 0.03]}
 
 
 def _svc(concurrency: int, cores: float) -> dict[str, Any]:
@@ -169,6 +177,7 @@ def _svc(concurrency: int, cores: float) -> dict[str, Any]:
         "concurrency": concurrency,
         "startup_s": _STARTUP,
         "drain_s": _DRAIN,
+        "promote_s": _PROMOTE,
         "cpu_limit_cores": cores,
         "memory_percent": 20.0,
     }

@@ -10,6 +10,8 @@ Figures per policy and service, defined so that they match bench/burst_drain.py 
 - **replica_seconds**: the integral of the replicas over the run, starting and draining ones
   included (they cost a container) up to the horizon, which is the same for every policy of one
   ``scaler simulate`` call.
+- **warm_seconds**: the same integral for warm-pool replicas (booting, waiting, being stopped):
+  they cost memory, not serving capacity, so they are counted apart;
 - **scale_actions**: replica changes carried out; **reversals**: a change in the other direction
   than the one before (up after down, down after up): churn; **peak_replicas**: the most serving
   replicas at any time.
@@ -85,6 +87,7 @@ def summarise(result: SimResult) -> dict[str, Any]:
             "latency_p99_s": percentile(lat, 99),
             "completion_p95_s": percentile(comp, 95),
             "replica_seconds": result.replica_seconds[name],
+            "warm_seconds": result.warm_seconds[name],
             "scale_actions": len(changes),
             "scale_ups": directions.count(1),
             "scale_downs": directions.count(-1),
@@ -113,6 +116,7 @@ def summarise(result: SimResult) -> dict[str, Any]:
         "latency_p99_s": percentile(all_lat, 99),
         "completion_p95_s": percentile(all_comp, 95),
         "replica_seconds": sum(s["replica_seconds"] for s in per),
+        "warm_seconds": sum(s["warm_seconds"] for s in per),
         "scale_actions": sum(s["scale_actions"] for s in per),
         "reversals": sum(s["reversals"] for s in per),
         "peak_replicas": sum(s["peak_replicas"] for s in per),  # sum of per-service peaks
@@ -122,6 +126,7 @@ def summarise(result: SimResult) -> dict[str, Any]:
         "horizon_s": result.horizon_s,
         "trace_duration_s": result.trace_duration_s,
         "cycles": result.cycles,
+        "woken_cycles": int(result.stats.get("woken_cycles", 0)),
         "interval_s": result.policy.interval_s,
         "services": services,
         "total": total,
@@ -136,11 +141,13 @@ def render_table(label: str, summary: Mapping[str, Any]) -> str:
     """One policy's figures as a fixed-width table, a row per service and a total."""
     head = (
         f"{'SERVICE':<18} {'TASKS':>7} {'DRAIN(s)':>9} {'LAT p50':>8} {'p95':>8} {'p99':>8} "
-        f"{'DONE p95':>9} {'REPLICA-s':>10} {'ACTIONS':>7} {'REVERSALS':>9} {'PEAK':>4}"
+        f"{'DONE p95':>9} {'REPLICA-s':>10} {'WARM-s':>7} {'ACTIONS':>7} {'REVERSALS':>9} "
+        f"{'PEAK':>4}"
     )
     lines = [
         f"policy {label}: horizon {summary['horizon_s']:.0f} s, {summary['cycles']} cycles of "
-        f"{summary['interval_s']:g} s, seed {summary['seed']}",
+        f"{summary['interval_s']:g} s ({summary.get('woken_cycles', 0)} woken by events), seed "
+        f"{summary['seed']}",
         head,
     ]
     rows = [*summary["services"].items(), ("total", summary["total"])]
@@ -152,21 +159,26 @@ def render_table(label: str, summary: Mapping[str, Any]) -> str:
             f"{name:<18} {s['tasks']:>7} {drain:>9} {_fmt(s['latency_p50_s'], 2):>8} "
             f"{_fmt(s['latency_p95_s'], 2):>8} {_fmt(s['latency_p99_s'], 2):>8} "
             f"{_fmt(s['completion_p95_s'], 2):>9} {s['replica_seconds']:>10.0f} "
-            f"{s['scale_actions']:>7} {s['reversals']:>9} {s['peak_replicas']:>4}"
+            f"{s.get('warm_seconds', 0.0):>7.0f} {s['scale_actions']:>7} {s['reversals']:>9} "
+            f"{s['peak_replicas']:>4}"
         )
     return "\n".join(lines)
 
 
 def write_steps_csv(path: Path, results: Mapping[str, SimResult]) -> None:
-    """t, policy, service, replicas, waiting, in_flight, oldest_age: one row per cycle and
-    service, policies one after the other."""
+    """t, policy, service, replicas, waiting, in_flight, oldest_age, warm: one row per cycle
+    and service, policies one after the other."""
     with path.open("w", newline="", encoding="utf-8") as fh:
         w = csv.writer(fh)
-        w.writerow(["t", "policy", "service", "replicas", "waiting", "in_flight", "oldest_age"])
+        w.writerow(
+            ["t", "policy", "service", "replicas", "waiting", "in_flight", "oldest_age", "warm"]
+        )
         for label, r in results.items():
             for s in r.steps:
                 age = "" if s.oldest_age is None else f"{s.oldest_age:.3f}"
-                w.writerow([f"{s.t:g}", label, s.service, s.replicas, s.waiting, s.in_flight, age])
+                w.writerow(
+                    [f"{s.t:g}", label, s.service, s.replicas, s.waiting, s.in_flight, age, s.warm]
+                )
 
 
 def replica_series(r: SimResult) -> dict[str, tuple[list[float], list[int]]]:

@@ -1,11 +1,13 @@
 """A Unix-socket proxy in front of the Docker engine that the test can cut and restore.
 
-The stack's scaler reaches the engine through the socket bind-mounted from $DOCKER_SOCKET; the
-chaos stack points that at this proxy. While cut, every open connection (API calls, streaming
-stats readers) is closed and new ones are accepted and closed at once: to the scaler that is what
-a restarting or crashed dockerd looks like (connection reset / refused), and the engine itself and
-every other client keep working. `docker pause` would freeze the scaler instead, which tests
-nothing about how it handles an unreachable engine.
+The stack's scaler reaches the engine through docker-proxy (the stack's HAProxy allowlist), which
+bind-mounts the socket from $DOCKER_SOCKET; the chaos stack points that at this proxy, so the cut
+is between the allowlist and the engine (HAProxy then answers 502/503, as with a dead dockerd).
+While cut, every open connection (API calls, streaming stats readers) is closed and new ones are
+accepted and closed at once: to the scaler that is what a restarting or crashed dockerd looks like
+(connection reset / refused), and the engine itself and every other client keep working. `docker
+pause` would freeze the scaler instead, which tests nothing about how it handles an unreachable
+engine.
 """
 
 from __future__ import annotations

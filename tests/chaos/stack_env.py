@@ -3,9 +3,10 @@
 The same compose files an operator runs (compose.yaml + compose.prod.yaml) plus a test-only
 override that publishes Redis and PostgreSQL on ephemeral loopback ports, under a project named
 ``cst-test-chaos-<id>``. The scaler runs a short-window policy from a writable copy (so a scenario
-can write a malformed one and SIGHUP it), and reaches the Docker engine through a socket proxy the
-test can cut. Bursts are sent from the test process through the application's own Celery app;
-effects are read from the stack's PostgreSQL; the broker is read where kombu keeps its lists.
+can write a malformed one and SIGHUP it), and reaches the Docker engine through the stack's
+docker-proxy, whose socket is a proxy the test can cut. Bursts are sent from the test process
+through the application's own Celery app; effects are read from the stack's PostgreSQL; the
+broker is read where kombu keeps its lists.
 """
 
 from __future__ import annotations
@@ -73,6 +74,7 @@ POLICY = """\
 # The stack chaos suite's policy: windows of seconds; worker-io (4 threads) scales 1..3.
 interval_s: 1.0
 stale_after_s: 6.0
+unresponsive_after_s: 10  # worker-io's heartbeat: every 2 s (compose.stack-chaos.yaml)
 host: {cpu_percent: 100, memory_percent: 95}
 defaults:
   min_replicas: 1
@@ -134,11 +136,16 @@ class ChaosStack:
     # -- addresses -------------------------------------------------------------------------
     @property
     def broker_url(self) -> str:
-        return f"redis://:{self.values['REDIS_PASSWORD']}@127.0.0.1:{self.redis_port}/0"
+        """As a producer connects: Redis's `worker` user (no access to the scaler's keys)."""
+        return (
+            f"redis://worker:{self.values['REDIS_WORKER_PASSWORD']}@127.0.0.1:{self.redis_port}/0"
+        )
 
     @property
     def records_url(self) -> str:
-        return f"redis://:{self.values['REDIS_PASSWORD']}@127.0.0.1:{self.redis_port}/1"
+        return (
+            f"redis://worker:{self.values['REDIS_WORKER_PASSWORD']}@127.0.0.1:{self.redis_port}/1"
+        )
 
     @property
     def database_url(self) -> str:

@@ -445,10 +445,15 @@ def test_worker_killed_by_its_memory_limit_mid_task(stack: ChaosStack, figures: 
     stack.healthy()
 
 
-def test_worker_frozen_then_killed(stack: ChaosStack, figures: Figures) -> None:
+def test_worker_frozen_is_replaced_by_the_scaler(stack: ChaosStack, figures: Figures) -> None:
+    """Every process of a busy worker-io replica SIGSTOPped: it still runs, so nothing it holds
+    is touched at first; once its heartbeat is older than unresponsive_after_s (10 s here) the
+    scaler finds it unhealthy, gets no ping answer, stops it (SIGKILL past the grace period),
+    restores what it held and starts a clone in its place: each task done once."""
     ids = stack.burst("frozen", 16, 2.0)
     victim, node = stack.busy_container(ids)
     held = stack.freeze_holding_full(victim, node, ids)
+    t_fault = time.time()
     cycle = stack.status()["cycle"]
     wait_until("three scaler cycles while it is frozen", lambda: stack.status()["cycle"]
                >= cycle + 3, deadline_s=30, every_s=0.3)  # fmt: skip
@@ -457,11 +462,22 @@ def test_worker_frozen_then_killed(stack: ChaosStack, figures: Figures) -> None:
         f"a frozen (live) worker's messages were touched: {held} -> {still}"
     )
     live = holders(stack, exclude=victim)
-    t_death = time.time()
-    stack.docker("kill", victim)
-    finish_death(stack, figures, ids, f"SIGSTOP of every process of busy {victim} for 3 scaler "
-                 "cycles (nothing restored: it is alive), then docker kill", t_death, held,
-                 live)  # fmt: skip
+
+    def replaced() -> str | None:
+        return next((e for e in stack.status()["events"]
+                     if "replaced-unresponsive" in e and victim in e), None)  # fmt: skip
+
+    event = wait_until("the scaler to replace the frozen worker", replaced, deadline_s=90,
+                       every_s=0.5)  # fmt: skip
+    replaced_at = time.time()
+    assert "no ping answer" in event and "started" in event, event
+    recovery = finish_death(stack, figures, ids, f"SIGSTOP of every process of busy {victim}, "
+                            "left frozen: replaced by the scaler (heartbeat bound 10 s)",
+                            t_fault, held, live)  # fmt: skip
+    figures.notes.append(f"replaced {replaced_at - t_fault:.1f} s after the freeze (heartbeat "
+                         f"bound 10 s, stop grace 12 s): {event}; the last of its tasks done "
+                         f"{recovery} s after the freeze")  # fmt: skip
+    figures.notes.append(f"the scaler restored {restored_by_scaler(stack, node)} of its messages")
     stack.healthy()
 
 

@@ -81,6 +81,8 @@ def stack(
     settings = {
         **E2E_SETTINGS,
         "SCALER_HTTP_PORT_HOST": str(free_port()),
+        # Flower (started by test_stack_e2e) off the developer's 5555.
+        "FLOWER_HOST_PORT": str(free_port()),
         "DOCKER_GID": docker_socket_gid(),
     }
     project = ComposeProject(

@@ -66,9 +66,18 @@ def test_scaler_is_healthy_leader_and_sees_every_worker_service(stack: ComposePr
     assert running_counts(stack) == dict.fromkeys(WORKERS, 1)
     uid = stack.run("exec", "-T", "scaler", "id", "-u").stdout.strip()
     assert uid != "0", "the scaler runs as root"
+    # Event-driven detection through the stack's Redis (notify-keyspace-events Kl); the scaler's
+    # ACL user may not run CONFIG, so this is the detector's probe coming back as an event.
+    detection = wait_until(
+        "event-driven detection",
+        lambda: (d := status(stack)["detection"])["mode"] == "events" and d,
+        deadline_s=30,
+    )
+    assert detection["source"] == "redis keyspace notifications", detection
     # What `make scaler-status` runs: the table from the scaler's own state file.
     table = stack.run("exec", "-T", "scaler", "scaler", "status").stdout
     assert "role leader" in table, table
+    assert "detection events (redis keyspace notifications)" in table, table
     for worker in WORKERS:
         assert worker in table, table
 

@@ -26,9 +26,31 @@ WORKERS = {
 }
 SCALERS = ("scaler", "scaler-standby")
 LONG_RUNNING = ["redis", "postgres", "beat", "flower", *WORKERS, *SCALERS]
-SECRET_VARS = ("REDIS_PASSWORD", "POSTGRES_PASSWORD", "FLOWER_USER", "FLOWER_PASSWORD")
+REDIS_USERS = {"worker": "REDIS_WORKER_PASSWORD", "scaler": "REDIS_SCALER_PASSWORD",
+               "admin": "REDIS_ADMIN_PASSWORD"}  # fmt: skip
+SECRET_VARS = (
+    *REDIS_USERS.values(),
+    *(f"{v}_SHA256" for v in REDIS_USERS.values()),
+    "POSTGRES_PASSWORD",
+    "FLOWER_USER",
+    "FLOWER_PASSWORD",
+)
 ALL_PROFILES = ("monitoring", "ha")
-SCALER_BINDS = {"/var/run/docker.sock", "/etc/scaler/policy.yaml"}
+SCALER_BINDS = {"/etc/scaler/policy.yaml"}
+PROXY = "docker-proxy"
+# The only capabilities added back after cap_drop ALL: the entrypoints of the official redis and
+# postgres images chown their data and drop to their own user (compose.yaml says which needs what).
+CAP_ADD = {
+    "redis": {"CHOWN", "DAC_READ_SEARCH", "SETUID", "SETGID"},
+    "postgres": {"CHOWN", "DAC_OVERRIDE", "FOWNER", "SETUID", "SETGID"},
+}
+TMPFS = {
+    "postgres": {"/tmp", "/var/run/postgresql"},
+    "scaler": {"/tmp", "/app/.scaler"},
+    "scaler-standby": {"/tmp", "/app/.scaler"},
+    "beat": {"/tmp"},
+    **{name: {"/tmp"} for name in WORKERS},
+}
 
 pytestmark = pytest.mark.skipif(
     shutil.which("docker") is None
@@ -88,7 +110,9 @@ def test_base_file_shape(env_file: Path) -> None:
         assert "container_name" not in svc, f"{name}: container_name prevents scaling"
         for volume in svc.get("volumes", []):
             if name in SCALERS and volume["target"] in SCALER_BINDS:
-                continue  # the Docker socket and the read-only policy: the scalers only
+                continue  # the read-only policy: the scalers only
+            if name == PROXY and volume["target"] == "/var/run/docker.sock":
+                continue  # the Docker socket: the proxy only
             assert volume["type"] == "volume", f"{name}: source/bind mount {volume}"
     for name in ("redis", "postgres"):
         assert not services[name].get("ports"), f"{name} publishes a port"
@@ -115,20 +139,73 @@ def test_workers_consume_one_queue_each_with_scaler_labels(env_file: Path) -> No
     assert services["beat"]["labels"]["autoscale.managed"] == "false"
 
 
-def test_prod_override_adds_restart_limits_and_log_rotation(env_file: Path) -> None:
+def pids_limit(svc: dict[str, Any]) -> int:
+    return int(((svc.get("deploy") or {}).get("resources") or {}).get("limits", {}).get("pids", 0))
+
+
+def test_base_file_hardens_every_container(env_file: Path) -> None:
+    """`make up` without PROD=1 is production-safe: least privilege, restarts, rotated logs."""
+    services = config(env_file, BASE)["services"]
+    for name, svc in services.items():
+        assert svc.get("cap_drop") == ["ALL"], f"{name}: cap_drop {svc.get('cap_drop')}"
+        added = set(svc.get("cap_add") or [])
+        assert added <= CAP_ADD.get(name, set()), f"{name} adds capabilities {sorted(added)}"
+        assert "no-new-privileges:true" in svc.get("security_opt", []), name
+        assert svc.get("read_only") is True, f"{name}: writable root filesystem"
+        assert 0 < pids_limit(svc) <= 1024, f"{name}: pids limit {pids_limit(svc)}"
+        expected_restart = "on-failure:5" if name == "migrate" else "unless-stopped"
+        assert svc.get("restart") == expected_restart, f"{name}: restart {svc.get('restart')}"
+        logging = svc.get("logging") or {}
+        assert logging.get("driver") == "json-file", f"{name}: logging {logging}"
+        assert logging["options"]["max-size"] and int(logging["options"]["max-file"]) > 1, name
+    # Where each writes, other than its volumes: a tmpfs (the root filesystem is read-only).
+    for name, paths in TMPFS.items():
+        mounted = {entry.split(":", 1)[0] for entry in services[name].get("tmpfs", [])}
+        assert paths <= mounted, f"{name}: tmpfs {sorted(mounted)}, needs {sorted(paths)}"
+    scaler_state = services["scaler"]["environment"]["SCALER_STATE_FILE"]
+    assert str(Path(scaler_state).parent) in TMPFS["scaler"], scaler_state
+
+
+def test_only_migrate_holds_the_database_owner(env_file: Path) -> None:
+    """The tasks connect as the app role; the owner's password is in postgres and migrate only."""
+    services = config(env_file, BASE)["services"]
+    pairs = (x.split("=", 1) for x in env_file.read_text().splitlines() if "=" in x)
+    values = {k: v for k, v in pairs if not k.startswith("#")}
+    for name, svc in services.items():
+        env = svc.get("environment") or {}
+        holds_owner = any(values["POSTGRES_PASSWORD"] in str(v) for v in env.values())
+        assert holds_owner == (name in ("postgres", "migrate")), f"{name}: the owner password"
+        if "DATABASE_URL" in env and name != "migrate":
+            assert env["DATABASE_URL"].startswith("postgresql://celery_app:"), name
+    migrate = services["migrate"]["environment"]
+    assert migrate["DATABASE_URL"].startswith("postgresql://celery:"), "migrate runs as owner"
+    assert migrate["POSTGRES_APP_USER"] == "celery_app"
+    assert migrate["POSTGRES_APP_PASSWORD"] == values["POSTGRES_APP_PASSWORD"]
+
+
+def test_prod_override_adds_limits_and_keeps_the_hardening(env_file: Path) -> None:
     base = config(env_file, BASE)["services"]
     prod = config(env_file, BASE, PROD)["services"]
     assert set(prod) == set(base), "the override adds or drops no service"
     for name in LONG_RUNNING:
-        assert "restart" not in base[name], f"{name}: restart policy belongs to the override"
-        assert prod[name]["restart"] == "unless-stopped", name
         limits = prod[name]["deploy"]["resources"]["limits"]
         assert float(limits["cpus"]) > 0 and int(limits["memory"]) > 0, name
-        assert prod[name]["logging"]["options"]["max-size"], name
-    assert prod["migrate"]["restart"].startswith("on-failure")
+        assert "memory" not in base[name]["deploy"]["resources"]["limits"], name
+    for name in base:
+        for key in ("cap_drop", "cap_add", "security_opt", "read_only", "restart", "logging"):
+            assert prod[name].get(key) == base[name].get(key), f"{name}: PROD=1 changes {key}"
+        assert pids_limit(prod[name]) == pids_limit(base[name]), f"{name}: PROD=1 loses pids"
 
 
-@pytest.mark.parametrize("missing", ["REDIS_PASSWORD", "POSTGRES_PASSWORD", "FLOWER_PASSWORD"])
+@pytest.mark.parametrize(
+    "missing",
+    [
+        "REDIS_WORKER_PASSWORD",
+        "REDIS_SCALER_PASSWORD_SHA256",
+        "POSTGRES_PASSWORD",
+        "FLOWER_PASSWORD",
+    ],
+)
 def test_missing_secret_stops_compose_naming_it(
     tmp_path: Path, env_file: Path, missing: str
 ) -> None:
@@ -145,15 +222,28 @@ def test_missing_secret_stops_compose_naming_it(
     assert f"set {missing} in .env" in err.value.stderr
 
 
-def test_scaler_services_alone_hold_the_socket_and_publish_on_loopback(env_file: Path) -> None:
-    services = config(env_file, BASE, env_extra={"DOCKER_GID": "987"})["services"]
+def test_the_proxy_alone_holds_the_socket_and_scalers_publish_on_loopback(env_file: Path) -> None:
+    cfg = config(env_file, BASE, env_extra={"DOCKER_GID": "987"})
+    services = cfg["services"]
     for name, svc in services.items():
         sockets = [v for v in svc.get("volumes", []) if v["target"] == "/var/run/docker.sock"]
-        assert bool(sockets) == (name in SCALERS), f"{name}: Docker socket mount {sockets}"
+        assert bool(sockets) == (name == PROXY), f"{name}: Docker socket mount {sockets}"
+        assert ("docker-api" in svc.get("networks", {})) == (name in (PROXY, *SCALERS)), name
+        if name != PROXY:
+            assert "group_add" not in svc, f"{name} joins a group: {svc['group_add']}"
+    proxy = services[PROXY]
+    (socket,) = proxy["volumes"]
+    assert socket["read_only"] is True and socket["type"] == "bind"
+    assert proxy["group_add"] == ["987"]
+    assert not proxy.get("ports"), "the proxy publishes nothing"
+    assert list(proxy["networks"]) == ["docker-api"]
+    assert cfg["networks"]["docker-api"]["internal"] is True
+    assert proxy["cap_drop"] == ["ALL"] and not proxy.get("cap_add")
     ports = set()
     for name in SCALERS:
         svc = services[name]
-        assert svc["group_add"] == ["987"], name
+        assert svc["environment"]["DOCKER_HOST"] == "tcp://docker-proxy:2375", name
+        assert svc["depends_on"][PROXY]["condition"] == "service_healthy", name
         assert svc["command"][:4] == ["scaler", "run", "--backend", "compose"], svc["command"]
         assert "--project" not in svc["command"], "the project comes from the container's label"
         (policy,) = [v for v in svc["volumes"] if v["target"] == "/etc/scaler/policy.yaml"]
@@ -188,3 +278,41 @@ def test_stack_policy_manages_exactly_the_worker_services() -> None:
         svc = policy.services[name]
         assert list(svc.queues) == [queue], name
         assert 1 <= svc.min_replicas < svc.max_replicas, f"{name} cannot scale"
+
+
+def env_values(env_file: Path) -> dict[str, str]:
+    pairs = (x.split("=", 1) for x in env_file.read_text().splitlines() if "=" in x)
+    return {k: v for k, v in pairs if not k.startswith("#")}
+
+
+def test_redis_users_hold_no_password_in_redis_and_each_service_its_own(env_file: Path) -> None:
+    """The redis container gets only hashes (docker inspect shows no password); the scalers
+    connect as `scaler`, every other Redis client as `worker`; nobody as `admin` or `default`."""
+    services = config(env_file, BASE)["services"]
+    values = env_values(env_file)
+    redis_svc = json.dumps(services["redis"])
+    for user, var in REDIS_USERS.items():
+        assert values[var] not in redis_svc, f"the {user} password is visible in redis"
+        assert f"#{values[var + '_SHA256']}" in services["redis"]["command"], user
+    command = services["redis"]["command"]
+    assert command[command.index("default") + 1] == "off", "the default user must be off"
+    for name, svc in services.items():
+        env = svc.get("environment") or {}
+        urls = [env[k] for k in ("CELERY_BROKER_URL", "CELERY_RESULT_BACKEND") if k in env]
+        user = "scaler" if name in SCALERS else "worker"
+        for url in urls:
+            assert url.startswith(f"redis://{user}:{values[REDIS_USERS[user]]}@redis:"), name
+        assert values["REDIS_ADMIN_PASSWORD"] not in json.dumps(svc), f"{name} holds admin"
+
+
+def test_redis_maxmemory_is_below_its_memory_limit(env_file: Path) -> None:
+    """noeviction refuses writes at maxmemory: that must happen before the memory limit kills
+    Redis (80 %: room for the AOF rewrite's fork and the clients' buffers)."""
+    redis_svc = config(env_file, BASE, PROD)["services"]["redis"]
+    command = redis_svc["command"]
+    assert command[command.index("--maxmemory-policy") + 1] == "noeviction"
+    size = re.fullmatch(r"(\d+)(mb|gb)", command[command.index("--maxmemory") + 1].lower())
+    assert size, command
+    maxmemory = int(size[1]) * (2**20 if size[2] == "mb" else 2**30)
+    limit = int(redis_svc["deploy"]["resources"]["limits"]["memory"])
+    assert 0 < maxmemory <= 0.8 * limit, (maxmemory, limit)

@@ -8,6 +8,7 @@ that nothing of the project is left.
 from __future__ import annotations
 
 import json
+import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +27,8 @@ WORKER_SERVICES = {
     "scheduled": "worker-scheduled",
 }
 APP_SERVICES = ["beat", *WORKER_SERVICES.values(), "scaler"]
-LONG_RUNNING = ["redis", "postgres", *APP_SERVICES]
+LONG_RUNNING = ["redis", "postgres", "docker-proxy", *APP_SERVICES]
+PROXY_PROBE = Path(__file__).with_name("probe_docker_proxy.py")
 
 
 def ran_on(result: dict[str, Any], hostnames: set[str]) -> bool:
@@ -125,19 +127,150 @@ def test_app_containers_are_non_root_with_init_and_scaler_labels(stack: ComposeP
     assert beat["Config"]["Labels"]["autoscale.managed"] == "false"
 
 
-def test_only_the_scaler_holds_the_docker_socket(stack: ComposeProject) -> None:
-    for service in ["redis", "postgres", *APP_SERVICES]:
+def test_only_the_docker_proxy_holds_the_docker_socket(stack: ComposeProject) -> None:
+    for service in ["redis", "postgres", "docker-proxy", *APP_SERVICES]:
         (container,) = stack.inspect(stack.container_ids(service))
-        sources = {m.get("Source") for m in container["Mounts"]}
-        has_socket = any(str(src).endswith("docker.sock") for src in sources)
-        assert has_socket == (service == "scaler"), (service, sources)
+        sockets = [m for m in container["Mounts"] if str(m.get("Source")).endswith("docker.sock")]
+        assert bool(sockets) == (service == "docker-proxy"), (service, sockets)
+    (proxy,) = stack.inspect(stack.container_ids("docker-proxy"))
+    assert [m["RW"] for m in proxy["Mounts"]] == [False], proxy["Mounts"]
+    assert proxy["HostConfig"]["GroupAdd"] == [env_value(stack, "DOCKER_GID")]
+    assert stack.run("exec", "-T", "docker-proxy", "id", "-u").stdout.strip() != "0"
     (scaler,) = stack.inspect(stack.container_ids("scaler"))
     assert scaler["Config"]["Labels"]["autoscale.managed"] == "false", "the scaler scales itself"
-    assert scaler["HostConfig"]["GroupAdd"] == [env_value(stack, "DOCKER_GID")]
+    assert not scaler["HostConfig"]["GroupAdd"], "the scaler needs no group of the host"
     bindings = scaler["HostConfig"]["PortBindings"]
     assert {b["HostIp"] for bs in bindings.values() for b in bs} == {"127.0.0.1"}, bindings
     policy = [m for m in scaler["Mounts"] if m["Destination"] == "/etc/scaler/policy.yaml"]
     assert len(policy) == 1 and policy[0]["RW"] is False, policy
+
+
+def test_docker_proxy_refuses_what_the_scaler_does_not_need(stack: ComposeProject) -> None:
+    """The scaler's own client, through docker-proxy: its calls pass, the rest get a 403 naming
+    the call or the setting, and the engine shows nothing of the refused ones."""
+    (worker,) = stack.container_ids("worker-default")
+    probe_name = f"{stack.name}-proxy-probe"
+    proc = stack.run("exec", "-T", "scaler", "python", "-", worker, probe_name,
+                     stdin=PROXY_PROBE.read_text())  # fmt: skip
+    seen: dict[str, dict[str, Any]] = json.loads(proc.stdout)
+    assert {k: seen[k]["status"] for k in ("ping", "list", "inspect")} == dict.fromkeys(
+        ("ping", "list", "inspect"), "ok"
+    ), seen
+    expected = {
+        "exec": "/exec is not on the scaler's allowlist",
+        "pull": "/images/create is not on the scaler's allowlist",
+        "volume": "/volumes/create is not on the scaler's allowlist",
+        "privileged": "it asks for privileged mode",
+        "host-root": "it asks for a bind mount from the host",
+        "host-pid": "it asks for a host or another container's namespace",
+    }
+    for call, words in expected.items():
+        assert seen[call]["status"] == 403, (call, seen[call])
+        assert "docker-proxy" in seen[call]["message"] and words in seen[call]["message"], seen
+    # Nothing of it reached the engine.
+    for kind in ("container", "volume"):
+        found = subprocess.run(["docker", kind, "inspect", probe_name], capture_output=True)
+        assert found.returncode != 0, f"a {kind} {probe_name} was created"
+    # A worker cannot reach the engine at all: the proxy is on a network only the scaler joins.
+    reach = stack.run(
+        "exec", "-T", "worker-default", "python", "-c",
+        "import socket; socket.create_connection(('docker-proxy', 2375), timeout=3)",
+        check=False,
+    )  # fmt: skip
+    assert reach.returncode != 0 and "gaierror" in reach.stderr, reach.stderr
+
+
+# Capabilities added back after cap_drop ALL (compose.yaml explains each); none elsewhere.
+CAP_ADD = {
+    "redis": {"CHOWN", "DAC_READ_SEARCH", "SETUID", "SETGID"},
+    "postgres": {"CHOWN", "DAC_OVERRIDE", "FOWNER", "SETUID", "SETGID"},
+}
+HARDENING_KEYS = (
+    "CapDrop", "CapAdd", "SecurityOpt", "ReadonlyRootfs", "Tmpfs", "PidsLimit", "RestartPolicy",
+    "LogConfig", "Privileged",
+)  # fmt: skip
+
+
+def hardening_problems(container: dict[str, Any]) -> list[str]:
+    """What in one inspected container breaks the base file's promise (empty: nothing)."""
+    host = container["HostConfig"]
+    service = container["Config"]["Labels"]["com.docker.compose.service"]
+    name = container["Name"].lstrip("/")
+    problems = []
+    if "ALL" not in (host.get("CapDrop") or []):
+        problems.append(f"{name}: CapDrop {host.get('CapDrop')}")
+    # Docker names them CAP_CHOWN, ...; Compose files without the prefix.
+    added = {c.removeprefix("CAP_") for c in host.get("CapAdd") or []}
+    if not added <= CAP_ADD.get(service, set()):
+        problems.append(f"{name}: CapAdd {host.get('CapAdd')}")
+    if "no-new-privileges:true" not in (host.get("SecurityOpt") or []):
+        problems.append(f"{name}: SecurityOpt {host.get('SecurityOpt')}")
+    if host.get("ReadonlyRootfs") is not True or host.get("Privileged"):
+        problems.append(f"{name}: ReadonlyRootfs {host.get('ReadonlyRootfs')}")
+    if not (host.get("PidsLimit") or 0) > 0:
+        problems.append(f"{name}: PidsLimit {host.get('PidsLimit')}")
+    if host["RestartPolicy"]["Name"] not in ("unless-stopped", "on-failure"):
+        problems.append(f"{name}: RestartPolicy {host['RestartPolicy']}")
+    log = host.get("LogConfig") or {}
+    if log.get("Type") != "json-file" or not (log.get("Config") or {}).get("max-size"):
+        problems.append(f"{name}: LogConfig {log}")
+    return problems
+
+
+def test_every_container_is_hardened_and_tasks_use_the_app_role(stack: ComposeProject) -> None:
+    """`make up` as it ships (no PROD=1): every container of the project, Flower and the one-shot
+    migrate included, drops its capabilities and runs read-only, and still works."""
+    stack.run("--profile", "monitoring", "up", "--detach", "--no-deps", "flower")
+    wait_until(
+        "Flower answers on a read-only root filesystem",
+        lambda: stack.run("exec", "-T", "flower", "python", "-c",
+                          "import urllib.request as u;"
+                          " u.urlopen('http://127.0.0.1:5555/healthcheck', timeout=2)",
+                          check=False).returncode == 0,
+        deadline_s=60,
+    )  # fmt: skip
+    ids = stack.leftovers()["containers"]
+    containers = stack.inspect(ids)
+    services = {c["Config"]["Labels"]["com.docker.compose.service"] for c in containers}
+    assert {"flower", "migrate", *LONG_RUNNING} <= services, services
+    problems = [p for c in containers for p in hardening_problems(c)]
+    assert problems == [], "\n".join(problems)
+    # The workers' PostgreSQL sessions are the app role's, never the owner's.
+    users = stack.psql(
+        "SELECT DISTINCT usename FROM pg_stat_activity"
+        " WHERE application_name LIKE 'celery-service:%'"
+    )
+    assert users == [[env_value(stack, "POSTGRES_APP_USER")]], users
+    denied = stack.run(
+        "exec", "-T", "worker-default", "python", "-c",
+        "import os, psycopg2; c = psycopg2.connect(os.environ['DATABASE_URL']);"
+        " c.cursor().execute('DROP TABLE task_effects')",
+        check=False,
+    )  # fmt: skip
+    assert denied.returncode != 0 and "must be owner of table" in denied.stderr, denied.stderr
+
+
+def test_redis_refused_no_client_of_the_stack_and_workers_cannot_reach_the_scalers_keys(
+    stack: ComposeProject,
+) -> None:
+    """Redis's ACL users (compose.yaml) in the running stack. Run late, after the bursts, the
+    scale-ups, drains, restores, pings, beat and the scaler's lease and overrides: none of them
+    was refused (the ACL log, which records every refusal, is empty); then a worker's
+    credentials are refused on the lease and the overrides, and the scaler's lease is there."""
+
+    def cli(user: str, *args: str) -> str:
+        password = env_value(stack, f"REDIS_{user.upper()}_PASSWORD")
+        proc = stack.run("exec", "-T", "redis", "redis-cli", "--user", user, "--pass", password,
+                         "--no-auth-warning", *args, check=False)  # fmt: skip
+        return (proc.stdout + proc.stderr).strip()
+
+    assert cli("admin", "ACL", "LOG") == "", "a client of the stack was refused by Redis"
+    assert cli("scaler", "EXISTS", "leader:scaler") == "1", "the scaler holds its lease"
+    assert cli("worker", "GET", "leader:scaler").startswith("NOPERM")
+    assert cli("worker", "HSET", "scaler:overrides", "worker-io", "{}").startswith("NOPERM")
+    assert cli("worker", "FLUSHALL").startswith("NOPERM")
+    anonymous = stack.run("exec", "-T", "redis", "redis-cli", "GET", "leader:scaler", check=False)
+    assert "NOAUTH" in anonymous.stdout + anonymous.stderr
 
 
 def test_down_with_volumes_leaves_nothing_of_the_project(stack: ComposeProject) -> None:
@@ -154,8 +287,15 @@ def test_down_with_volumes_leaves_nothing_of_the_project(stack: ComposeProject) 
         ),
         deadline_s=60,
     )
-    names = {c["Name"].lstrip("/") for c in stack.inspect(stack.container_ids("worker-default"))}
-    assert f"{stack.name}-worker-default-2" in names, names
+    replicas = {
+        c["Name"].lstrip("/"): c for c in stack.inspect(stack.container_ids("worker-default"))
+    }
+    clone, original = (replicas.get(f"{stack.name}-worker-default-{n}") for n in (2, 1))
+    assert clone and original, sorted(replicas)
+    # The scaler's clone keeps the service's hardening: the same settings as Compose's replica.
+    assert hardening_problems(clone) == []
+    for key in HARDENING_KEYS:
+        assert clone["HostConfig"].get(key) == original["HostConfig"].get(key), key
     before = stack.leftovers()
     assert before["containers"] and before["volumes"] and before["networks"], before
     stack.down()

@@ -6,6 +6,7 @@ they need no Docker engine.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 import subprocess
@@ -17,10 +18,19 @@ from compose_project import ROOT
 INIT_ENV = ROOT / "compose" / "scripts" / "init-env.sh"
 CHECK_ENV = ROOT / "compose" / "scripts" / "check-env.sh"
 EXAMPLE = ROOT / ".env.example"
-SECRETS = ("REDIS_PASSWORD", "POSTGRES_PASSWORD", "FLOWER_PASSWORD", "SCALER_TOKEN")
+REDIS_USERS = ("REDIS_WORKER_PASSWORD", "REDIS_SCALER_PASSWORD", "REDIS_ADMIN_PASSWORD")
+SECRETS = (
+    *REDIS_USERS,
+    "POSTGRES_PASSWORD",
+    "POSTGRES_APP_PASSWORD",
+    "FLOWER_PASSWORD",
+    "SCALER_TOKEN",
+)
 # Variables the scripts read; cleared so that the developer's shell cannot leak into a test.
 STACK_VARS = (
     *SECRETS,
+    *(f"{name}_SHA256" for name in REDIS_USERS),
+    "REDIS_MAXMEMORY",
     "FLOWER_USER",
     "LOG_LEVEL",
     "CELERY_TASK_TIME_LIMIT",
@@ -31,6 +41,8 @@ STACK_VARS = (
     "DB_POOL_MAX",
     "POSTGRES_USER",
     "POSTGRES_DB",
+    "POSTGRES_APP_USER",
+    "POSTGRES_MAX_CONNECTIONS",
     "CELERY_KEY_PREFIX",
 )
 
@@ -42,10 +54,8 @@ def clean_env(**extra: str) -> dict[str, str]:
 
 
 def read_env(path: Path) -> dict[str, str]:
-    pairs = (
-        line.split("=", 1) for line in path.read_text().splitlines() if re.match(r"^[A-Z_]+=", line)
-    )
-    return dict(pairs)
+    lines = path.read_text().splitlines()
+    return dict(line.split("=", 1) for line in lines if re.match(r"^[A-Z_][A-Z0-9_]*=", line))
 
 
 def init_env(tmp_path: Path, name: str = ".env") -> Path:
@@ -81,7 +91,7 @@ def test_example_has_no_password_and_fails_validation(tmp_path: Path) -> None:
     copy.write_text(EXAMPLE.read_text())
     proc = check_env(copy)
     assert proc.returncode != 0
-    for name in ("REDIS_PASSWORD", "POSTGRES_PASSWORD", "FLOWER_PASSWORD"):
+    for name in (*REDIS_USERS, "POSTGRES_PASSWORD", "POSTGRES_APP_PASSWORD", "FLOWER_PASSWORD"):
         assert f"{name} is missing or empty" in proc.stderr
 
 
@@ -93,6 +103,8 @@ def test_init_env_generates_distinct_fresh_secrets(tmp_path: Path) -> None:
     assert len(set(values)) == len(values), "a secret was reused"
     assert (tmp_path / "a.env").stat().st_mode & 0o077 == 0, ".env is readable by others"
     assert check_env(tmp_path / "a.env").returncode == 0
+    for name in REDIS_USERS:  # Redis is given only these (compose.yaml)
+        assert first[f"{name}_SHA256"] == hashlib.sha256(first[name].encode()).hexdigest()
 
 
 def test_init_env_never_overwrites_an_existing_file(tmp_path: Path) -> None:
@@ -102,10 +114,34 @@ def test_init_env_never_overwrites_an_existing_file(tmp_path: Path) -> None:
     assert target.read_text() == before
 
 
+def test_init_env_appends_only_the_secrets_an_older_file_lacks(tmp_path: Path) -> None:
+    """An .env from before the Redis users and the app role: `make up` adds what is missing,
+    with the hashes Redis needs, and changes nothing that is there (the volumes use it)."""
+    target = init_env(tmp_path)
+    lacking = ("REDIS_SCALER_PASSWORD", "REDIS_SCALER_PASSWORD_SHA256", "POSTGRES_APP_PASSWORD")
+    older = [
+        line for line in target.read_text().splitlines() if line.split("=", 1)[0] not in lacking
+    ]
+    target.write_text("\n".join(older) + "\n")
+    kept = read_env(target)
+    assert check_env(target).returncode != 0
+    init_env(tmp_path)
+    now = read_env(target)
+    assert {k: now[k] for k in kept} == kept, "an existing value changed"
+    assert set(now) - set(kept) == set(lacking)
+    password = now["REDIS_SCALER_PASSWORD"]
+    assert now["REDIS_SCALER_PASSWORD_SHA256"] == hashlib.sha256(password.encode()).hexdigest()
+    assert check_env(target).returncode == 0, check_env(target).stderr
+
+
 @pytest.mark.parametrize(
     ("name", "value", "expected"),
     [
-        ("REDIS_PASSWORD", "short", "REDIS_PASSWORD is malformed"),
+        ("REDIS_WORKER_PASSWORD", "short", "REDIS_WORKER_PASSWORD is malformed"),
+        # A changed password whose hash was not updated: Redis would refuse the service.
+        ("REDIS_SCALER_PASSWORD", "0123456789abcdef0123", "REDIS_SCALER_PASSWORD_SHA256 does not"),
+        ("REDIS_MAXMEMORY", "lots", "REDIS_MAXMEMORY='lots' is malformed"),
+        ("REDIS_MAXMEMORY", "1mb", "REDIS_MAXMEMORY='1mb' is too small"),
         ("POSTGRES_PASSWORD", "has space in it 0123456789", "POSTGRES_PASSWORD is malformed"),
         ("POSTGRES_PASSWORD", "", "POSTGRES_PASSWORD is missing or empty"),
         ("FLOWER_USER", "ad:min", "FLOWER_USER='ad:min' is malformed"),
@@ -116,6 +152,9 @@ def test_init_env_never_overwrites_an_existing_file(tmp_path: Path) -> None:
         ("CELERY_VISIBILITY_TIMEOUT", "60", "must be less than CELERY_VISIBILITY_TIMEOUT=60"),
         ("CELERY_KEY_PREFIX", "a b", "CELERY_KEY_PREFIX='a b' is malformed"),
         ("POSTGRES_DB", "my-db", "POSTGRES_DB='my-db' is malformed"),
+        ("POSTGRES_APP_PASSWORD", "", "POSTGRES_APP_PASSWORD is missing or empty"),
+        ("POSTGRES_APP_USER", "celery", "POSTGRES_APP_USER='celery' equals POSTGRES_USER"),
+        ("POSTGRES_MAX_CONNECTIONS", "5000", "POSTGRES_MAX_CONNECTIONS='5000' is out of range"),
     ],
 )
 def test_check_env_names_the_bad_variable(

@@ -31,4 +31,6 @@ def check_invariants(r: SimResult) -> None:
     for st_ in r.steps:
         sp = r.policy.services[st_.service]
         assert 0 <= st_.replicas <= sp.max_replicas
+        assert 0 <= st_.warm <= sp.warm, st_  # the pool never grows past the policy's size
+        assert st_.replicas + st_.warm <= sp.max_replicas, st_  # and counts against the max
         assert st_.starting <= st_.replicas

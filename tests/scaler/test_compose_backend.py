@@ -39,6 +39,7 @@ from scaler.backends.compose import (
     worker_node_name,
 )
 from scaler.backends.restart_backoff import RestartBackoff
+from scaler.backends.warm_pool import RedisPoolStore
 from scaler.loop import PolicySource, Scaler
 from scaler.policy import parse_policy
 from scaler.signals.collector import Collector
@@ -48,6 +49,12 @@ from scaler.signals.redis_queues import RedisQueueReader
 pytestmark = [pytest.mark.docker, pytest.mark.slow]
 
 FIXTURE = Path(__file__).resolve().parent / "fixtures" / "compose_worker"
+# The image's files: the fixture's own, and the worker's warm-start step as the stack has it.
+IMAGE_FILES = {
+    "Dockerfile": FIXTURE / "Dockerfile",
+    "worker_app.py": FIXTURE / "worker_app.py",
+    "warm_start.py": FIXTURE.parents[3] / "services" / "warm_start.py",
+}
 SPEC = ServiceSpec("worker", ("work",))
 
 
@@ -72,8 +79,8 @@ def worker_image() -> str:
     pins = [f"{p}=={importlib.metadata.version(p)}" for p in ("celery", "redis", "packaging")]
     pins.append("async-timeout>=4.0.3")  # redis needs it below Python 3.11.3 (Debian's 3.11.2)
     digest = hashlib.sha256()
-    for name in ("Dockerfile", "worker_app.py"):
-        digest.update((FIXTURE / name).read_bytes())
+    for source in IMAGE_FILES.values():
+        digest.update(source.read_bytes())
     digest.update(" ".join(pins).encode())
     python_image = os.environ.get("PYTHON_IMAGE", "python:3.11-slim")
     digest.update(python_image.encode())
@@ -85,8 +92,8 @@ def worker_image() -> str:
     except docker.errors.ImageNotFound:
         pass
     with tempfile.TemporaryDirectory(prefix="cst-compose-ctx-") as ctx:
-        for name in ("Dockerfile", "worker_app.py"):
-            (Path(ctx) / name).write_bytes((FIXTURE / name).read_bytes())
+        for name, source in IMAGE_FILES.items():
+            (Path(ctx) / name).write_bytes(source.read_bytes())
         wheels = Path(ctx) / "wheels"
         links = ["--find-links", ".wheelhouse"] if Path(".wheelhouse").is_dir() else []
         subprocess.run(
@@ -294,6 +301,59 @@ def test_scale_to_zero_parks_the_last_worker_and_wakes_it(
     assert backend.scale("worker", 1).started == (f"{stack.project}-worker-1",)
     assert backend.replicas("worker") == 1
     assert docker.from_env().api.inspect_container(f"{stack.project}-worker-1")["Id"] == first
+
+
+# -- the warm pool ---------------------------------------------------------------------------------
+
+
+def test_warm_pool_promotes_refills_returns_to_the_pool_and_trims(stack: Stack) -> None:
+    store = RedisPoolStore.from_url(stack.app.conf.broker_url)
+    b = ComposeBackend(stack.project, stack.app, drain_timeout_s=60, pool_store=store)
+    b.manage([SPEC])
+    client = docker.from_env()
+    one, two, three = (f"{stack.project}-worker-{n}" for n in (1, 2, 3))
+    try:
+        up = b.scale("worker", 1, warm=1)
+        assert up.warm_started == (two,) and (b.replicas("worker"), b.warm("worker")) == (1, 1)
+        env = client.api.inspect_container(two)["Config"]["Env"]
+        assert "WORKER_WARM_START=1" in env, "the clone boots consuming nothing"
+        assert b.wait_for_warm(60.0)
+        node_two = _node(two)
+        queues = stack.app.control.inspect([node_two], timeout=1.0).active_queues() or {}
+        assert queues == {node_two: []}
+
+        # worker-1 is busy; the scale-up promotes worker-2 (no cold start) and refills the pool.
+        release = f"release-{uuid.uuid4().hex}"
+        held = stack.app.send_task("cst.hold", args=[release, 120], queue="work")
+        poll_until(lambda: (stack.app.control.inspect([_node(one)], timeout=0.5).active() or {})
+                   .get(_node(one)), "worker-1 to take the task", 30)  # fmt: skip
+        grown = b.scale("worker", 2, warm=1)
+        assert grown.promoted == (two,) and grown.warm_started == (three,), grown
+        second = stack.app.send_task("cst.hold", args=[release, 120], queue="work")
+        poll_until(lambda: (stack.app.control.inspect([node_two], timeout=0.5).active() or {})
+                   .get(node_two), "the promoted worker-2 to take the next task", 30)  # fmt: skip
+        redis.Redis.from_url(stack.app.conf.broker_url).rpush(release, 1, 1)
+        hostnames = {held.get(timeout=30), second.get(timeout=30)}
+        assert client.api.inspect_container(three)["Config"]["Hostname"] not in hostnames
+        assert b.wait_for_warm(60.0)
+
+        # Scale-down while the pool is short: the drained worker is kept warm, nothing stops.
+        down = b.scale("worker", 1, warm=2)
+        assert len(down.to_pool) == 1 and down.draining == (), down
+        events: list[Any] = []
+        poll_until(lambda: _drained(b, events), "the drain into the pool", 60)
+        assert "returned-to-pool" in [e.kind for e in events], events
+        assert (b.replicas("worker"), b.warm("worker")) == (1, 2)
+        assert stack.names("worker") == [one, two, three]
+
+        # The pool trimmed to zero: its idle members are stopped and removed.
+        trimmed = b.scale("worker", 1, warm=0)
+        assert len(trimmed.warm_stopped) == 2
+        poll_until(lambda: _drained(b, events), "the warm members to stop", 60)
+        assert (b.replicas("worker"), b.warm("worker")) == (1, 0)
+        assert len(stack.names("worker")) == 1 and store.members("worker") == set()
+    finally:
+        b.close()
 
 
 # -- a dead container is replaced -----------------------------------------------------------------
@@ -711,6 +771,53 @@ def test_a_stopped_containers_stats_message_reads_as_missing() -> None:
 
 
 # -- what the backend refuses ---------------------------------------------------------------------
+
+
+# -- templates that reach the host are never cloned ----------------------------------------------
+
+
+def test_unsafe_templates_are_refused_naming_the_container_and_the_setting(
+    worker_image: str,
+) -> None:
+    # A project of its own with only these two services: no broker needed (an in-memory one
+    # answers the backend's worker checks with nobody).
+    stack = Stack(
+        f"cst-test-compose-{uuid.uuid4().hex[:8]}",
+        {**os.environ, "CST_WORKER_IMAGE": worker_image},
+        Celery("cst-test-unsafe", broker="memory://"),
+    )
+    unsafe = ("--profile", "unsafe")
+    b = ComposeBackend(stack.project, stack.app, stats_stale_after_s=3, inspect_timeout_s=0.3)
+    b.manage([ServiceSpec("privileged", ("p",)), ServiceSpec("bound", ("b",))])
+    try:
+        stack.compose(*unsafe, "create", "privileged")
+        stack.compose(*unsafe, "up", "-d", "bound")
+        with pytest.raises(BackendError) as err:
+            b.scale("privileged", 1)  # not even the service's own stopped container is started
+        assert f"refusing to clone {stack.project}-privileged-1" in str(err.value)
+        assert "HostConfig.Privileged is true" in str(err.value)
+        (row,) = stack.ps("privileged", all_states=True)
+        assert row["State"] == "created", row
+
+        with pytest.raises(BackendError) as err:
+            b.scale("bound", 2)
+        assert f"{stack.project}-bound-1" in str(err.value)
+        assert f"bind mount of host path {str(FIXTURE)!r}" in str(err.value)
+        assert "clone.allowed_bind_mounts []" in str(err.value)
+        assert stack.names("bound") == [f"{stack.project}-bound-1"]
+        with pytest.raises(BackendError):
+            b.scale("bound", 2)  # refused again, reported once
+        refused = [e for e in b.reconcile() if e.kind == "clone-refused"]
+        assert sorted(e.service for e in refused) == ["bound", "privileged"], refused
+
+        # Listed in the policy, the same bind mount is cloned.
+        b.manage([ServiceSpec("bound", ("b",), allowed_bind_mounts=(str(FIXTURE),))])
+        assert b.scale("bound", 2).after == 2
+        assert len(stack.names("bound")) == 2
+    finally:
+        b.close()
+        stack.compose(*unsafe, "down", "-v", "-t", "0", "--remove-orphans", check=False)
+        stack.app.close()
 
 
 def test_bad_input_and_unmanaged_services_are_refused(

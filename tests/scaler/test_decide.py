@@ -5,6 +5,7 @@ Pure function, no services: observations are built by hand, time is a number we 
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
 import pytest
@@ -558,3 +559,73 @@ def test_a_met_latency_objective_lets_a_latency_only_service_scale_down() -> Non
     assert one(policy, make_obs(6, waiting=0, in_flight=2)).desired == 2
     # Work waiting past half the objective: no scale-down (hysteresis against oscillation).
     assert one(policy, make_obs(6, waiting=3, in_flight=6, oldest=3.0, busy=6)).desired == 6
+
+
+# --- the warm pool (issue 14) -------------------------------------------------------------------
+
+
+def with_warm(obs: Observations, warm: int) -> Observations:
+    so = obs.services[SVC]
+    return Observations(obs.at, {SVC: replace(so, warm=warm)}, obs.host)
+
+
+def test_the_warm_pool_is_kept_beside_the_serving_count_within_max() -> None:
+    policy = make_policy(max_replicas=4, warm=2, target={"tasks_per_replica": 10})
+    idle = one(policy, with_warm(make_obs(1), 0))
+    assert (idle.desired, idle.warm_current, idle.warm) == (1, 0, 2)
+    assert said(idle, "warm pool refilled 0 -> 2")
+    busy = one(policy, with_warm(make_obs(1, waiting=100), 2))
+    assert (busy.desired, busy.warm) == (4, 0)  # serving + warm within max: room for serving
+    assert said(busy, "warm pool 0 of 2: serving 4 + warm within max 4")
+    steady = one(policy, with_warm(make_obs(1), 2))
+    assert (steady.action, steady.warm) == ("hold", 2)
+    assert not said(steady, "warm pool")  # a full pool says nothing
+
+
+def test_the_host_guard_stops_refills_and_pressure_releases_the_pool_first() -> None:
+    policy = parse_policy(
+        {
+            "host": {"cpu_percent": 80},
+            "services": {
+                SVC: {
+                    "queues": [Q],
+                    "min_replicas": 1,
+                    "max_replicas": 10,
+                    "warm": 2,
+                    "target": {"tasks_per_replica": 1},
+                }
+            },
+        },
+        env={},
+    )
+    hot = Resources(95.0, 10.0, NOW)
+    unknown = Resources(None, 10.0, NOW)
+    no_refill = one(policy, with_warm(make_obs(1, host=unknown), 1))
+    assert (no_refill.warm, no_refill.desired) == (1, 1)
+    assert said(no_refill, "warm pool not refilled (would be 2) -> 1")
+    # Two replicas for two tasks in flight, one of them idle (prefetch took both on one).
+    released = one(policy, with_warm(make_obs(2, in_flight=2, busy=1, host=hot), 2))
+    assert released.warm == 0 and said(released, "warm pool released (2 -> 0)")
+    # Releasing the pool relieves the host this cycle: no serving replica gives way too.
+    assert released.desired == 2
+    without_pool = one(policy, with_warm(make_obs(2, in_flight=2, busy=1, host=hot), 0))
+    assert without_pool.desired == 1 and said(without_pool, "gives way")
+
+
+def test_a_service_at_zero_keeps_its_pool_only_when_the_policy_says_so() -> None:
+    keep = make_policy(min_replicas=0, warm=1)
+    drop = make_policy(min_replicas=0, warm=1, warm_at_zero=False)
+    assert one(keep, with_warm(make_obs(0), 1)).warm == 1
+    d = one(drop, with_warm(make_obs(0), 1))
+    assert d.warm == 0 and said(d, "warm_at_zero is false")
+    assert one(drop, with_warm(make_obs(1, waiting=1), 0)).warm == 1  # awake: the pool again
+
+
+def test_pause_holds_the_pool_and_missing_signals_hold_it_too() -> None:
+    policy = make_policy(warm=2)
+    paused = one(policy, with_warm(make_obs(1), 1), controls={SVC: ServiceControl(paused=True)})
+    assert (paused.action, paused.warm) == ("hold", 1)
+    blind = one(policy, with_warm(make_obs(1, waiting=None), 1))
+    assert (blind.action, blind.warm) == ("hold", 1)
+    without = one(make_policy(), with_warm(make_obs(1), 1))
+    assert without.warm == 0 and said(without, "no warm pool in the policy")

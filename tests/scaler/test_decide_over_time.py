@@ -55,11 +55,16 @@ def policies(draw: st.DrawFn, **fixed: Any) -> Policy:
     }
     if draw(st.booleans()):
         body["target"]["latency_s"] = draw(st.sampled_from([5, 20]))
+    # The warm pool (within max beside the minimum) and event-driven wake-ups, on or off.
+    body["warm"] = draw(st.integers(0, min(2, body["max_replicas"] - lo)))
+    body["warm_at_zero"] = draw(st.booleans())
     for key, value in fixed.items():
         body[key] = {**body[key], **value} if isinstance(value, dict) else value
     interval = draw(st.sampled_from([1.0, 2.0]))
+    wakeup = {"events": draw(st.booleans()), "debounce_s": draw(st.sampled_from([0.1, 0.5]))}
     return parse_policy(
-        {"interval_s": interval, "stale_after_s": 10, "services": {SVC: body}}, env={}
+        {"interval_s": interval, "stale_after_s": 10, "wakeup": wakeup, "services": {SVC: body}},
+        env={},
     )
 
 

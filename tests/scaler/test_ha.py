@@ -16,10 +16,13 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import psutil
 import pytest
 import redis
 from scaler_runs import ScalerRun, start_scaler_run, stop_workers, worker_pids
 from scaler_support import effects, migrate, poll_until, service_app, worker_env
+
+from scaler.control import ControlStore
 
 pytestmark = pytest.mark.slow
 
@@ -167,4 +170,85 @@ def test_only_the_leader_acts_and_the_standby_takes_over_when_it_dies(
     poll_until(lambda: len(worker_pids(workdir)) == 1, "io back at one worker", timeout_s=40)
     assert b.stop() == 0
     assert client.get(lease_key) is None, "a clean stop releases the lease"
+    client.close()
+
+
+def busy_nodes(app: Any) -> set[str]:
+    """Workers running a task right now."""
+    return {node for node, tasks in (app.control.inspect(timeout=1.0).active() or {}).items()
+            if tasks}  # fmt: skip
+
+
+def test_a_frozen_leader_loses_the_lease_and_acts_no_more_when_it_resumes(
+    scalers: tuple[list[ScalerRun], Path],
+    tmp_path: Path,
+    env: dict[str, str],
+    app: Any,
+    redis_url: str,
+    database_url: str,
+) -> None:
+    """The leader is frozen (SIGSTOP) while it drains two busy workers; the standby takes the
+    lease and adopts them; when the old leader resumes, its drain threads wake up and must not
+    signal or start any worker: every step is fenced by the lease it began under."""
+    runs, workdir = scalers
+    policy = tmp_path / "policy.yaml"
+    policy.write_text(POLICY)
+    a = start_scaler_run("a", policy, workdir, tmp_path, env)
+    runs.append(a)
+    poll_until(lambda: (a.state() or {}).get("role") == "leader", "scaler a to lead")
+    b = start_scaler_run("b", policy, workdir, tmp_path, env)
+    runs.append(b)
+    poll_until(lambda: (b.state() or {}).get("role") == "standby", "scaler b to stand by")
+    store = ControlStore.from_url(redis_url, lambda: {"io": 3}, prefix=env["SCALER_KEY_PREFIX"])
+    store.pin("io", 3, by="test")
+    poll_until(lambda: len(worker_pids(workdir)) == 3, "a to start three workers", timeout_s=20)
+    ids = [app.send_task("tasks.io_intensive.wait", kwargs={"duration": 4.0}).id for _ in range(6)]
+    poll_until(lambda: len(busy_nodes(app)) == 3, "all three workers busy", timeout_s=20)
+    store.pin("io", 1, by="test")
+    poll_until(
+        lambda: any(d["action"] == "down" and d["acted"] for d in a.decisions("io")),
+        "a to begin draining two busy workers",
+    )
+    a.proc.send_signal(signal.SIGSTOP)  # mid-drain: its threads wait for the workers to idle
+    frozen_at = time.monotonic()
+    lease_key = f"{env['SCALER_KEY_PREFIX']}leader:scaler"
+    client = redis.Redis.from_url(redis_url, decode_responses=True)
+    b_owner = owner(b)
+    poll_until(lambda: client.get(lease_key) == b_owner, "b to take the lease", every_s=0.05)
+    assert time.monotonic() - frozen_at < 2 * LEASE_S, "takeover within two lease periods"
+    poll_until(lambda: (b.state() or {}).get("role") == "leader", "b's status to say leader")
+
+    resumed_at = time.time()
+    a.proc.send_signal(signal.SIGCONT)
+
+    def refused() -> int:
+        lease = (a.state() or {}).get("leader") or {}
+        return int(lease.get("refused_actions") or 0)
+
+    poll_until(refused, "a's woken drain threads to be refused by their fence", timeout_s=20)
+    poll_until(lambda: (a.state() or {}).get("role") == "standby", "a to stand by")
+    done = poll_until(
+        lambda: len(effects(database_url, ids)) == len(ids) and effects(database_url, ids),
+        "every task done",
+        timeout_s=60,
+    )
+    assert set(done.values()) == {1}
+    poll_until(lambda: len(worker_pids(workdir)) == 1, "b to drain io to the pinned 1", 40)
+
+    # After it resumed, a started no worker and signalled none: its log says so, and no live
+    # worker is a child of a started since.
+    after = [e for e in a.logs() if e.get("ts", 0) >= resumed_at]
+    acted = [
+        e["msg"]
+        for e in after
+        if str(e.get("msg", "")).startswith(("started worker", "worker ", "replacing"))
+    ]
+    assert not acted, f"a acted after it resumed: {acted}"
+    assert any("refused" in str(e.get("msg", "")) for e in after), after[-5:]
+    for pid in worker_pids(workdir):
+        proc = psutil.Process(pid)
+        assert not (proc.ppid() == a.proc.pid and proc.create_time() >= resumed_at), pid
+    generation = ((b.state() or {}).get("leader") or {}).get("generation")
+    assert generation is not None and generation >= 2, b.state()
+    store.unpin("io")
     client.close()

@@ -19,6 +19,7 @@ from collections.abc import Callable, Iterator
 import pytest
 import redis
 
+from scaler.fencing import LeadershipLost
 from scaler.leader import LeaderLease, LeaseSettings
 
 LEASE_S = 0.6  # short, so renewals and expiries happen many times within a fast test
@@ -293,3 +294,31 @@ def test_lease_settings_from_the_environment() -> None:
     for bad in ("soon", "0.5", "nan", "9999"):
         with pytest.raises(ValueError, match=f"SCALER_LEASE_S .* got '{bad}'"):
             LeaseSettings.from_env({"SCALER_LEASE_S": bad})
+
+
+def test_each_acquisition_is_a_new_generation_and_older_fences_refuse(
+    redis_url: str, key_prefix: str, name: str, client: redis.Redis
+) -> None:
+    a = elector(redis_url, key_prefix, name, "a", lease_s=5)
+    b = elector(redis_url, key_prefix, name, "b", lease_s=5)
+    assert a.step()
+    first = a.current_generation()
+    assert first is not None and client.get(a.generation_key) == str(first)
+    fence = a.fence()
+    fence.check("an action under a's first lease")  # valid: no exception
+    assert a.step() and a.current_generation() == first, "a renewal keeps the generation"
+
+    a.release()
+    with pytest.raises(LeadershipLost, match="not the leader"):
+        fence.check("stop worker-io-2")
+    assert b.step() and b.current_generation() == first + 1
+    b.release()
+    assert a.step() and a.current_generation() == first + 2
+    # a leads again, but the action begun under its first lease must not resume.
+    with pytest.raises(LeadershipLost, match=f"generation is now {first + 2}"):
+        fence.check("stop worker-io-2")
+    a.fence().check("a new action under the new lease")
+    assert a.state().refused_actions == 2 and a.state().generation == first + 2
+    with pytest.raises(LeadershipLost):
+        b.fence().check("b is not leader: a fence taken now refuses at once")
+    a.release()

@@ -5,6 +5,7 @@ Each test module gets its own Redis key prefix, so its queues and control messag
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import time
@@ -13,12 +14,15 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import psutil
 import pytest
+import redis
 from scaler_support import effects, migrate, ping_names, poll_until, service_app, worker_env
 
 from scaler.backends.base import Backend, BackendEvent, ServiceSpec
 from scaler.backends.local import LocalBackend
 from scaler.backends.restart_backoff import RestartBackoff
+from scaler.restore import UnackedRestorer
 
 pytestmark = pytest.mark.slow
 
@@ -223,3 +227,63 @@ def test_a_worker_crashing_on_start_is_restarted_with_backoff_and_reset_once_hea
         poll_until(lambda: worker.name in ping_names(app), "the healthy worker answering ping")
     finally:
         crashing.stop_all(timeout_s=10.0)
+
+
+def successes(redis_url: str, prefix: str, task_ids: list[str]) -> dict[str, int]:
+    """How many times each task ran to success (the workers' success records)."""
+    client = redis.Redis.from_url(redis_url)
+    try:
+        raw = client.lrange(f"{prefix}task_successes", 0, -1)
+    finally:
+        client.close()
+    runs = dict.fromkeys(task_ids, 0)
+    for item in raw:  # type: ignore[union-attr]
+        task_id = json.loads(item).get("task_id")
+        if task_id in runs:
+            runs[task_id] += 1
+    return runs
+
+
+def test_a_frozen_worker_is_replaced_and_its_task_runs_once(
+    app: Any, env: dict[str, str], tmp_path: Path, redis_url: str, database_url: str
+) -> None:
+    """SIGSTOP of a busy worker's whole process group: its heartbeat file goes stale, it does
+    not answer a ping, so it is stopped (SIGKILL past the grace period), its unacked task is
+    restored and a replacement runs it, once."""
+    backend = LocalBackend(
+        app=app,
+        workdir=tmp_path / "workers",
+        env={**env, "WORKER_HEARTBEAT_INTERVAL": "0.3"},
+        grace_s=1.0,
+    )
+    backend.restorer = UnackedRestorer.for_app(app)
+    backend.manage([ServiceSpec(SERVICE, ("io_intensive",), unresponsive_after_s=2.0)])
+    try:
+        backend.scale(SERVICE, 1)
+        (victim,) = backend.workers(SERVICE)
+        poll_until(lambda: victim.name in ping_names(app), "the worker answering ping")
+        task = app.send_task("tasks.io_intensive.wait", kwargs={"duration": 3.0})
+        poll_until(lambda: active_on(app, task.id), "the task to start")
+        os.killpg(int(victim.ident), signal.SIGSTOP)  # the worker and its pool: frozen
+        assert backend.reconcile() == [], "a fresh heartbeat: nothing to do yet"
+        events: list[BackendEvent] = []
+
+        def replaced() -> bool:
+            events.extend(backend.reconcile())
+            return any(e.kind == "replaced-unresponsive" for e in events)
+
+        poll_until(replaced, "the frozen worker to be replaced", timeout_s=30)
+        detail = next(e.detail for e in events if e.kind == "replaced-unresponsive")
+        assert "no answer" in detail and "SIGKILL" in detail, detail
+        assert any(e.kind == "restored" and victim.name in e.detail for e in events), events
+        assert (
+            not psutil.pid_exists(int(victim.ident))
+            or psutil.Process(int(victim.ident)).status() == psutil.STATUS_ZOMBIE
+        )
+        (replacement,) = backend.workers(SERVICE)
+        assert replacement.ident != victim.ident and replacement.state == "running"
+        poll_until(lambda: effects(database_url, [task.id]) == {task.id: 1}, "the task's effect")
+        prefix = env["CELERY_KEY_PREFIX"]
+        assert successes(redis_url, prefix, [task.id]) == {task.id: 1}
+    finally:
+        backend.stop_all(timeout_s=10.0)

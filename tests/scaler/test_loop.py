@@ -7,6 +7,7 @@ fault injection (nothing here can make process spawning fail on cue), and it say
 
 from __future__ import annotations
 
+import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -17,12 +18,13 @@ import pytest
 import redis
 from celery import Celery
 from prometheus_client.parser import text_string_to_metric_families
-from scaler_support import own_redis_server
+from scaler_support import own_redis_server, poll_until
 
 from scaler.backends.base import BackendError, ScaleResult, ServiceSpec
 from scaler.backends.local import LocalBackend
 from scaler.control import ControlStore
 from scaler.decide import Decision
+from scaler.fencing import UNFENCED, Fence
 from scaler.leader import LeaderLease
 from scaler.loop import STANDBY_NOTE, PolicySource, Retry, Scaler, blind_spots
 from scaler.metrics import ScalerMetrics
@@ -46,7 +48,7 @@ class FailingBackend(LocalBackend):
     failures: int = 0
     calls: list[int]
 
-    def scale(self, service: str, replicas: int) -> ScaleResult:
+    def scale(self, service: str, replicas: int, fence: Fence = UNFENCED) -> ScaleResult:
         self.calls.append(replicas)
         if len(self.calls) <= self.failures:
             raise BackendError("injected: engine unavailable")
@@ -217,7 +219,7 @@ class LeaseLosingBackend(FailingBackend):
 
     lease: LeaderLease
 
-    def scale(self, service: str, replicas: int) -> ScaleResult:
+    def scale(self, service: str, replicas: int, fence: Fence = UNFENCED) -> ScaleResult:
         self.calls.append(replicas)
         self.lease.release()
         raise BackendError("injected: engine call timed out")
@@ -237,6 +239,65 @@ def test_a_lease_lost_mid_cycle_stops_the_retries(
     assert backend.calls == [2], "no retry once the lease is gone (retry allows 3 attempts)"
     error = report.outcomes["io"].error or ""
     assert error.startswith("leader: lease lost") and not report.outcomes["io"].acted
+
+
+class StuckCollector(Collector):
+    """Fault injection: once ``stuck`` is set, the cycle hangs in collect() until it clears
+    (a hung read with no timeout), while the process and its renewer thread run on."""
+
+    stuck: threading.Event
+    resume: threading.Event
+
+    def collect(self, *args: Any, **kwargs: Any) -> Any:
+        if self.stuck.is_set():
+            self.resume.wait(30)
+        return super().collect(*args, **kwargs)
+
+
+def test_a_stuck_loop_lets_the_lease_lapse_to_the_standby(
+    tmp_path: Path, redis_url: str, scoped: str
+) -> None:
+    scaler = make_scaler(tmp_path, make_app(redis_url))
+    collector = StuckCollector(queue_reader_for_app(scaler.backend.app))  # type: ignore[attr-defined]
+    collector.stuck, collector.resume = threading.Event(), threading.Event()
+    scaler.collector = collector
+    lease_s = 1.0
+    scaler.leader = LeaderLease.from_url(
+        redis_url, name="scaler", prefix=scoped, owner="stuck", lease_s=lease_s
+    )
+    scaler.stall_s = 1.0
+    standby = LeaderLease.from_url(
+        redis_url, name="scaler", prefix=scoped, owner="standby", lease_s=lease_s
+    )
+    stop = threading.Event()
+    assert scaler.leader.step()
+    scaler.leader.start()
+    loop = threading.Thread(target=scaler.run, args=(stop,), daemon=True)
+    loop.start()
+    standby.start()
+    try:
+        poll_until(lambda: scaler.cycles >= 3, "a few cycles as leader", timeout_s=10)
+        assert scaler.leader.is_leader() and not standby.is_leader()
+        collector.stuck.set()
+        stuck_at = time.monotonic()
+        # Stuck from at most one interval on: the next cycle was due within next_delay (0.5 s)
+        # and had stall_s (1 s) to finish, then the lease lapses within lease_s.
+        poll_until(standby.is_leader, "the standby to lead", timeout_s=10, every_s=0.02)
+        took = time.monotonic() - stuck_at
+        assert not scaler.leader.is_leader()
+        assert "loop stalled" in (scaler.leader.last_error or "")
+        assert took < 0.5 + 1.0 + 2 * lease_s, f"takeover {took:.2f} s after the loop stuck"
+        collector.stuck.clear()
+        collector.resume.set()  # the loop completes cycles again: it stands by
+        cycles = scaler.cycles
+        poll_until(lambda: scaler.cycles >= cycles + 2, "cycles again", timeout_s=10)
+        assert standby.is_leader() and not scaler.leader.is_leader()
+    finally:
+        stop.set()
+        collector.resume.set()
+        loop.join(10)
+        scaler.leader.stop()
+        standby.stop()
 
 
 def test_unreadable_overrides_hold_every_service(tmp_path: Path, redis_url: str) -> None:
@@ -306,7 +367,7 @@ class OneServiceFailing(LocalBackend):
     a_fails: bool = True
     calls: dict[str, int]
 
-    def scale(self, service: str, replicas: int) -> ScaleResult:
+    def scale(self, service: str, replicas: int, fence: Fence = UNFENCED) -> ScaleResult:
         self.calls[service] = self.calls.get(service, 0) + 1
         if service == "a" and self.a_fails:
             raise BackendError("injected: engine refused service a")

@@ -23,6 +23,7 @@ from scaler_support import effects, migrate, poll_until, service_app, worker_env
 
 from scaler.backends.base import ScaleResult
 from scaler.backends.local import LocalBackend
+from scaler.fencing import UNFENCED, Fence
 from scaler.loop import PolicySource, Scaler
 from scaler.policy import parse_policy
 from scaler.signals.collector import Collector, queue_reader_for_app
@@ -166,8 +167,8 @@ class CountingLocalBackend(LocalBackend):
 
     actions: list[tuple[float, int, int]] = field(default_factory=list)
 
-    def scale(self, service: str, replicas: int) -> ScaleResult:
-        result = super().scale(service, replicas)
+    def scale(self, service: str, replicas: int, fence: Fence = UNFENCED) -> ScaleResult:
+        result = super().scale(service, replicas, fence)
         if result.after != result.before:
             self.actions.append((time.monotonic(), result.before, result.after))
         return result

@@ -272,6 +272,14 @@ def test_a_queue_belongs_to_one_service_only() -> None:
             {"stale_after_s": 1, "interval_s": 2, "services": {"a": {"queues": ["q"]}}},
             "stale_after_s: 1.0 is invalid: must be >= interval_s (2.0)",
         ),
+        (
+            {"wakeup": {"debounce_s": 0}, "services": {"a": {"queues": ["q"]}}},
+            "wakeup.debounce_s: 0 is invalid: must be > 0",
+        ),
+        (
+            {"wakeup": {"events": "sometimes"}, "services": {"a": {"queues": ["q"]}}},
+            "wakeup.events: 'sometimes' is invalid:",
+        ),
     ],
 )
 def test_structural_errors(data: object, expected: str) -> None:
@@ -315,3 +323,14 @@ def test_models_are_frozen() -> None:
 def test_step_limit(rule: dict[str, Any], current: int, expected: int | None) -> None:
     step = ScaleRule(stabilization_s=0, cooldown_s=0, **rule).step_limit(current)
     assert step == expected
+
+
+def test_a_warm_pool_must_fit_beside_the_minimum_within_max() -> None:
+    assert _problems(_one(min_replicas=2, max_replicas=3, warm=2)) == [
+        "services.worker-io.warm: 2 is invalid: min_replicas + warm (2 + 2) must be <= "
+        "max_replicas (3); warm replicas count against the maximum"
+    ]
+    assert any("warm" in p for p in _problems(_one(warm=-1)))
+    ok = parse_policy({**_one(warm=1, warm_at_zero=False), "wakeup": {"events": False}}, NO_ENV)
+    sp = ok.services["worker-io"]
+    assert (sp.warm, sp.warm_at_zero, ok.wakeup.events) == (1, False, False)

@@ -64,6 +64,7 @@ def test_two_policies_table_and_out_dir(tmp_path: Path) -> None:
         "waiting",
         "in_flight",
         "oldest_age",
+        "warm",
     ]
     assert {r["policy"] for r in rows} == {"scaler-policy", "oracle"}
     png = (out / "plot.png").read_bytes()

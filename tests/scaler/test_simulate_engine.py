@@ -281,3 +281,82 @@ def test_plot_series_change_when_things_happen_not_at_the_next_cycle() -> None:
     times, reps = replica_series(r)["worker-io"]
     assert reps[0] == 1 and times[1] == first.t and reps[1] == first.after
     assert reps[-1] == io_steps(r)[-1].replicas
+
+
+# -- the warm pool and event-driven detection (issue 14) -----------------------------------------
+
+
+def first_up(r: SimResult) -> Any:
+    return next(a for a in r.actions if a.after > a.before)
+
+
+def test_a_warm_pool_takes_a_burst_in_milliseconds_and_is_refilled() -> None:
+    """The pool's replica consumes promote_s after the decision; the cold one startup_s (3 s)
+    after; the pool is refilled at once, and serving + warm stays within max."""
+    t = trace([burst(31, 200)], duration_s=60)
+    cold = simulate(policy(), t, seed=1)
+    warm = simulate(policy({"warm": 1}), t, seed=1)
+    check_invariants(warm)
+    assert warm.published == warm.completed == 200
+    up_cold, up_warm = first_up(cold), first_up(warm)
+    io = warm.tasks["io_intensive"]
+    initial = {life.id for life in warm.replicas if life.created == 0.0 and not life.warm}
+
+    def first_start_beyond(r: SimResult, initial: set[int]) -> float:
+        log = r.tasks["io_intensive"]
+        return min(s for s, rid in zip(log.start, log.replica, strict=True) if rid not in initial)
+
+    cold_initial = {life.id for life in cold.replicas if life.created == 0.0}
+    assert first_start_beyond(warm, initial) - up_warm.t <= 0.05
+    assert first_start_beyond(cold, cold_initial) - up_cold.t >= 3.0
+    refills = [life for life in warm.replicas if life.warm and life.created == up_warm.t]
+    assert refills, "the pool is refilled when its replica is taken"
+    assert summarise(warm)["services"]["worker-io"]["warm_seconds"] > 0
+    assert summarise(cold)["services"]["worker-io"]["warm_seconds"] == 0
+    assert len(io.start) == 200
+
+
+def test_scale_down_returns_drained_replicas_to_the_pool_before_stopping_any() -> None:
+    """At max the pool gives its room to serving replicas (serving + warm <= max); on the way
+    down the drained replicas refill it, so no cold start refills it after the peak."""
+    r = simulate(policy({"warm": 2}), trace([burst(5, 400)], duration_s=30), seed=2)
+    check_invariants(r)
+    steps = io_steps(r)
+    peak_at = min(s.t for s in steps if s.replicas == 6)
+    assert any(s.warm == 0 for s in steps if s.t >= peak_at), "the pool made room at max"
+    first_down = min(a.t for a in r.actions if a.after < a.before)
+    cold_refills = [life for life in r.replicas if life.warm and life.created >= first_down]
+    assert not cold_refills, "drained replicas, not cold starts, refill the pool"
+    assert steps[-1].warm == 2 and steps[-1].replicas == 1
+    stopped = [life for life in r.replicas if life.drain_start is not None]
+    assert len(stopped) == 6 - 1 - 2  # the rest went back to the pool
+
+
+def test_warm_at_zero_false_releases_the_pool_when_the_service_sleeps() -> None:
+    p = policy(
+        {"min_replicas": 0, "warm": 1, "warm_at_zero": False, "scale_to_zero": {"idle_s": 0}}
+    )
+    keep = policy({"min_replicas": 0, "warm": 1, "scale_to_zero": {"idle_s": 0}})
+    t = trace([burst(5, 50)], duration_s=20)
+    released, kept = simulate(p, t, seed=3), simulate(keep, t, seed=3)
+    for r in (released, kept):
+        check_invariants(r)
+        assert io_steps(r)[-1].replicas == 0
+    assert io_steps(released)[-1].warm == 0
+    assert io_steps(kept)[-1].warm == 1
+
+
+def test_events_wake_the_scaler_for_a_new_backlog_and_a_flood_costs_few_decisions() -> None:
+    """A burst between two cycles is decided on within milliseconds with events, at the next
+    cycle without; a long Poisson flood wakes the loop a bounded number of times."""
+    t = trace([burst(31, 200)], duration_s=60)
+    polled = simulate(policy(wakeup={"events": False}), t, seed=1)
+    woken = simulate(policy(), t, seed=1)
+    assert first_up(polled).t == 32.0
+    assert 31.0 < first_up(woken).t <= 31.02
+    assert woken.stats["woken_cycles"] >= 1 and polled.stats["woken_cycles"] == 0
+    flood = trace([{"kind": "poisson", "queue": "io_intensive", "rate": 50.0}], duration_s=120)
+    r = simulate(policy(wakeup={"debounce_s": 0.5}), flood, seed=4, horizon_s=120)
+    check_invariants(r)
+    assert r.stats["woken_cycles"] <= 120 / 0.5
+    assert r.cycles <= 120 / 2 + r.stats["woken_cycles"] + 1

@@ -158,11 +158,13 @@ class WorkerProcess:
         pool: str = "prefork",
         name: str | None = None,
         extra_env: dict[str, str] | None = None,
+        command: list[str] | None = None,
     ) -> None:
         self.name = name or f"w{uuid.uuid4().hex[:6]}"
         self.log_path = log_path
         self._log = log_path.open("wb")
-        cmd = [
+        # ``command`` replaces the test command line below (e.g. the image's start script).
+        cmd = command or [
             sys.executable,
             "-m",
             "celery",

@@ -1,0 +1,543 @@
+"""Event-driven detection: a message landing on an idle service's queue starts its decision at once.
+
+Polling alone makes a new backlog wait for the next cycle (half an interval on average, a whole
+one at worst: 1 to 2 s at the stack's 2 s). The broker can tell us instead:
+
+- **Redis**: keyspace notifications. The detector SUBSCRIBEs to ``__keyspace@<db>__:<key>`` for
+  every list kombu keeps a managed queue in (the bare name and its priority sub-queues, behind the
+  global key prefix: ``scaler.signals.redis_queues.priority_keys``), and a ``lpush``/``rpush``/
+  ``linsert`` there is an arrival. Redis publishes these only when ``notify-keyspace-events``
+  includes ``K`` and ``l`` (or ``A``); compose.yaml starts Redis with ``Kl``. Whether they arrive
+  is checked by a probe (a push onto a key of the scaler's own, which must come back as an event
+  within ``probe_timeout_s``), at every connection and every ``recheck_s``; ``CONFIG GET`` only
+  words the reason when the probe fails (it may be denied to the scaler's Redis user, and then
+  the reason says so).
+- **RabbitMQ** (and any other broker): Celery's ``task-sent`` events, which a producer sends when
+  ``task_send_sent_event`` is on (the app sets it). Only publishes through Celery are seen.
+
+An arrival wakes the loop only for a service that is *armed* and only when it leaves a backlog:
+the loop arms, after every cycle, the services with nothing waiting that are at their minimum or
+below their target (the last decision wanted more than they run) or whose count it could not
+read; a busy service above its minimum, or one whose backlog a cycle has already seen, waits for
+its tick. Right before a ring the detector checks that something waits (Redis: ``LLEN`` of the
+service's lists; a message a free consumer took at once is no backlog), so a trickle that idle
+replicas absorb costs a length check per window, not a decision.
+Wake-ups are debounced per service (``Debouncer``): the first arrival rings at once, the ones
+within ``debounce_s`` after it are coalesced into one more ring at the window's end (if the
+service is still armed then), so a flood of N messages costs about one decision per window, not
+N. The periodic cycle stays: it is the safety net. A lost connection, notifications switched
+off, or a probe that never comes back turns detection to *polling*: the status and the
+``scaler_event_detection_up`` metric say so and why, the detector reconnects with backoff, and
+on its return rings every armed service once (a backlog may have landed while it was blind).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import redis
+
+from scaler.signals.redis_queues import DEFAULT_SEP, DEFAULT_STEPS, priority_keys
+
+log = logging.getLogger("scaler.wakeup")
+
+# The list operations that put a message onto a queue (LMOVE/RPOPLPUSH notify the destination
+# as lpush/rpush). Pops are consumption, not arrival.
+PUSH_EVENTS = frozenset({b"lpush", b"rpush", b"linsert"})
+EVENTS = "events"
+POLLING = "polling"
+
+
+class Alarm:
+    """The loop's alarm clock: ``wait`` returns at the timeout, at a stop, or when rung."""
+
+    def __init__(self, slice_s: float = 0.25) -> None:
+        self._cond = threading.Condition()
+        self._rung: set[str] = set()
+        # ``stop`` is a plain Event that cannot notify this condition: it is re-checked every
+        # ``slice_s``, so a stop is seen within that, as it was within the old stop.wait().
+        self.slice_s = slice_s
+
+    def ring(self, services: Iterable[str]) -> None:
+        """Ask for a cycle now on behalf of ``services`` (thread-safe)."""
+        with self._cond:
+            self._rung.update(services)
+            self._cond.notify_all()
+
+    def wait(self, timeout_s: float, stop: threading.Event) -> set[str]:
+        """Block until ``timeout_s`` passed, ``stop`` is set or a ring came; the services rung
+        (empty on a timeout or a stop). Rings since the last wait count: none is lost."""
+        deadline = time.monotonic() + timeout_s
+        with self._cond:
+            while not self._rung and not stop.is_set():
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    break
+                self._cond.wait(min(left, self.slice_s))
+            rung, self._rung = self._rung, set()
+        return rung
+
+
+class Debouncer:
+    """At most one ring per service per window: the first arrival at once, later ones in the
+    window folded into one ring at its end (if the service is still armed then).
+
+    ``armed`` is asked at the window's end; ``backlog`` (when given) right before each ring, which
+    is skipped when the arrival left nothing waiting (a free consumer took it at once: no new
+    backlog, nothing to decide). ``ring`` and ``backlog`` are called outside the lock. Its own
+    thread fires the trailing rings; ``stop`` ends it.
+    """
+
+    def __init__(
+        self,
+        ring: Callable[[set[str]], None],
+        armed: Callable[[str], bool],
+        window_s: Callable[[], float],
+        clock: Callable[[], float] = time.monotonic,
+        backlog: Callable[[str], bool] | None = None,
+    ) -> None:
+        self._ring, self._armed, self._window_s, self._clock = ring, armed, window_s, clock
+        self._backlog = backlog
+        self.taken_at_once = 0  # checks that found nothing waiting: no ring
+        self._cond = threading.Condition()
+        self._fired_at: dict[str, float] = {}
+        self._pending: set[str] = set()
+        self._stopped = False
+        self.rings: dict[str, int] = {}
+        self.coalesced = 0
+        self._thread = threading.Thread(target=self._trailing, name="wakeup-debounce", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        with self._cond:
+            self._stopped = True
+            self._cond.notify_all()
+        if self._thread.is_alive():
+            self._thread.join(5)
+
+    def arrival(self, service: str) -> None:
+        """One arrival for an armed ``service``: ring now, or fold it into the window's ring."""
+        with self._cond:
+            now = self._clock()
+            last = self._fired_at.get(service)
+            if last is not None and now - last < self._window_s():
+                self.coalesced += 1
+                if service not in self._pending:
+                    self._pending.add(service)
+                    self._cond.notify_all()
+                return
+            self._fired_at[service] = now
+        self._fire({service})
+
+    def _fire(self, services: set[str]) -> None:
+        """Ring those of ``services`` with a backlog (all of them without a ``backlog`` check)."""
+        if self._backlog is not None:
+            waiting = {s for s in services if self._backlog(s)}
+            with self._cond:
+                self.taken_at_once += len(services) - len(waiting)
+            services = waiting
+        if not services:
+            return
+        with self._cond:
+            for service in services:
+                self.rings[service] = self.rings.get(service, 0) + 1
+        self._ring(services)
+
+    def ring_now(self, services: Iterable[str]) -> None:
+        """Ring ``services`` regardless of their windows (after a reconnection: catch up)."""
+        chosen = set(services)
+        if not chosen:
+            return
+        with self._cond:
+            now = self._clock()
+            for service in chosen:
+                self._fired_at[service] = now
+                self._pending.discard(service)
+                self.rings[service] = self.rings.get(service, 0) + 1
+        self._ring(chosen)
+
+    def _trailing(self) -> None:
+        with self._cond:
+            while not self._stopped:
+                if not self._pending:
+                    self._cond.wait()
+                    continue
+                window = self._window_s()
+                now = self._clock()
+                due = {s for s in self._pending if now - self._fired_at.get(s, now) >= window}
+                if not due:
+                    first = min(self._fired_at.get(s, now) for s in self._pending)
+                    self._cond.wait(max(0.001, first + window - now))
+                    continue
+                self._pending -= due
+                fire = {s for s in due if self._armed(s)}
+                for service in fire:
+                    self._fired_at[service] = now
+                if fire:
+                    self._cond.release()
+                    try:
+                        self._fire(fire)
+                    finally:
+                        self._cond.acquire()
+
+
+@dataclass(frozen=True)
+class Watch:
+    """What the loop wants watched: which queue belongs to which service, and which services an
+    arrival should wake now (armed)."""
+
+    queues: Mapping[str, str]  # queue -> service
+    armed: frozenset[str]
+    enabled: bool = True
+    debounce_s: float = 0.2
+
+
+class WakeupDetector:
+    """A background listener for one broker's arrivals; subclasses implement ``_listen``.
+
+    ``_listen`` runs until it fails or ``_stop`` is set; it calls ``_arrival(queue)`` per
+    arrival and ``_set_up()`` / ``_set_down(reason)`` as the stream comes and goes. The base
+    class reconnects with backoff (``backoff_s``: first, cap), keeps the status, and debounces.
+    """
+
+    source = "?"
+
+    def __init__(
+        self,
+        ring: Callable[[set[str]], None],
+        backoff_s: tuple[float, float] = (0.5, 10.0),
+        wall: Callable[[], float] = time.time,
+    ) -> None:
+        self.backoff_s, self.wall = backoff_s, wall
+        self._watch = Watch({}, frozenset())  # nothing to watch until the loop's first cycle
+        self._changed = threading.Event()
+        self._stop = threading.Event()
+        self._lock = threading.Lock()
+        self._debouncer = Debouncer(
+            ring, self._is_armed, lambda: self._watch.debounce_s, backlog=self._has_backlog
+        )
+        self._thread = threading.Thread(target=self._run, name="wakeup-listen", daemon=True)
+        self.mode = POLLING
+        self.reason: str | None = "connecting: no event seen yet"
+        self.since = wall()
+        self.arrivals = 0
+        self.ignored = 0  # arrivals for a service that was not armed (busy above its minimum)
+        self.connects = 0
+        self._was_up = False
+
+    # -- what the loop and the CLI call ------------------------------------------------------
+
+    def start(self) -> None:
+        self._debouncer.start()
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._changed.set()
+        if self._thread.is_alive():
+            self._thread.join(5)
+        self._debouncer.stop()
+
+    def watch(self, watch: Watch) -> None:
+        """The loop's view after a cycle: queues to services, the armed services, the policy."""
+        with self._lock:
+            old, self._watch = self._watch, watch
+        if (old.queues, old.enabled) != (watch.queues, watch.enabled):
+            self._changed.set()
+
+    @property
+    def up(self) -> bool:
+        return self.mode == EVENTS
+
+    def status(self) -> dict[str, Any]:
+        """JSON-ready: mode ("events" or "polling"), its reason, counts."""
+        with self._lock:
+            return {
+                "mode": self.mode,
+                "source": self.source,
+                "reason": self.reason,
+                "since": self.since,
+                "debounce_s": self._watch.debounce_s,
+                "armed": sorted(self._watch.armed),
+                "arrivals": self.arrivals,
+                "ignored": self.ignored,
+                "wakeups": dict(self._debouncer.rings),
+                "coalesced": self._debouncer.coalesced,
+                "taken_at_once": self._debouncer.taken_at_once,
+                "connects": self.connects,
+            }
+
+    # -- for subclasses ------------------------------------------------------------------------
+
+    def _listen(self, watch: Watch) -> None:
+        raise NotImplementedError
+
+    def _has_backlog(self, service: str) -> bool:
+        """Whether something waits on ``service``'s queues now (True when unknown: then the
+        decision itself reads it)."""
+        return True
+
+    def _is_armed(self, service: str) -> bool:
+        watch = self._watch
+        return watch.enabled and service in watch.armed
+
+    def _arrival(self, queue: str) -> None:
+        watch = self._watch
+        service = watch.queues.get(queue)
+        if service is None:
+            return
+        with self._lock:
+            self.arrivals += 1
+            armed = watch.enabled and service in watch.armed
+            if not armed:
+                self.ignored += 1
+        if armed:
+            self._debouncer.arrival(service)
+
+    def _set_up(self) -> None:
+        if self.mode == EVENTS:
+            return
+        self._set(EVENTS, None)
+        if self._was_up:  # back after an outage: a backlog may have landed unseen
+            self._debouncer.ring_now(self._watch.armed if self._watch.enabled else ())
+        self._was_up = True
+
+    def _set_down(self, reason: str) -> None:
+        self._set(POLLING, reason)
+
+    def _set(self, mode: str, reason: str | None) -> None:
+        with self._lock:
+            if (mode, reason) == (self.mode, self.reason):
+                return
+            if mode != self.mode:
+                self.since = self.wall()
+            self.mode, self.reason = mode, reason
+        level = logging.INFO if mode == EVENTS else logging.WARNING
+        log.log(level, json.dumps({"event": f"detection-{mode}", "source": self.source,
+                                   "reason": reason}))  # fmt: skip
+
+    # -- the thread ----------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        first, cap = self.backoff_s
+        delay = first
+        while not self._stop.is_set():
+            self._changed.clear()  # before reading the watch: a change after this is not lost
+            watch = self._watch
+            if not watch.enabled:
+                self._set_down("wakeup.events is off in the policy")
+                self._changed.wait()
+                continue
+            if not watch.queues:  # before the first cycle: nothing to watch yet
+                self._changed.wait(1.0)
+                continue
+            try:
+                self._listen(watch)
+                delay = first  # returned: the watch changed; listen again at once
+            except Exception as exc:
+                if self._stop.is_set():
+                    break
+                if self.mode == EVENTS:
+                    delay = first
+                self._set_down(
+                    f"event stream lost ({type(exc).__name__}: {exc}); reconnecting, "
+                    f"next attempt in {delay:g} s"
+                )
+                self._stop.wait(delay)
+                delay = min(delay * 2, cap)
+
+
+class RedisKeyspaceDetector(WakeupDetector):
+    """Arrivals from Redis keyspace notifications on the managed queues' lists."""
+
+    source = "redis keyspace notifications"
+
+    def __init__(
+        self,
+        url: str,
+        ring: Callable[[set[str]], None],
+        *,
+        key_prefix: str = "",
+        sep: str = DEFAULT_SEP,
+        steps: Sequence[int] = DEFAULT_STEPS,
+        probe_key: str | None = None,
+        probe_timeout_s: float = 1.0,
+        recheck_s: float = 15.0,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(ring, **kwargs)
+        self.url, self.key_prefix, self.sep, self.steps = url, key_prefix, sep, tuple(steps)
+        self.probe_key = probe_key or f"scaler:wakeup-probe:{uuid.uuid4().hex[:12]}"
+        self.probe_timeout_s, self.recheck_s = probe_timeout_s, recheck_s
+        self._lengths: redis.Redis | None = None  # for _has_backlog, beside the subscriber
+
+    def _has_backlog(self, service: str) -> bool:
+        """LLEN of the service's lists (one pipeline): an arrival a waiting consumer took at
+        once (BRPOP) left them empty, and then there is no new backlog to decide on."""
+        keys = [
+            key
+            for queue, owner in self._watch.queues.items()
+            if owner == service
+            for key in priority_keys(queue, self.sep, self.steps, self.key_prefix)
+        ]
+        try:
+            if self._lengths is None:
+                self._lengths = redis.Redis.from_url(
+                    self.url, socket_connect_timeout=1.0, socket_timeout=1.0
+                )
+            with self._lengths.pipeline(transaction=False) as pipe:
+                for key in keys:
+                    pipe.llen(key)
+                return any(int(n) for n in pipe.execute())
+        except redis.RedisError:
+            return True  # unknown: let the decision read the queues itself
+
+    def _channels(self, db: int, queues: Iterable[str]) -> dict[bytes, str]:
+        """Keyspace channel -> queue, for every list of every queue."""
+        out: dict[bytes, str] = {}
+        for queue in queues:
+            for key in priority_keys(queue, self.sep, self.steps, self.key_prefix):
+                out[f"__keyspace@{db}__:{key}".encode()] = queue
+        return out
+
+    def _listen(self, watch: Watch) -> None:
+        client = redis.Redis.from_url(self.url, socket_connect_timeout=2.0, socket_timeout=2.0)
+        db = int(client.connection_pool.connection_kwargs.get("db", 0) or 0)
+        channels = self._channels(db, watch.queues)
+        probe_channel = f"__keyspace@{db}__:{self.probe_key}".encode()
+        pubsub = client.pubsub(ignore_subscribe_messages=True)
+        try:
+            pubsub.subscribe(probe_channel, *channels)
+            with self._lock:
+                self.connects += 1
+            probe_sent: float | None = None
+            next_probe = time.monotonic()
+            while not self._stop.is_set() and not self._changed.is_set():
+                now = time.monotonic()
+                if probe_sent is None and now >= next_probe:
+                    with client.pipeline(transaction=False) as pipe:
+                        pipe.lpush(self.probe_key, "probe")
+                        pipe.delete(self.probe_key)
+                        pipe.execute()
+                    probe_sent, next_probe = now, now + self.recheck_s
+                if probe_sent is not None and now - probe_sent > self.probe_timeout_s:
+                    probe_sent = None
+                    self._set_down(self._why_silent(client))
+                message = pubsub.get_message(timeout=0.25)
+                if not message or message.get("type") != "message":
+                    continue
+                if message["data"] not in PUSH_EVENTS:
+                    continue
+                if message["channel"] == probe_channel:
+                    probe_sent = None
+                    self._set_up()
+                    continue
+                queue = channels.get(message["channel"])
+                if queue is not None:
+                    self._arrival(queue)
+        finally:
+            try:
+                pubsub.close()
+            finally:
+                client.close()
+
+    def _why_silent(self, client: redis.Redis) -> str:
+        """Why the probe's push came back as no event, in words an operator can act on."""
+        head = (
+            f"no keyspace notification for a test push within {self.probe_timeout_s:g} s; "
+            "polling only"
+        )
+        try:
+            reply: dict[Any, Any] = client.config_get("notify-keyspace-events")  # type: ignore[assignment]
+        except redis.ResponseError as exc:  # NOPERM: the scaler's ACL user may not run CONFIG
+            return f"{head} (CONFIG GET denied to this Redis user, setting unknown: {exc})"
+        flags = str(reply.get("notify-keyspace-events", reply.get(b"notify-keyspace-events", "")))
+        if "K" in flags and ("l" in flags or "A" in flags):
+            return f"{head} (notify-keyspace-events is {flags!r}, which should deliver them)"
+        return (
+            f"{head}: the broker's notify-keyspace-events is {flags!r}, needs K and l "
+            "(e.g. `CONFIG SET notify-keyspace-events Kl`, or redis-server "
+            "--notify-keyspace-events Kl as compose.yaml does)"
+        )
+
+
+class CelerySentDetector(WakeupDetector):
+    """Arrivals from Celery's ``task-sent`` events (any broker; the stack uses them on RabbitMQ).
+
+    Only tasks published through Celery with ``task_send_sent_event`` on are seen; the periodic
+    cycle still counts everything else.
+    """
+
+    source = "celery task-sent events"
+
+    def __init__(self, app: Any, ring: Callable[[set[str]], None], **kwargs: Any) -> None:
+        super().__init__(ring, **kwargs)
+        self.app = app
+
+    def _listen(self, watch: Watch) -> None:
+        if not self.app.conf.task_send_sent_event:
+            self._set_down(
+                "task_send_sent_event is off in the app's configuration: its producers send no "
+                "task-sent events"
+            )
+            self._changed.wait()
+            return
+        detector = self
+        base = self.app.events.Receiver
+        iterations = 0
+
+        class Receiver(base):  # type: ignore[misc, valid-type]
+            connect_max_retries = 0  # fail fast: the detector's loop backs off
+
+            def on_consume_ready(self, *args: Any, **kwargs: Any) -> None:
+                nonlocal iterations
+                iterations = 0
+                with detector._lock:
+                    detector.connects += 1
+
+            def on_iteration(self) -> None:
+                # Subscribed once the first drain after consume-ready returned (as the recorder).
+                nonlocal iterations
+                iterations += 1
+                if iterations == 2:
+                    detector._set_up()
+                if detector._stop.is_set() or detector._changed.is_set():
+                    self.should_stop = True
+
+        def on_sent(event: Mapping[str, Any]) -> None:
+            queue = event.get("queue") or event.get("routing_key")
+            if isinstance(queue, str):
+                self._arrival(queue)
+
+        with self.app.connection_for_read() as conn:
+            receiver = Receiver(conn, handlers={"task-sent": on_sent}, routing_key="task.sent")
+            for _ in receiver.itercapture(limit=None, timeout=None, wakeup=False):
+                pass
+
+
+def detector_for_app(
+    app: Any, ring: Callable[[set[str]], None], probe_key: str | None = None
+) -> WakeupDetector:
+    """The detector matching the app's broker: keyspace notifications on Redis (with its key
+    prefix and priority layout), Celery's task-sent events otherwise."""
+    url = str(app.conf.broker_url or "")
+    if url.split("://", 1)[0] in ("redis", "rediss", "unix"):
+        options = app.conf.broker_transport_options or {}
+        return RedisKeyspaceDetector(
+            url,
+            ring,
+            key_prefix=str(options.get("global_keyprefix", "")),
+            sep=str(options.get("sep", DEFAULT_SEP)),
+            steps=tuple(options.get("priority_steps", DEFAULT_STEPS)),
+            probe_key=probe_key,
+        )
+    return CelerySentDetector(app, ring)

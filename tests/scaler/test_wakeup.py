@@ -1,0 +1,263 @@
+"""Event-driven detection (scaler.wakeup) with the real loop on a real Redis and RabbitMQ.
+
+Each Redis test runs a redis-server of its own (it switches notifications on and off, kills and
+restarts it). The backend is the real local backend with its scale call recorded instead of
+starting worker processes (as in test_loop.py): what is under test is when the loop decides,
+not how a worker boots. Timing is judged against the loop's own interval, never in absolute terms.
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+from celery import Celery
+from prometheus_client.parser import text_string_to_metric_families
+from scaler_support import free_port, poll_until
+
+from scaler.backends.base import ScaleResult, ServiceSpec
+from scaler.backends.local import LocalBackend
+from scaler.fencing import UNFENCED, Fence
+from scaler.loop import PolicySource, Scaler
+from scaler.metrics import ScalerMetrics
+from scaler.policy import parse_policy
+from scaler.signals.collector import Collector, queue_reader_for_app
+from scaler.status import render
+from scaler.wakeup import (
+    Alarm,
+    CelerySentDetector,
+    RedisKeyspaceDetector,
+    WakeupDetector,
+    Watch,
+)
+
+QUEUE = "io_intensive"
+
+
+class RecordingBackend(LocalBackend):
+    """The local backend with each scale call recorded (time, count) instead of acted on: the
+    service stays at zero, so it stays armed and every arrival may wake the loop."""
+
+    calls: list[tuple[float, int]]
+
+    def scale(self, service: str, replicas: int, fence: Fence = UNFENCED) -> ScaleResult:
+        self.calls.append((time.monotonic(), replicas))
+        return ScaleResult(service, self.replicas(service), replicas)
+
+
+class RedisServer:
+    """A redis-server of the test's own on a fixed port, so it can be killed and started again."""
+
+    def __init__(self, *args: str) -> None:
+        binary = shutil.which("redis-server")
+        if binary is None:
+            pytest.skip("redis-server is not on PATH")
+        self.binary, self.port, self.args = binary, free_port(), args
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        self.proc = subprocess.Popen(
+            [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+             "--appendonly", "no", *self.args],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )  # fmt: skip
+        client = redis.Redis.from_url(self.url)
+
+        def up() -> bool:
+            try:
+                return bool(client.ping())
+            except redis.ConnectionError:
+                return False
+
+        poll_until(up, f"redis-server on port {self.port}", timeout_s=10, every_s=0.02)
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
+
+
+@contextmanager
+def redis_server(*args: str) -> Iterator[RedisServer]:
+    server = RedisServer(*args)
+    server.start()
+    try:
+        yield server
+    finally:
+        server.kill()
+
+
+def make_scaler(tmp_path: Path, app: Celery, interval_s: float) -> tuple[Scaler, RecordingBackend]:
+    policy = {
+        "interval_s": interval_s,
+        "stale_after_s": max(10.0, 2 * interval_s),
+        "host": {"cpu_percent": 100, "memory_percent": 100},
+        "services": {"io": {"queues": [QUEUE], "min_replicas": 0, "max_replicas": 3}},
+    }
+    backend = RecordingBackend(app=app, workdir=tmp_path / "workers")
+    backend.calls = []
+    backend.manage([ServiceSpec("io", (QUEUE,))])
+    scaler = Scaler(
+        PolicySource(parse_policy(policy, env={})),
+        backend,
+        Collector(queue_reader_for_app(app)),
+        metrics=ScalerMetrics(),
+    )
+    return scaler, backend
+
+
+@contextmanager
+def running(scaler: Scaler, detector: WakeupDetector) -> Iterator[None]:
+    """The real loop in a thread with ``detector`` started; both stopped after."""
+    scaler.detector = detector
+    detector.start()
+    stop = threading.Event()
+    thread = threading.Thread(target=scaler.run, args=(stop,), daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join(10)
+        detector.stop()
+
+
+def redis_app(url: str) -> Celery:
+    app = Celery("wakeup-test", broker=url, set_as_current=False)
+    app.conf.broker_transport_options = {"global_keyprefix": f"wk{uuid.uuid4().hex[:6]}:"}
+    return app
+
+
+def snapshot_detection(scaler: Scaler) -> dict[str, Any]:
+    """The detection part of the loop's last status snapshot (what /status serves)."""
+    return dict(scaler.status_view().get("detection") or {})
+
+
+def detection_up(scaler: Scaler) -> float:
+    assert scaler.metrics is not None
+    text = scaler.metrics.exposition().decode()
+    for family in text_string_to_metric_families(text):
+        if family.name == "scaler_event_detection_up":
+            return float(family.samples[0].value)
+    raise AssertionError("scaler_event_detection_up not exported")
+
+
+def test_an_arrival_decides_at_once_and_a_flood_costs_a_few_decisions(tmp_path: Path) -> None:
+    interval_s = 30.0
+    with redis_server("--notify-keyspace-events", "Kl") as server:
+        app = redis_app(server.url)
+        scaler, backend = make_scaler(tmp_path, app, interval_s)
+        prefix = app.conf.broker_transport_options["global_keyprefix"]
+        detector = RedisKeyspaceDetector(server.url, scaler.alarm.ring, key_prefix=prefix)
+        with running(scaler, detector):
+            poll_until(lambda: scaler.cycles >= 1 and detector.up, "the first cycle, events up")
+            assert not backend.calls, "an empty queue at zero: nothing to do"
+            sent = time.monotonic()
+            app.send_task("tasks.io_intensive.wait", queue=QUEUE)
+            poll_until(lambda: backend.calls, "a scale-up decided on the arrival", timeout_s=10)
+            took = backend.calls[0][0] - sent
+            assert backend.calls[0][1] == 1
+            assert took < interval_s / 10, f"decided {took:.2f} s after the publish"
+            assert scaler.cycles == 2, "one decision for one arrival"
+            assert detector.status()["wakeups"] == {"io": 1}
+
+            # The backlog that decision saw disarms the service (its ticks decide it now): a new
+            # one arms it again once a cycle sees nothing waiting.
+            assert "io" not in detector.status()["armed"]
+            redis.Redis.from_url(server.url).flushdb()
+            scaler.alarm.ring({"tests"})  # a cycle now rather than in 30 s
+            poll_until(lambda: "io" in detector.status()["armed"], "armed again, nothing waits")
+
+            # A flood: 1000 publishes onto the empty queue of a service at zero.
+            before = scaler.cycles
+            started = time.monotonic()
+            for _ in range(1000):
+                app.send_task("tasks.io_intensive.wait", queue=QUEUE)
+            flood_s = time.monotonic() - started
+            poll_until(lambda: detector.status()["arrivals"] >= 1001, "every push seen")
+            wakeups = poll_until(  # the last window's trailing ring, if one was pending
+                lambda: not detector._debouncer._pending and detector.status()["wakeups"]["io"],
+                "the debounce windows closed",
+            )
+            poll_until(lambda: scaler.cycles >= before + wakeups - 1, "the woken cycles ran")
+            extra = scaler.cycles - before
+            bound = 2 + flood_s / detector.status()["debounce_s"]
+            assert 1 <= extra <= bound, f"{extra} decisions for 1000 arrivals in {flood_s:.2f} s"
+            folded = detector.status()["coalesced"] + detector.status()["ignored"]
+            assert folded >= 1000 - wakeups  # after the first, folded or (disarmed) ignored
+            assert detection_up(scaler) == 1.0
+            assert "detection events" in render(scaler.status_view())
+
+
+def test_without_notifications_or_broker_it_polls_says_so_and_recovers(tmp_path: Path) -> None:
+    interval_s = 0.5
+    with redis_server() as server:  # notify-keyspace-events left empty: Redis's default
+        app = redis_app(server.url)
+        scaler, backend = make_scaler(tmp_path, app, interval_s)
+        prefix = app.conf.broker_transport_options["global_keyprefix"]
+        detector = RedisKeyspaceDetector(
+            server.url, scaler.alarm.ring, key_prefix=prefix, probe_timeout_s=0.3,
+            recheck_s=0.5, backoff_s=(0.1, 0.4),
+        )  # fmt: skip
+        with running(scaler, detector):
+            poll_until(lambda: "needs K" in snapshot_detection(scaler).get("reason", ""),
+                       "status to say why it polls")  # fmt: skip
+            status = snapshot_detection(scaler)
+            assert status["mode"] == "polling"
+            assert "notify-keyspace-events is ''" in status["reason"]
+            assert "detection POLLING" in render(scaler.status_view())
+            assert detection_up(scaler) == 0.0
+            app.send_task("tasks.io_intensive.wait", queue=QUEUE)  # the tick still sees it
+            poll_until(lambda: backend.calls, "a scale-up at the interval", timeout_s=10)
+            assert not detector.status()["wakeups"]
+
+            redis.Redis.from_url(server.url).config_set("notify-keyspace-events", "Kl")
+            poll_until(lambda: detector.up, "events once notifications are on", timeout_s=10)
+            poll_until(lambda: detection_up(scaler) == 1.0, "the metric to follow", timeout_s=10)
+
+            redis.Redis.from_url(server.url).flushdb()  # nothing waits: the service is armed
+            poll_until(lambda: "io" in detector.status()["armed"], "armed once nothing waits")
+            server.kill()  # the event stream is cut
+            poll_until(lambda: not detector.up, "polling once the broker is gone", timeout_s=10)
+            assert "event stream lost" in (detector.status()["reason"] or "")
+            connects = detector.status()["connects"]
+            server.args = ("--notify-keyspace-events", "Kl")  # a restarted broker, configured
+            server.start()
+            poll_until(lambda: detector.up, "events again after the restart", timeout_s=15)
+            assert detector.status()["connects"] > connects
+            # Back from an outage it rings the armed service once (a backlog may have landed).
+            poll_until(lambda: detector.status()["wakeups"].get("io"), "the catch-up ring")
+
+
+def test_task_sent_events_wake_an_armed_service_on_rabbitmq(amqp_url: str) -> None:
+    queue = f"wk-{uuid.uuid4().hex[:8]}"  # a queue of the test's own: no other run's events
+    app = Celery("wakeup-amqp-test", broker=amqp_url, set_as_current=False)
+    app.conf.task_send_sent_event = True
+    alarm = Alarm()
+    stop = threading.Event()
+    detector = CelerySentDetector(app, alarm.ring)
+    detector.watch(Watch({queue: "io"}, frozenset({"io"})))
+    detector.start()
+    try:
+        poll_until(lambda: detector.up, "the task-sent stream", timeout_s=20)
+        app.send_task("tasks.io_intensive.wait", queue=queue)
+        assert alarm.wait(10.0, stop) == {"io"}
+        detector.watch(Watch({queue: "io"}, frozenset()))  # busy above its minimum: not armed
+        app.send_task("tasks.io_intensive.wait", queue=queue)
+        poll_until(lambda: detector.status()["ignored"] >= 1, "the second arrival seen")
+        assert detector.status()["wakeups"] == {"io": 1}
+    finally:
+        detector.stop()
+        with app.connection_for_write() as conn:
+            conn.default_channel.queue_delete(queue)
+        app.close()
