@@ -150,6 +150,7 @@ _STACKS_GROUP = "stacks"
 _STACK_FILES = {ROOT / "tests" / "chaos" / "test_stack_chaos.py"}
 
 
+@pytest.hookimpl(tryfirst=True)  # before xdist's own hook reads the marks into the node ids
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """Give every test an ``xdist_group``: its file's (module fixtures are built once), or the
     stacks' group. Under ``--dist loadgroup`` (``make test``) a worker then takes whole files (or

@@ -131,11 +131,20 @@ def holds_tasks(app: Any, node: str, timeout_s: float) -> bool | None:
     return bool(active[node]) or bool(reserved[node])
 
 
+# A confirmation waits at least this long. A live worker answers in milliseconds (the broadcast
+# returns at its one reply), but on a loaded host a worker busy booting or running a CPU-bound
+# task may take a second or more; giving up sooner turns a promotion into a cold start (and a
+# demotion into a worker that keeps consuming) for nothing. Only a hung worker costs the wait.
+CONFIRM_TIMEOUT_S = 3.0
+
+
 def set_consumers(
     app: Any, node: str, queues: Sequence[str], *, add: bool, fence: Fence, timeout_s: float
 ) -> str | None:
     """``add_consumer`` (or ``cancel_consumer``) of each queue on ``node``, each confirmed by
-    the worker; None when all were, else what failed. Fenced before each call."""
+    the worker (waiting at least ``CONFIRM_TIMEOUT_S``); None when all were, else what failed.
+    Fenced before each call."""
+    timeout_s = max(timeout_s, CONFIRM_TIMEOUT_S)
     verb = "add" if add else "cancel"
     failed: list[str] = []
     for queue in queues:

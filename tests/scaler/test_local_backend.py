@@ -284,6 +284,7 @@ def test_a_frozen_worker_is_replaced_and_its_task_runs_once(
         assert replacement.ident != victim.ident and replacement.state == "running"
         poll_until(lambda: effects(database_url, [task.id]) == {task.id: 1}, "the task's effect")
         prefix = env["CELERY_KEY_PREFIX"]
-        assert successes(redis_url, prefix, [task.id]) == {task.id: 1}
+        # The success record follows the effect (task_success, after the commit): poll for it.
+        poll_until(lambda: successes(redis_url, prefix, [task.id]) == {task.id: 1}, "one success")
     finally:
         backend.stop_all(timeout_s=10.0)
