@@ -45,10 +45,10 @@ venv: $(STAMP) ## Create the virtual environment with the test dependencies
 
 # Two pytest-xdist workers: most tests wait on brokers, containers and workers rather than
 # compute, so two share the 2-core machine well. Whole files (and the two whole-stack suites,
-# together) stay on one worker: tests/conftest.py groups them. TEST_WORKERS=0 runs in-process.
+# together) stay on one worker: tests/conftest.py schedules them. TEST_WORKERS=0 runs in-process.
 TEST_WORKERS ?= 2
 test: $(STAMP) ## Run the whole test suite (starts throwaway Redis/Postgres/RabbitMQ when not given)
-	$(VENV)/bin/pytest $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadgroup) $(PYTEST_ARGS)
+	$(VENV)/bin/pytest $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadscope) $(PYTEST_ARGS)
 
 lint: $(STAMP) ## Run ruff and mypy
 	$(VENV)/bin/ruff check services scaler tests bench

@@ -142,29 +142,28 @@ def database_url(backing: Backing) -> Iterator[str]:
 
 # -- parallel runs (pytest-xdist, `make test` runs two workers) ----------------------------------
 
-# The two whole-stack suites (the session-scoped e2e stack of tests/e2e/conftest.py and the
-# chaos stack of tests/chaos/test_stack_chaos.py) share one group: one worker brings each stack up
-# once and runs them one after the other, so two full stacks never compete for the machine's two
-# cores while the other worker runs everything else.
-_STACKS_GROUP = "stacks"
-_STACK_FILES = {ROOT / "tests" / "chaos" / "test_stack_chaos.py"}
+# Which tests must share a worker, decided from the node id alone (in the controller, which never
+# sees the items). The whole-stack suites (tests/e2e, whose session-scoped stack is built once per
+# worker, and the chaos stack of tests/chaos/test_stack_chaos.py) are one unit: one worker brings
+# each stack up once and runs them one after the other, so two full stacks never compete for the
+# machine's two cores while the other worker runs everything else. Every other file is a unit of
+# its own, so its module-scoped fixtures are built once. (xdist's own `loadgroup` marks cannot do
+# this under pytest 9: xdist 3.8 renames `item._nodeid`, which pytest 9 no longer reads.)
+STACK_SUITES = ("tests/e2e/", "tests/chaos/test_stack_chaos.py")
 
 
-@pytest.hookimpl(tryfirst=True)  # before xdist's own hook reads the marks into the node ids
-def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Give every test an ``xdist_group``: its file's (module fixtures are built once), or the
-    stacks' group. Under ``--dist loadgroup`` (``make test``) a worker then takes whole files (or
-    the whole stacks group), and the session's backing services, key prefix and database are
-    per worker."""
-    for item in items:
-        if item.get_closest_marker("xdist_group") is not None:
-            continue
-        path = Path(str(item.path)).resolve()
-        uses_e2e_stack = "stack" in getattr(item, "fixturenames", ()) and path.parent == (
-            ROOT / "tests" / "e2e"
-        )
-        if uses_e2e_stack or path in _STACK_FILES:
-            group = _STACKS_GROUP
-        else:
-            group = str(path.relative_to(ROOT))
-        item.add_marker(pytest.mark.xdist_group(group))
+def work_unit(nodeid: str) -> str:
+    """The unit of scheduling a test belongs to: "stacks" or its file."""
+    path = nodeid.split("::", 1)[0]
+    return "stacks" if path.startswith(STACK_SUITES) else path
+
+
+def pytest_xdist_make_scheduler(config: pytest.Config, log: object) -> object:
+    """Load-balance whole units (see ``work_unit``), the largest first: the stacks start at once."""
+    from xdist.scheduler import LoadScopeScheduling
+
+    class ByUnit(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return work_unit(nodeid)
+
+    return ByUnit(config, log)

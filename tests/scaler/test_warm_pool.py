@@ -91,8 +91,11 @@ def test_a_decision_promotes_the_warm_worker_refills_the_pool_and_returns_draine
 ) -> None:
     # The loop keeps one serving and one warm (policy warm: 1), observed and reported as such.
     policy = parse_policy(
-        {"interval_s": 1.0, "services": {SERVICE: {"queues": [QUEUE], "min_replicas": 1,
-                                                  "max_replicas": 3, "warm": 1}}},
+        # The host guard never binds (a loaded CI machine must not release the pool mid-test:
+        # that rule is the decision core's, tested there).
+        {"interval_s": 1.0, "host": {"cpu_percent": 100, "memory_percent": 100},
+         "services": {SERVICE: {"queues": [QUEUE], "min_replicas": 1, "max_replicas": 3,
+                                "warm": 1}}},
         env={},
     )  # fmt: skip
     reader = RedisQueueReader.from_url(
