@@ -91,8 +91,9 @@ class Debouncer:
 
     ``armed`` is asked at the window's end; ``backlog`` (when given) right before each ring, which
     is skipped when the arrival left nothing waiting (a free consumer took it at once: no new
-    backlog, nothing to decide). ``ring`` and ``backlog`` are called outside the lock. Its own
-    thread fires the trailing rings; ``stop`` ends it.
+    backlog, nothing to decide); a window whose check found nothing lasts only ``recheck_s``, so
+    a backlog that forms a few messages later is seen that soon. ``ring`` and ``backlog`` are
+    called outside the lock. Its own thread fires the trailing rings; ``stop`` ends it.
     """
 
     def __init__(
@@ -102,9 +103,11 @@ class Debouncer:
         window_s: Callable[[], float],
         clock: Callable[[], float] = time.monotonic,
         backlog: Callable[[str], bool] | None = None,
+        recheck_s: float = 0.01,
     ) -> None:
         self._ring, self._armed, self._window_s, self._clock = ring, armed, window_s, clock
         self._backlog = backlog
+        self.recheck_s = recheck_s
         self.taken_at_once = 0  # checks that found nothing waiting: no ring
         self._cond = threading.Condition()
         self._fired_at: dict[str, float] = {}
@@ -144,6 +147,13 @@ class Debouncer:
             waiting = {s for s in services if self._backlog(s)}
             with self._cond:
                 self.taken_at_once += len(services) - len(waiting)
+                # Nothing waited, so nothing rang: the window shrinks to ``recheck_s``, and an
+                # arrival within it (a burst's next message, which may find the free consumers
+                # gone) is checked that soon, not at the end of a whole debounce window.
+                end = self._clock() - self._window_s() + self.recheck_s
+                for service in services - waiting:
+                    self._fired_at[service] = end
+                    self._cond.notify_all()
             services = waiting
         if not services:
             return

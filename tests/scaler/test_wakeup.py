@@ -35,6 +35,7 @@ from scaler.status import render
 from scaler.wakeup import (
     Alarm,
     CelerySentDetector,
+    Debouncer,
     RedisKeyspaceDetector,
     WakeupDetector,
     Watch,
@@ -261,3 +262,28 @@ def test_task_sent_events_wake_an_armed_service_on_rabbitmq(amqp_url: str) -> No
         with app.connection_for_write() as conn:
             conn.default_channel.queue_delete(queue)
         app.close()
+
+
+def test_an_arrival_taken_at_once_does_not_hold_back_the_backlog_right_behind_it() -> None:
+    """A burst's first message is taken by an idle consumer (nothing waits: no ring), its next
+    ones wait: they must ring within the short recheck, not at the end of a whole window."""
+    rang: list[tuple[float, set[str]]] = []
+    waiting = {"io": False}
+    debouncer = Debouncer(
+        lambda services: rang.append((time.monotonic(), services)),
+        armed=lambda s: True,
+        window_s=lambda: 1.0,
+        backlog=lambda s: waiting[s],
+    )
+    debouncer.start()
+    try:
+        debouncer.arrival("io")  # taken at once: checked, nothing waits, no ring
+        assert rang == [] and debouncer.taken_at_once == 1
+        waiting["io"] = True  # the next messages find the consumers busy
+        sent = time.monotonic()
+        debouncer.arrival("io")
+        poll_until(lambda: rang, "the ring for the backlog", timeout_s=5)
+        assert rang[0][1] == {"io"}
+        assert rang[0][0] - sent < 0.5, "held back for the whole debounce window"
+    finally:
+        debouncer.stop()
