@@ -482,7 +482,9 @@ def test_worker_frozen_is_replaced_by_the_scaler(stack: ChaosStack, figures: Fig
 
 
 def test_scaler_restarted_while_a_worker_is_dead(stack: ChaosStack, figures: Figures) -> None:
-    ids = stack.burst("scalerdead", 24, 2.0)
+    # Enough backlog that an added replica is still busy (holding its full prefetch) after the
+    # scaler's kill and stop, which take seconds on a loaded machine (24 tasks drained first).
+    ids = stack.burst("scalerdead", 60, 2.0)
     wait_scaled_up(stack)
     first = stack.container(IO_SERVICE, 1)  # the replica Compose made stays (the template)
     stack.project.run("kill", "-s", "SIGKILL", "scaler")

@@ -117,7 +117,7 @@ def test_a_decision_promotes_the_warm_worker_refills_the_pool_and_returns_draine
     assert warm_node not in nodes and len(nodes) == 1, nodes
 
     # A scale-up (as the loop's decision calls it) takes the warm worker first: no cold start.
-    busy = wait(app, 3.0)
+    busy = wait(app, 8.0)  # long enough to keep the serving worker busy on a loaded machine
     poll_until(lambda: backend._busy_counts(sorted(n for n in names(backend) if n != warm_node)),
                "the serving worker to take the long task")  # fmt: skip
     up = backend.scale(SERVICE, 2, warm=1)
