@@ -493,6 +493,10 @@ class ComposeBackend:
                 result = ScaleResult(service, before, after, draining=chosen, to_pool=to_pool)
             if warm is None:
                 return result
+            if result.started or result.draining or result.to_pool:
+                # Afresh: a refill clone's number must not collide with a cold clone this call
+                # has just created (a 409 from the engine, then a failed scale and a retry).
+                containers = self._list()[service]
             started_warm, stopped_warm = self._size_pool(service, containers, pool, warm, fence)
             return replace(result, warm_started=started_warm, warm_stopped=stopped_warm)
         finally:
