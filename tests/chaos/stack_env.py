@@ -327,11 +327,14 @@ class ChaosStack:
                 record = json.loads(raw)
                 if record.get("task_id") in missing:
                     lines.append(f"failed: {record}")
-            for key in cast(list[bytes], client.keys("*")):
+            # SCAN, not KEYS: the clients' Redis user (worker) may not run KEYS (a dangerous
+            # command), and a report that raises hides the failure it was written to explain.
+            keys = sorted(cast(list[bytes], list(client.scan_iter("*"))))
+            for key in keys:
                 kind = client.type(key).decode()
                 size = {"list": client.llen, "hash": client.hlen, "zset": client.zcard}.get(kind)
                 lines.append(f"broker key {key!r} ({kind}){f': {size(key)}' if size else ''}")
-            for key in cast(list[bytes], client.keys("*")):
+            for key in keys:
                 if client.type(key) == b"list":
                     for raw in cast(list[bytes], client.lrange(key, 0, -1)):
                         task_id = json.loads(raw).get("headers", {}).get("id")

@@ -495,8 +495,9 @@ def test_scaler_restarted_while_a_worker_is_dead(stack: ChaosStack, figures: Fig
     t_death = time.time()
     stack.docker("rm", "-f", victim)  # killed and gone: the new scaler never sees its container
     stack.project.run("start", "scaler")
+    # The restarted scaler leads only once the killed one's lease (15 s as shipped) expires.
     finish_death(stack, figures, ids, f"scaler stopped, busy {victim} SIGKILLed and removed, "
-                 "scaler started again", t_death, held, live)  # fmt: skip
+                 "scaler started again", t_death, held, live, timeout=150)  # fmt: skip
     figures.notes.append(
         f"the restarted scaler's start sweep restored "
         f"{restored_by_scaler(stack, node)} (owner not alive, no ping answer)"

@@ -46,7 +46,11 @@ def test_the_shipped_start_script_gives_a_worker_that_answers_and_consumes(
     # The scaler drains with cancel_consumer; the warm pool resumes with add_consumer.
     cancelled = app.control.cancel_consumer(queue, destination=[node], reply=True, timeout=5.0)
     assert "ok" in cancelled[0][node], cancelled
-    assert app.control.inspect([node], timeout=5.0).active_queues()[node] == []
+    poll(  # confirmed, and applied by the worker's consumer (its event loop) right after
+        lambda: app.control.inspect([node], timeout=5.0).active_queues()[node] == [],
+        f"{node} consuming nothing after cancel_consumer",
+        20,
+    )
     added = app.control.add_consumer(queue, destination=[node], reply=True, timeout=5.0)
     assert "ok" in added[0][node], added
     again = app.send_task("tasks.default.record", kwargs={"key": "k2"}, queue=queue).get(30)
