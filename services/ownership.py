@@ -44,6 +44,7 @@ Measured in docs/benchmarks.md (benchmark 4's side-by-side run).
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from time import time
 from typing import Any
 
@@ -110,14 +111,14 @@ class Transport(kombu_redis.Transport):
     Channel = Channel
 
 
-def restore_previous_run(app: Any, node: str) -> int:
-    """Give back the messages an earlier run of ``node`` left unacked; the number restored.
+def _give_back(
+    app: Any, node: str, keep: set[str], check: Callable[[Any], bool], failed: str, done: str
+) -> int:
+    """Restore what ``node`` holds except ``keep`` (scaler.restore, atomically); the count.
 
-    Called at worker start, before the consumer starts, so nothing held under ``node`` can be
-    this run's. If another live worker answers to the same name (a misconfiguration Celery warns
-    about), nothing is touched. Best effort: a broker error is logged and the scaler or the
-    visibility timeout restores them later.
-    """
+    ``check(restorer)`` may veto (returns False). Best effort: a broker error is logged as
+    ``failed`` and the scaler's restore or the visibility timeout stays the net; a restore is
+    logged as ``done`` (with the count)."""
     from scaler.restore import UnackedRestorer  # the one restore module (same image)
 
     try:
@@ -125,24 +126,40 @@ def restore_previous_run(app: Any, node: str) -> int:
         if restorer is None:
             return 0
         try:
-            if not restorer.owned_by(node):
+            if not check(restorer):
                 return 0
-            if node in restorer.answering([node]):
-                log.warning("unacked messages under %s left alone: a live %s answers", node, node)
-                return 0
-            result = restorer.restore_nodes([node])
+            result = restorer.restore_nodes([node], keep=keep)
         finally:
             restorer.close()
-    except Exception as exc:  # never stop a worker from starting over this
-        log.warning("could not restore what an earlier %s left unacked: %s", node, exc)
+    except Exception as exc:  # never stop a worker or its consumer from starting over this
+        log.warning("%s: %s", failed, exc)
         return 0
     if result.restored:
-        log.warning(
-            "restored %d unacked message(s) an earlier run of %s left behind",
-            result.restored,
-            node,
-        )
+        log.warning(done, result.restored)
     return result.restored
+
+
+def restore_previous_run(app: Any, node: str) -> int:
+    """Give back the messages an earlier run of ``node`` left unacked; the number restored.
+
+    Called at worker start, before the consumer starts, so nothing held under ``node`` can be
+    this run's. If another live worker answers to the same name (a misconfiguration Celery warns
+    about), nothing is touched.
+    """
+
+    def unowned_or_answering(restorer: Any) -> bool:
+        if not restorer.owned_by(node):
+            return False
+        if node in restorer.answering([node]):
+            log.warning("unacked messages under %s left alone: a live %s answers", node, node)
+            return False
+        return True
+
+    return _give_back(
+        app, node, set(), unowned_or_answering,
+        f"could not restore what an earlier {node} left unacked",
+        f"restored %d unacked message(s) an earlier run of {node} left behind",
+    )  # fmt: skip
 
 
 def held_tags(consumer: Any) -> set[str]:
@@ -169,29 +186,13 @@ def restore_after_reconnect(app: Any, node: str, held: set[str]) -> int:
     give-back at channel close fails while Redis is unreachable: their messages would stay in
     ``unacked`` until the visibility timeout (an hour as shipped). Once connected again the
     worker knows exactly what it still holds (``held``), so every other message under its name
-    goes back now, by the same atomic restore the scaler uses. Best effort, like the start-time
-    sweep: an error is logged and the visibility timeout remains the net.
+    goes back now, by the same atomic restore the scaler uses.
     """
-    from scaler.restore import UnackedRestorer
-
-    try:
-        restorer = UnackedRestorer.for_app(app)
-        if restorer is None:
-            return 0
-        try:
-            result = restorer.restore_nodes([node], keep=held)
-        finally:
-            restorer.close()
-    except Exception as exc:  # never stop the consumer from starting over this
-        log.warning("could not give back what %s held on its lost connection: %s", node, exc)
-        return 0
-    if result.restored:
-        log.warning(
-            "restored %d unacked message(s) %s held on its lost broker connection",
-            result.restored,
-            node,
-        )
-    return result.restored
+    return _give_back(
+        app, node, held, lambda restorer: True,
+        f"could not give back what {node} held on its lost connection",
+        f"restored %d unacked message(s) {node} held on its lost broker connection",
+    )  # fmt: skip
 
 
 class RestoreOnReconnect(bootsteps.StartStopStep):
