@@ -164,8 +164,8 @@ def test_a_restarted_scaler_adopts_the_pool_and_corrects_a_member_consuming_agai
     assert consumed(app, member) == [], "the stranded-worker rule skips pool members"
 
     # Its consumer comes back (an operator, a stray add_consumer): the pool corrects it.
-    app.control.add_consumer(QUEUE, destination=[member], reply=True)
-    assert consumed(app, member) == [QUEUE]
+    app.control.add_consumer(QUEUE, destination=[member], reply=True, timeout=5.0)
+    poll_until(lambda: consumed(app, member) == [QUEUE], "the stray consumer in place")
     events = fresh.reconcile()
     assert [e.kind for e in events] == ["warm-consumer-corrected"], events
     assert consumed(app, member) == []
