@@ -483,8 +483,9 @@ def test_worker_frozen_is_replaced_by_the_scaler(stack: ChaosStack, figures: Fig
 
 def test_scaler_restarted_while_a_worker_is_dead(stack: ChaosStack, figures: Figures) -> None:
     # Enough backlog that an added replica is still busy (holding its full prefetch) after the
-    # scaler's kill and stop, which take seconds on a loaded machine (24 tasks drained first).
-    ids = stack.burst("scalerdead", 60, 2.0)
+    # scaler's kill and stop, which take seconds on a loaded machine: at worker-io's maximum (3
+    # replicas of 4 threads) 120 two-second tasks last 20 s; 60 once drained before the pick.
+    ids = stack.burst("scalerdead", 120, 2.0)
     wait_scaled_up(stack)
     first = stack.container(IO_SERVICE, 1)  # the replica Compose made stays (the template)
     stack.project.run("kill", "-s", "SIGKILL", "scaler")
