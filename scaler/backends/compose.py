@@ -75,7 +75,6 @@ from typing import Any, TypeVar
 
 import docker
 import docker.errors
-import requests.exceptions
 from celery import Celery
 
 from scaler.backends.base import (
@@ -86,10 +85,12 @@ from scaler.backends.base import (
     ServiceSpec,
     WorkerInfo,
 )
+from scaler.backends.engine import ClientFactory, Engine, default_client_factory
 from scaler.backends.restart_backoff import RestartBackoff
 from scaler.backends.stranded import restore_stranded
 from scaler.backends.template_safety import unsafe_settings
 from scaler.backends.warm_pool import WARM_ENV, PoolStore, WarmPool, set_consumers
+from scaler.backends.worker_queries import ask_busy, names_by_host
 from scaler.fencing import UNFENCED, Fence, LeadershipLost
 from scaler.observations import Resources
 from scaler.restore import UnackedRestorer, restore_dead_workers
@@ -108,8 +109,6 @@ LIVE_STATES = frozenset({"running", "restarting", "paused"})
 DEFAULT_STOP_TIMEOUT_S = 10  # Docker's own default when a service sets no stop_grace_period
 
 T = TypeVar("T")
-ClientFactory = Callable[[], docker.DockerClient]
-TRANSIENT = (docker.errors.DockerException, requests.exceptions.RequestException, OSError)
 
 
 @dataclass(frozen=True)
@@ -313,17 +312,6 @@ def _connect(
     client.api.connect_container_to_network(container_id, network, aliases=aliases)
 
 
-def default_client_factory(docker_host: str | None = None, timeout_s: int = 30) -> ClientFactory:
-    """A factory for engine clients: DOCKER_HOST and friends from the environment, or a URL."""
-
-    def make() -> docker.DockerClient:
-        if docker_host is None:
-            return docker.from_env(timeout=timeout_s)
-        return docker.DockerClient(base_url=docker_host, timeout=timeout_s)
-
-    return make
-
-
 class ComposeBackend:
     """Scales the managed services of one Compose project (see the module docstring)."""
 
@@ -365,7 +353,7 @@ class ComposeBackend:
         self._inspect_timeout_s = inspect_timeout_s
         self._attempts = attempts
         self._backoff_s = backoff_s
-        self._client: docker.DockerClient | None = None
+        self._engine = Engine(self._factory, attempts=attempts, backoff_s=backoff_s)
         self._specs: dict[str, ServiceSpec] = {}
         self._lock = threading.Lock()
         self._draining: dict[str, threading.Thread] = {}  # container id -> drain thread
@@ -375,7 +363,6 @@ class ComposeBackend:
         self._parked: set[str] = set()  # stopped by us to wake from zero, whatever its exit code
         self._templates: dict[str, dict[str, Any]] = {}  # service -> last inspected replica
         self._last: dict[str, list[ComposeContainer]] = {}  # last listing, for resources()
-        self._last_error: str = ""
         # The cycle's shared listing (or the error listing it raised); see the module docstring.
         # _generation counts invalidations, so a listing taken across one is never stored.
         self._in_cycle = False
@@ -560,8 +547,8 @@ class ComposeBackend:
             self._call("ping the Docker engine", lambda client: client.ping())
         except BackendError as exc:
             return BackendHealth(False, str(exc), extra)
-        if self._last_error:
-            extra["last_error"] = self._last_error
+        if self._engine.last_error:
+            extra["last_error"] = self._engine.last_error
         return BackendHealth(True, "", extra)
 
     def wait_for_warm(self, timeout_s: float) -> bool:
@@ -571,9 +558,7 @@ class ComposeBackend:
     def close(self) -> None:
         """Stop the stats readers and drop the client; containers and drains are left running."""
         self._stats.close()
-        if self._client is not None:
-            self._client.close()
-            self._client = None
+        self._engine.close()
 
     # -- reading the engine --------------------------------------------------------------------
 
@@ -586,27 +571,7 @@ class ComposeBackend:
         call that changes something passes its action's ``fence``, checked before each attempt
         (LeadershipLost is not retried).
         """
-        delay = self._backoff_s
-        for attempt in range(1, self._attempts + 1):
-            if fence is not None:
-                fence.check(what)
-            try:
-                if self._client is None:
-                    self._client = self._factory()
-                result = fn(self._client)
-                self._last_error = ""
-                return result
-            except docker.errors.APIError as exc:
-                if exc.is_client_error() or attempt == self._attempts:
-                    self._last_error = f"{what}: {exc}"
-                    raise BackendError(self._last_error) from exc
-            except TRANSIENT as exc:
-                if attempt == self._attempts:
-                    self._last_error = f"{what}: {type(exc).__name__}: {exc}"
-                    raise BackendError(self._last_error) from exc
-            time.sleep(delay)
-            delay *= 2
-        raise AssertionError("unreachable")  # pragma: no cover
+        return self._engine.call(what, fn, fence)
 
     def _invalidate(self) -> None:
         """Drop the cycle's shared listing: something changed, or may have, since it was taken."""
@@ -737,17 +702,11 @@ class ComposeBackend:
         """
         unknown = [cid for cid in container_ids if cid not in self._nodes]
         if unknown:
-            try:
-                replies = self.app.control.ping(timeout=self._inspect_timeout_s) or []
-            except Exception as exc:
-                log.warning("ping broadcast to name workers failed: %s", exc)
-                replies = []
-            answered = [node for reply in replies for node in reply]
-            for cid in unknown:
-                host = self._guess(cid)[0]
-                found = [n for n in answered if n.split("@", 1)[-1].split(".", 1)[0] == host]
-                if len(found) == 1:
-                    self._nodes[cid] = found[0]
+            hosts = {cid: self._guess(cid)[0] for cid in unknown}
+            named = names_by_host(self.app, hosts.values(), timeout_s=self._inspect_timeout_s)
+            for cid, host in hosts.items():
+                if host in named:
+                    self._nodes[cid] = named[host]
         return {cid: self._nodes.get(cid) or self._guess(cid)[1] for cid in container_ids}
 
     # -- scaling up: clones of replica 1 --------------------------------------------------------
@@ -781,7 +740,7 @@ class ComposeBackend:
         if self._refused.get(service) != detail:
             self._refused[service] = detail
             self._note(service, "clone-refused", detail)
-        self._last_error = detail
+        self._engine.last_error = detail
         raise BackendError(detail)
 
     def _scale_up(
@@ -820,10 +779,10 @@ class ComposeBackend:
                 except BackendError as exc:
                     errors.append(str(exc))
         if errors:
-            self._last_error = "; ".join(errors)
+            self._engine.last_error = "; ".join(errors)
             if not started:
-                raise BackendError(f"scale up {service!r}: {self._last_error}")
-            self._note(service, "scale-up-partial", self._last_error)
+                raise BackendError(f"scale up {service!r}: {self._engine.last_error}")
+            self._note(service, "scale-up-partial", self._engine.last_error)
         return tuple(started)
 
     def _clone(
@@ -922,26 +881,8 @@ class ComposeBackend:
 
     def _busy(self, nodes: list[str]) -> dict[str, bool | None]:
         """Per node: True if it runs or holds a task, False if idle, None if it did not answer."""
-        delay = self._backoff_s
-        for attempt in range(1, self._attempts + 1):
-            try:
-                inspect = self.app.control.inspect(
-                    destination=nodes, timeout=self._inspect_timeout_s
-                )
-                active = inspect.active() or {}
-                reserved = inspect.reserved() or {}
-                break
-            except Exception as exc:
-                if attempt == self._attempts:
-                    raise BackendError(f"ask workers {nodes} for their tasks: {exc}") from exc
-                time.sleep(delay)
-                delay *= 2
-        return {
-            node: (bool(active[node]) or bool(reserved[node]))
-            if node in active and node in reserved
-            else None
-            for node in nodes
-        }
+        return ask_busy(self.app, nodes, timeout_s=self._inspect_timeout_s,
+                        attempts=self._attempts, backoff_s=self._backoff_s)  # fmt: skip
 
     def _scale_down(
         self,

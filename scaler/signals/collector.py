@@ -10,7 +10,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 from scaler.backends.base import Backend
 from scaler.observations import Observations, QueueSignal, Resources, ServiceObservation
@@ -110,4 +110,20 @@ class Collector:
                 workers=workers,
                 warm=warm,
             )
-        return Observations(at=now, services=observed, host=self.host.read(), errors=tuple(errors))
+        return Observations(
+            at=now, services=observed, host=self._host(backend, errors), errors=tuple(errors)
+        )
+
+    def _host(self, backend: Backend, errors: list[str]) -> Resources:
+        """The host guard's reading: the backend's own when it spans several machines (Swarm:
+        the node with the most room), else (or before any node reported) this machine's."""
+        reader = getattr(backend, "host_resources", None)
+        if reader is not None:
+            try:
+                reading = reader()
+            except Exception as exc:
+                errors.append(f"backend: node resources unreadable: {exc}")
+            else:
+                if reading is not None:
+                    return cast(Resources, reading)
+        return self.host.read()
