@@ -150,11 +150,16 @@ def database_url(backing: Backing) -> Iterator[str]:
 # its own, so its module-scoped fixtures are built once. (xdist's own `loadgroup` marks cannot do
 # this under pytest 9: xdist 3.8 renames `item._nodeid`, which pytest 9 no longer reads.)
 STACK_SUITES = ("tests/e2e/", "tests/chaos/test_stack_chaos.py")
+# Every file under tests/swarm/ shares the session's three-node swarm: one unit, so one worker
+# starts that cluster once (tests/swarm/conftest.py) and runs them all.
+SWARM_SUITE = "tests/swarm/"
 
 
 def work_unit(nodeid: str) -> str:
-    """The unit of scheduling a test belongs to: "stacks" or its file."""
+    """The unit of scheduling a test belongs to: "stacks", "swarm" or its file."""
     path = nodeid.split("::", 1)[0]
+    if path.startswith(SWARM_SUITE):
+        return "swarm"
     return "stacks" if path.startswith(STACK_SUITES) else path
 
 

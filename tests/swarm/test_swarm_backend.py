@@ -1,0 +1,231 @@
+"""The Swarm backend on a real three-node swarm: counts across nodes, safe scale-down, lost nodes.
+
+Real parts throughout: three Docker-in-Docker managers, the application image pulled from the
+test registry, Celery workers in Swarm tasks, Redis and PostgreSQL. Shipped settings: the
+visibility timeout (one hour), the stop grace period (150 s) and the task time limit as in
+compose.yaml; so a task a lost node held comes back because the backend gives it back, not
+because a shortened timeout ran out.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import docker
+import pytest
+from backing import Backing, create_worker_service, start_backing, wait_answering
+from cluster import ENGINE_PORT, NODES, SwarmCluster
+
+from scaler.backends.base import BackendEvent, ServiceSpec
+from scaler.backends.swarm import SwarmBackend, SwarmTask
+from scaler.restore import UnackedRestorer
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "chaos"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "e2e"))
+from compose_project import wait_until
+from exactly_once import (
+    PostgresEffects,
+    RedisBroker,
+    runs_per_task,
+    send_burst,
+    unique_ids,
+    verdict,
+)
+
+pytestmark = [pytest.mark.swarm, pytest.mark.docker]
+
+IO_QUEUE = "io_intensive"
+WAIT_TASK = "tasks.io_intensive.wait"
+MANAGER = NODES[0]
+
+
+@pytest.fixture(scope="module")
+def backing(swarm_cluster: SwarmCluster) -> Iterator[Backing]:
+    env = start_backing(swarm_cluster)
+    try:
+        yield env
+    finally:
+        env.close()
+
+
+class Harness:
+    """One worker service of a stack of its own, and the backend driving it from the host."""
+
+    def __init__(self, cluster: SwarmCluster, backing: Backing, images: Any, replicas: int):
+        self.cluster = cluster
+        self.stack = f"sw{uuid.uuid4().hex[:6]}"
+        self.app = backing.app()
+        self.backing = backing
+        self.manager = cluster.manager_client()
+        self.service = create_worker_service(
+            self.manager, stack=self.stack, name="worker-io", image=images.app,
+            env=backing.worker_env(IO_QUEUE, "threads", 4), replicas=replicas,
+        )  # fmt: skip
+        url = f"tcp://{cluster.node_ip(MANAGER)}:{ENGINE_PORT}"
+        self.restorer = UnackedRestorer.for_app(self.app)
+        self.backend = SwarmBackend(
+            self.stack, self.app, restorer=self.restorer, poll_s=0.2,
+            client_factory=lambda: docker.DockerClient(base_url=url, timeout=30),
+        )  # fmt: skip
+        self.backend.manage([ServiceSpec("worker-io", (IO_QUEUE,))])
+        self.events: list[BackendEvent] = []
+        self.effects = PostgresEffects(backing.database_url)
+
+    def tasks(self) -> list[SwarmTask]:
+        return [SwarmTask.from_api(t) for t in self.manager.api.tasks(
+            filters={"service": self.service.id})]  # fmt: skip
+
+    def reconcile(self) -> None:
+        self.events += self.backend.reconcile()
+
+    def wait_serving(self, count: int, deadline_s: float = 180) -> list[str]:
+        """Poll until ``count`` live tasks and as many workers answer; their node names."""
+        wait_until(f"{count} live tasks", lambda: self.backend.replicas("worker-io") == count,
+                   deadline_s=deadline_s)  # fmt: skip
+        nodes = wait_answering(self.app, count, deadline_s)
+        self.reconcile()  # names the workers
+        return nodes
+
+    def kinds(self) -> list[str]:
+        return [e.kind for e in self.events]
+
+    def close(self) -> None:
+        self.backend.close()
+        try:
+            self.service.remove()
+            wait_until("the service's containers gone", lambda: not self.tasks_running(),
+                       deadline_s=60)  # fmt: skip
+        finally:
+            self.manager.close()
+            if self.restorer is not None:
+                self.restorer.close()
+
+    def tasks_running(self) -> bool:
+        try:
+            return any(t.state == "running" for t in self.tasks())
+        except docker.errors.NotFound:
+            return False
+
+
+@pytest.fixture
+def harness(swarm_cluster: SwarmCluster, swarm_images: Any, backing: Backing) -> Iterator[Harness]:
+    h = Harness(swarm_cluster, backing, swarm_images, replicas=1)
+    try:
+        yield h
+    finally:
+        h.close()
+
+
+def test_scale_up_spreads_over_nodes_and_scale_down_stops_only_idle_drained_workers(
+    harness: Harness,
+) -> None:
+    h = harness
+    h.wait_serving(1)
+    result = h.backend.scale("worker-io", 3)
+    assert (result.before, result.after) == (1, 3)
+    h.wait_serving(3)
+    live = [t for t in h.tasks() if t.live]
+    assert len({t.node_id for t in live}) >= 2, f"three replicas on one node: {live}"
+
+    # Two long tasks keep at most two workers busy; scale to one while they run.
+    ids = unique_ids("swarm-down", 2)
+    send_burst(h.app, WAIT_TASK, ids, lambda t: {"duration": 20.0, "key": t})
+
+    def busy_nodes() -> set[str] | None:
+        active = h.app.control.inspect(timeout=1.0).active() or {}
+        holding = {n for n, tasks in active.items() if tasks}
+        running = {a["id"] for tasks in active.values() for a in tasks}
+        return holding if set(ids) <= running else None
+
+    busy: set[str] = wait_until("both long tasks running", busy_nodes, deadline_s=60)
+    busy_hosts = {n.split("@", 1)[1] for n in busy}
+    result = h.backend.scale("worker-io", 1)
+    drained = set(result.draining)
+    assert drained and not drained & busy, f"drained {drained}, busy {busy}"
+    assert result.after == 3 - len(drained)
+
+    def settled() -> bool:
+        h.reconcile()
+        return not h.backend.health().extra.get("draining")
+
+    wait_until("the drains finished", settled, deadline_s=120)
+    assert "drained" in h.kinds(), h.events
+    assert "swarm-removed-another" not in h.kinds(), h.events
+    tasks = h.tasks()
+    runnable = [t for t in tasks if t.runnable]
+    # The busy workers were never told to stop: same containers, still running their tasks.
+    assert {t.host for t in runnable} == busy_hosts
+    assert all(t.state == "running" for t in runnable)
+    assert h.manager.api.inspect_service(h.service.id)["Spec"]["Mode"]["Replicated"][
+        "Replicas"
+    ] == len(busy_hosts)
+    # Each drained worker exited 0 ("complete": Swarm left its slot empty, restarted nothing)
+    # before the count dropped; Swarm then deleted only that empty slot.
+    done = [e.detail for e in h.events if e.kind == "drained"]
+    assert len(done) == len(drained) and all("exited 0" in d for d in done), h.events
+    assert all("no other task stopped" in d for d in done), done
+    assert "drain-exit-failed" not in h.kinds(), h.events
+    wait_until("both long tasks done", lambda: len(h.effects.counts(ids)) == 2, deadline_s=60)
+    broker = RedisBroker(h.backing.broker_url, "")
+    try:
+        verdict(h.effects, broker, ids, [IO_QUEUE]).assert_exactly_once()
+    finally:
+        broker.close()
+    assert runs_per_task(h.backing.records_url, "", ids) == dict.fromkeys(ids, 1)
+
+
+def test_a_node_lost_mid_burst_is_rescheduled_and_its_tasks_come_back_at_once(
+    harness: Harness,
+) -> None:
+    h = harness
+    h.backend.scale("worker-io", 3)
+    h.wait_serving(3)
+    node_ids = {n.attrs["Description"]["Hostname"]: n.id for n in h.manager.nodes.list()}
+
+    def placed(node: str) -> list[SwarmTask]:
+        return [t for t in h.tasks() if t.live and t.node_id == node_ids[node]]
+
+    # Not the manager the backend talks to; one that runs a worker (Swarm spreads three).
+    victim_node = next((n for n in NODES[1:] if placed(n)), None)
+    assert victim_node is not None, f"no worker on {NODES[1:]}: {h.tasks()}"
+    on_victim = placed(victim_node)
+    ids = unique_ids("swarm-nodelost", 36)
+    send_burst(h.app, WAIT_TASK, ids, lambda t: {"duration": 3.0, "key": t})
+    victim_hosts = {t.host for t in on_victim}
+
+    def victim_holds() -> bool:
+        active = h.app.control.inspect(timeout=1.0).active() or {}
+        return any(n.split("@", 1)[1] in victim_hosts and tasks for n, tasks in active.items())
+
+    wait_until(f"a worker on {victim_node} running tasks", victim_holds, deadline_s=60)
+    t_lost = time.monotonic()
+    h.cluster.stop_node(victim_node)  # killed: its engine and workers die at once
+    try:
+        h.cluster.wait_node_state(victim_node, "down", deadline_s=90)
+
+        def recovered() -> bool:
+            h.reconcile()
+            return h.backend.replicas("worker-io") == 3 and len(h.effects.counts(ids)) == len(ids)
+
+        wait_until("3 replicas again and every task done", recovered, deadline_s=240, every_s=1)
+        elapsed = time.monotonic() - t_lost
+        assert "task-ended" in h.kinds(), h.events
+        assert "restored" in h.kinds(), h.events  # given back, not left for the 1 h timeout
+        live = [t for t in h.tasks() if t.live]
+        assert node_ids[victim_node] not in {t.node_id for t in live}
+        broker = RedisBroker(h.backing.broker_url, "")
+        try:
+            wait_until("nothing unacked", lambda: broker.unacked() == 0, deadline_s=60)
+            verdict(h.effects, broker, ids, [IO_QUEUE]).assert_exactly_once()
+        finally:
+            broker.close()
+        runs = runs_per_task(h.backing.records_url, "", ids)
+        print(f"node lost: all {len(ids)} done {elapsed:.1f} s after the kill; "
+              f"runs {sum(runs.values())} for {len(ids)} tasks")  # fmt: skip
+    finally:
+        h.cluster.start_node(victim_node)
