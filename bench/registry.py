@@ -21,6 +21,7 @@ MODULES: dict[str, str] = {
     "cold_start": "bench.cold_start",
     "burst_drain": "bench.burst_drain",
     "scaler_cost": "bench.scaler_cost",
+    "swarm": "bench.swarm",  # after scaler_cost: it reads that run's result
     "throughput": "bench.throughput",
     "sim_fidelity": "bench.sim_fidelity",  # after burst_drain: it reads that run's result
     "sim_speed": "bench.sim_speed",
