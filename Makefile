@@ -120,6 +120,21 @@ load: ## Send a burst of tasks: QUEUE="io_intensive cpu_intensive" (or all) COUN
 	$(COMPOSE) run --rm --no-deps migrate python -m services.load \
 	  $(foreach q,$(QUEUE),--queue $(q)) --count $(COUNT) $(LOAD_ARGS)
 
+# Docker Swarm (compose/stack.yaml, docs/swarm.md), against the manager DOCKER_HOST names. Images
+# must be in a registry every node reaches: APP_IMAGE=registry.example:5000/celery-app:1.
+.PHONY: swarm-secrets swarm-up swarm-down swarm-dashboard swarm-status
+SWARM := ENV_FILE=$(ENV_FILE) compose/scripts/swarm.sh
+swarm-secrets: $(ENV_FILE) ## Swarm: create the stack's Docker secrets from .env (existing ones kept)
+	@$(SWARM) secrets
+swarm-up: $(ENV_FILE) ## Swarm: secrets, then docker stack deploy compose/stack.yaml as stack SWARM_STACK (celery)
+	@$(SWARM) up
+swarm-down: ## Swarm: docker stack rm, wait until its tasks are gone (SWARM_REMOVE_SECRETS=1: secrets too)
+	@$(SWARM) down
+swarm-dashboard: ## Swarm: the scaler's dashboard on the manager's 127.0.0.1:SCALER_HTTP_PORT_HOST (9100)
+	@$(SWARM) dashboard
+swarm-status: ## Swarm: the stack's services, replicas and where each task runs
+	@$(SWARM) status
+
 # Benchmarks (bench/): measured on this machine, written to docs/benchmarks.md with plots under
 # docs/img/. matplotlib is installed into the venv on first use (optional group "bench").
 # The README's screenshot: the dashboard's browser test, saving its mid-burst screenshot.

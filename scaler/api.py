@@ -68,6 +68,7 @@ from scaler.control import (
 )
 from scaler.live import LiveFeed
 from scaler.metrics import ScalerMetrics
+from services.config import with_file_variables
 
 log = logging.getLogger(__name__)
 
@@ -100,8 +101,9 @@ class HttpSettings:
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> HttpSettings:
-        """SCALER_HTTP_HOST, SCALER_HTTP_PORT, SCALER_TOKEN (empty or unset: control disabled)."""
-        env = os.environ if env is None else env
+        """SCALER_HTTP_HOST, SCALER_HTTP_PORT, SCALER_TOKEN (empty or unset: control disabled;
+        or SCALER_TOKEN_FILE, a Swarm secret's path). Raises ValueError naming a bad one."""
+        env = with_file_variables(os.environ if env is None else env, ("SCALER_TOKEN",))
         host = env.get("SCALER_HTTP_HOST", "").strip() or DEFAULT_HOST
         raw_port = env.get("SCALER_HTTP_PORT", "").strip() or str(DEFAULT_PORT)
         try:

@@ -2,7 +2,8 @@
 
     scaler validate FILE                    exit 0 if usable, 1 with one line per problem
     scaler plan --policy FILE               one dry-run cycle: what it would do and why
-    scaler run --policy FILE [--dry-run]    the loop (--backend local or compose); SIGHUP reloads
+    scaler run --policy FILE [--dry-run]    the loop (--backend local, compose or swarm); SIGHUP
+                                            reloads
     scaler status [--json]                  the running scaler's last snapshot as a table
     scaler pause SERVICE [--reason TEXT]    hold the service at its current count
     scaler resume SERVICE                   undo a pause
@@ -52,10 +53,12 @@ from scaler.restore import UnackedRestorer
 from scaler.signals.collector import Collector, queue_reader_for_app
 from scaler.status import STATE_FILE_ENV, default_state_file, read_snapshot, render
 from scaler.wakeup import detector_for_app
+from services.config import ConfigError, with_file_variables
 
 POLICY_ENV = "SCALER_POLICY"
 BACKEND_ENV = "SCALER_BACKEND"
 PROJECT_ENV = "SCALER_COMPOSE_PROJECT"
+STACK_ENV = "SCALER_SWARM_STACK"
 REDIS_ENV = "SCALER_REDIS_URL"
 KEY_PREFIX_ENV = "SCALER_KEY_PREFIX"
 DEFAULT_APP = "services.celery_app:app"
@@ -136,10 +139,30 @@ def _compose_backend(args: argparse.Namespace, app: Any) -> Backend:
         raise SystemExit(f"--project / --drain-timeout: {exc}") from None
 
 
+def _swarm_backend(args: argparse.Namespace, app: Any) -> Backend:
+    from scaler.backends.swarm import SwarmBackend, own_stack
+
+    stack = args.stack or os.environ.get(STACK_ENV)
+    if not stack:
+        # Deployed by `docker stack deploy`: the stack is the one this scaler's task belongs to.
+        try:
+            stack = own_stack()
+        except Exception as exc:
+            raise SystemExit(
+                f"--stack: no stack given and none found from this container: {exc} "
+                f"(pass --stack NAME or set {STACK_ENV})"
+            ) from None
+    try:
+        return SwarmBackend(stack, app, drain_timeout_s=args.drain_timeout)
+    except ValueError as exc:
+        raise SystemExit(f"--stack / --drain-timeout: {exc}") from None
+
+
 #: Backend name -> factory.
 BACKENDS: dict[str, Callable[[argparse.Namespace, Any], Backend]] = {
     "local": _local_backend,
     "compose": _compose_backend,
+    "swarm": _swarm_backend,
 }
 
 
@@ -185,7 +208,10 @@ def _build(args: argparse.Namespace, dry_run: bool) -> tuple[Scaler, Backend, An
 def scaler_redis_url(app: Any, env: Mapping[str, str] | None = None) -> str | None:
     """Where the lease and overrides live: SCALER_REDIS_URL, else the app's broker if it is
     Redis, else its result backend if that is; None when there is no Redis at all."""
-    env = os.environ if env is None else env
+    try:  # SCALER_REDIS_URL_FILE (a Swarm secret's path) as well
+        env = with_file_variables(os.environ if env is None else env, (REDIS_ENV,))
+    except ConfigError as exc:
+        raise SystemExit(str(exc)) from exc
     explicit = env.get(REDIS_ENV, "").strip()
     if explicit:
         if explicit.split("://", 1)[0] not in REDIS_SCHEMES:
@@ -423,10 +449,16 @@ def _parser() -> argparse.ArgumentParser:
             "else $COMPOSE_PROJECT_NAME, else the project of the scaler's own container)",
         )
         p.add_argument(
+            "--stack",
+            default=None,
+            help=f"swarm backend: the stack's name (default ${STACK_ENV}, else the stack of the "
+            "scaler's own task)",
+        )
+        p.add_argument(
             "--drain-timeout",
             type=float,
             default=3600.0,
-            help="compose backend: longest wait for a drained worker's tasks, seconds",
+            help="compose and swarm backends: longest wait for a drained worker's tasks, seconds",
         )
         p.add_argument("--app", default=DEFAULT_APP, help="Celery app as module:attribute")
         p.add_argument("--workdir", default=os.environ.get("SCALER_WORKDIR", ".scaler/workers"),

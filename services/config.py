@@ -36,6 +36,22 @@ _PLACEHOLDER_REDIS = "redis://localhost:6379/0"
 _PREFIX_RE = re.compile(r"^[A-Za-z0-9_.:-]{0,64}$")
 _QUEUE_PREFIX_RE = re.compile(r"^[A-Za-z0-9_.-]{0,64}$")
 
+# Variables that carry a password (inside a URL or alone). Each may instead be given as a file,
+# the official images' convention: ``X_FILE=/run/secrets/x`` sets X to that file's content, so a
+# Docker (Swarm) secret never appears in a container's environment (``docker service inspect``).
+SECRET_VARIABLES: tuple[str, ...] = (
+    "CELERY_BROKER_URL",
+    "CELERY_RESULT_BACKEND",
+    "TASK_RECORDS_REDIS_URL",
+    "DATABASE_URL",
+    "POSTGRES_APP_PASSWORD",
+    "SCALER_REDIS_URL",
+    "SCALER_TOKEN",
+)
+FILE_SUFFIX = "_FILE"
+# A secret file is a password or a URL: anything larger is a wrong path, not a secret.
+_MAX_SECRET_FILE_BYTES = 64 * 1024
+
 T = TypeVar("T")
 
 
@@ -163,6 +179,58 @@ class _Reader:
         return value
 
 
+def _file_variables(
+    env: Mapping[str, str], names: tuple[str, ...]
+) -> tuple[dict[str, str], list[str]]:
+    """``env`` with each ``X_FILE`` of ``names`` read into ``X``, and the problems found."""
+    resolved = dict(env)
+    problems: list[str] = []
+    for name in names:
+        file_name = name + FILE_SUFFIX
+        path = (env.get(file_name) or "").strip()
+        if not path:
+            continue
+        if (env.get(name) or "").strip():
+            # Which one would win is a guess; the official images refuse this too.
+            problems.append(
+                f"{name} and {file_name}={path!r} are both set: expected only one of them"
+            )
+            continue
+        try:
+            with open(path, "rb") as handle:
+                raw = handle.read(_MAX_SECRET_FILE_BYTES + 1)
+        except OSError as exc:
+            problems.append(f"{file_name}={path!r}: expected a readable file ({exc.strerror})")
+            continue
+        if len(raw) > _MAX_SECRET_FILE_BYTES:
+            problems.append(
+                f"{file_name}={path!r}: expected a secret of at most {_MAX_SECRET_FILE_BYTES} bytes"
+            )
+            continue
+        try:
+            # `printf '%s\n' secret > file` and editors add a newline that is not part of it.
+            value = raw.decode("utf-8").rstrip("\r\n")
+        except UnicodeDecodeError:
+            problems.append(f"{file_name}={path!r}: expected UTF-8 text")
+            continue
+        if not value.strip():
+            problems.append(f"{file_name}={path!r}: expected a non-empty secret, the file is empty")
+            continue
+        resolved[name] = value
+    return resolved, problems
+
+
+def with_file_variables(
+    env: Mapping[str, str] | None = None, names: tuple[str, ...] = SECRET_VARIABLES
+) -> dict[str, str]:
+    """A copy of ``env`` (default ``os.environ``) with every ``X_FILE`` of ``names`` read into
+    ``X``; raises ConfigError naming each variable that is set twice or whose file is unusable."""
+    resolved, problems = _file_variables(os.environ if env is None else env, names)
+    if problems:
+        raise ConfigError(problems)
+    return resolved
+
+
 def _is_db(path: str) -> bool:
     return path.strip("/").isdigit()
 
@@ -180,8 +248,12 @@ def _redact(url: str) -> str:
 
 
 def load_settings(env: Mapping[str, str] | None = None) -> Settings:
-    """Build and validate the settings; raise ConfigError naming every bad variable."""
-    r = _Reader(os.environ if env is None else env)
+    """Build and validate the settings; raise ConfigError naming every bad variable.
+
+    A secret may come from a file: ``CELERY_BROKER_URL_FILE`` and the like (SECRET_VARIABLES).
+    """
+    source, file_problems = _file_variables(os.environ if env is None else env, SECRET_VARIABLES)
+    r = _Reader(source)
 
     broker_url = r.url("CELERY_BROKER_URL", "redis://localhost:6379/0", BROKER_SCHEMES)
     broker_ok = not r.problems
@@ -259,6 +331,8 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         health_check_interval=r.number("HEALTH_CHECK_INTERVAL", 300.0, 0.0, exclusive=True),
         log_level=r.choice("LOG_LEVEL", "INFO", LOG_LEVELS),
     )
-    if r.problems:
-        raise ConfigError(r.problems)
+    # Last, so that a file's problem does not hide the defaults' cross-checks above.
+    problems = file_problems + r.problems
+    if problems:
+        raise ConfigError(problems)
     return settings

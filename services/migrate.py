@@ -21,7 +21,7 @@ from typing import NamedTuple
 import psycopg2
 import psycopg2.extensions
 
-from services.config import ConfigError, load_settings
+from services.config import ConfigError, load_settings, with_file_variables
 from services.db_roles import AppRole, RoleError, ensure_app_role
 
 log = logging.getLogger(__name__)
@@ -112,7 +112,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     try:
         settings = load_settings()
-        app_role = AppRole.from_env(os.environ)
+        # POSTGRES_APP_PASSWORD_FILE too (a Swarm secret): with_file_variables reads it.
+        app_role = AppRole.from_env(with_file_variables(os.environ))
     except ConfigError as exc:
         print(exc, file=sys.stderr)
         return 2
