@@ -6,7 +6,7 @@ update. Scaling down is where Swarm needs help: when the count drops, the orches
 which tasks to remove by node balance first and running state second (moby/swarmkit,
 manager/orchestrator/replicated/services.go), so it may stop a busy worker. This backend never
 lowers the count of running workers: it chooses the idle worker itself and makes its slot
-vanish first (docs/swarm.md, "Safe scale-down"):
+vanish first (docs/swarm.md, "How scale-down stays safe"):
 
 1. choose idle workers (Celery: nothing active, nothing reserved), on the nodes running the most
    replicas of the service first (the balance Swarm itself keeps);
@@ -203,6 +203,7 @@ class SwarmBackend:
         self.resources_reader = resources or WorkerResources(app, timeout_s=inspect_timeout_s)
         self.restorer = restorer
         self._node_names: dict[str, str] = {}  # Swarm node id -> hostname
+        self._node_down: set[str] = set()  # Swarm node ids not "ready" at the last listing
 
     # -- the Backend interface ---------------------------------------------------------------
 
@@ -265,7 +266,11 @@ class SwarmBackend:
             if replicas > before:
                 # Slots still draining keep their place until their worker exits.
                 holding = sum(1 for t in view.tasks if t.runnable and t.id in draining)
+                keep = {t.id for t in serving if t.state not in ENDED}
                 self._set_count(service, replicas + holding, fence)
+                threading.Thread(target=self._stopped_others, name=f"check-{service}",
+                                 args=(service, keep, "raising the count"), daemon=True,
+                                 ).start()  # fmt: skip
                 added = tuple(f"{view.name}+{i + 1}" for i in range(replicas - before))
                 return ScaleResult(service, before, replicas, started=added)
             if replicas < before:
@@ -279,6 +284,7 @@ class SwarmBackend:
         """Report ended tasks and give back what their workers held, name new workers, read the
         workers' resources, and (after ``manage``) give stranded workers their queues back."""
         listing = self._list()
+        self._read_nodes()
         events: list[BackendEvent] = []
         live_hosts: dict[str, str] = {}  # host -> service
         for service, view in listing.items():
@@ -288,7 +294,7 @@ class SwarmBackend:
                     self._seen_live[task.id] = (service, task.host)
             events += self._ended(service, view)
         self._name(list(live_hosts))
-        machines = self._machines({t.node_id for v in listing.values() for t in v.tasks})
+        machines = self._node_names
         self.resources_reader.refresh(
             {
                 self._nodes[t.host]: machines.get(t.node_id, t.node_id[:12])
@@ -422,19 +428,21 @@ class SwarmBackend:
         queues = self._specs[service].queues
         return f"{queues[0]}@{task.host}" if len(queues) == 1 and task.host else task.id
 
-    def _machines(self, node_ids: set[str]) -> dict[str, str]:
-        """Swarm node id -> the node's hostname (listed again only when a new node appears)."""
-        if node_ids - set(self._node_names) - {""}:
-            try:
-                rows = self._engine.call("list swarm nodes", lambda c: c.api.nodes())
-            except BackendError as exc:
-                log.warning("no swarm node names: %s", exc)
-                return self._node_names
-            self._node_names = {
-                str(r["ID"]): str((r.get("Description") or {}).get("Hostname") or r["ID"][:12])
-                for r in rows
-            }
-        return self._node_names
+    def _read_nodes(self) -> None:
+        """The swarm's nodes: hostname and state ("ready", "down"...) by node id. Kept from the
+        last good listing when the manager cannot list them now."""
+        try:
+            rows = self._engine.call("list swarm nodes", lambda c: c.api.nodes())
+        except BackendError as exc:
+            log.warning("swarm nodes unread: %s", exc)
+            return
+        self._node_names = {
+            str(r["ID"]): str((r.get("Description") or {}).get("Hostname") or r["ID"][:12])
+            for r in rows
+        }
+        self._node_down = {
+            str(r["ID"]) for r in rows if (r.get("Status") or {}).get("State") != "ready"
+        }
 
     # -- changing the count ----------------------------------------------------------------------
 
@@ -560,27 +568,50 @@ class SwarmBackend:
     def _lower_count(self, service: str, drained: str, fence: Fence) -> str:
         """Set the count to the slots that still have a runnable task, then check that Swarm
         told no other task to stop; the outcome in words."""
+        deadline = time.monotonic() + 5.0
         with self._count_lock:
-            view = self._list()[service]
-            keep = {t.id for t in view.tasks if t.runnable}
+            while True:  # Swarm marks an exited task not runnable at its orchestrator's next tick
+                view = self._list()[service]
+                gone = all(not t.runnable for t in view.tasks if t.id == drained)
+                if gone or time.monotonic() > deadline:
+                    break
+                time.sleep(self._poll_s)
+            keep = {t.id for t in view.tasks if t.runnable and t.state not in ENDED}
             count = len({t.slot for t in view.tasks if t.runnable})
             if count >= view.replicas:
                 return f"count stays {view.replicas} (slot already refilled or counted)"
             self._update(view, count, fence)
-        removed: set[str] = set()
+        stopped = self._stopped_others(service, keep, f"lowering the count after {drained[:12]}")
+        if stopped:
+            return f"count {view.replicas} -> {count}; Swarm ALSO stopped {len(stopped)} other(s)"
+        return f"count {view.replicas} -> {count}; no other task stopped"
+
+    def _stopped_others(self, service: str, keep: set[str], why: str) -> set[str]:
+        """Tasks of ``keep`` (live before a count change) that Swarm told to stop within a few
+        seconds after it, not counting our own drains; reported as ``swarm-removed-another``.
+
+        A count change should stop nothing: Swarm stops a running task either because the
+        count went below the running slots (never, by construction) or because the update
+        changed the task spec (a rolling update: e.g. a service created without resources,
+        whose spec reads back with empty ones)."""
+        stopped: set[str] = set()
         deadline = time.monotonic() + 5.0  # the orchestrator acts within its next tick
         while time.monotonic() < deadline:
             now = {t.id: t for t in self._list()[service].tasks}
-            removed = {tid for tid in keep if tid not in now or not now[tid].runnable}
-            if removed:
+            ours = self._draining_ids()  # our other drains' workers exit meanwhile: not Swarm's
+            # Swarm deletes the tasks it removes on a count change, and shuts down those a
+            # rolling update replaces; one that exited 0 by itself meanwhile is "complete".
+            stopped = {
+                tid for tid in keep - ours
+                if tid not in now or (not now[tid].runnable and now[tid].state != "complete")
+            }  # fmt: skip
+            if stopped:
                 break
             time.sleep(self._poll_s)
-        if removed:
-            self._note(service, "swarm-removed-another",
-                       f"lowering the count after {drained[:12]} exited, Swarm also stopped "
-                       f"{', '.join(sorted(t[:12] for t in removed))}")  # fmt: skip
-            return f"count {view.replicas} -> {count}; Swarm ALSO stopped {len(removed)} other(s)"
-        return f"count {view.replicas} -> {count}; no other task stopped"
+        if stopped:
+            names = ", ".join(sorted(t[:12] for t in stopped))
+            self._note(service, "swarm-removed-another", f"{why}, Swarm also stopped {names}")
+        return stopped
 
     # -- tasks that ended without us -----------------------------------------------------------
 
@@ -595,6 +626,8 @@ class SwarmBackend:
             seen = self._seen_live.get(task.id)
             if seen is None or task.live or task.id in ours:
                 continue
+            if task.state not in ENDED and task.node_id not in self._node_down:
+                continue  # told to stop, still stopping (a warm shutdown): not dead yet
             del self._seen_live[task.id]
             gone.append((task, self._nodes.get(seen[1], f"?@{seen[1]}")))
             events.append(BackendEvent(service, "task-ended",

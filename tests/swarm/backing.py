@@ -20,7 +20,7 @@ from typing import Any
 
 import docker
 from cluster import LABEL, SwarmCluster, docker_cli
-from docker.types import EndpointSpec, RestartPolicy, ServiceMode
+from docker.types import EndpointSpec, Resources, RestartPolicy, ServiceMode
 
 from scaler.backends.swarm import MANAGED_LABEL, STACK_LABEL
 from services.application import ServiceApp, create_app
@@ -146,7 +146,16 @@ def create_worker_service(
         stop_signal="SIGTERM",
         init=True,
         mode=ServiceMode("replicated", replicas=replicas),
-        endpoint_spec=EndpointSpec(mode="vip"),
+        # As compose/stack.yaml's worker-io: dnsrr (no IPVS on these machines), limits and
+        # reservations (a spec without resources reads back with empty ones, so the backend's
+        # first count change would look like a new task spec: a rolling update).
+        endpoint_spec=EndpointSpec(mode="dnsrr"),
+        resources=Resources(
+            cpu_limit=1_000_000_000,
+            mem_limit=768 * 2**20,
+            cpu_reservation=100_000_000,
+            mem_reservation=128 * 2**20,
+        ),
     )
 
 

@@ -456,7 +456,14 @@ class SwarmCluster:
             todo = [target for t, target in targets.items() if t not in self._pushed]
             if todo:
                 started = time.monotonic()
-                push_images(RegistryClient("127.0.0.1", self.registry_host_port), todo)
+                try:
+                    push_images(RegistryClient("127.0.0.1", self.registry_host_port), todo)
+                except RuntimeError as exc:
+                    # Seen a few times under load: an uncompressed upload refused mid-way
+                    # (DIGEST_INVALID after a broken pipe). `docker push` is slower (it
+                    # compresses on one core) but has not failed here: fall back to it.
+                    print(f"swarm push: fast path failed ({exc}); falling back to docker push")
+                    self._docker_push(todo)
                 self.timings[f"push {' '.join(t.local_tag for t in todo)}"] = (
                     time.monotonic() - started
                 )
@@ -465,6 +472,17 @@ class SwarmCluster:
                         f"{REGISTRY_ALIAS}:{REGISTRY_PORT}/{target.repo}:{target.tag}"
                     )
             return self._pushed[local_tags[0]]
+
+    def _docker_push(self, targets: Sequence[Target]) -> None:
+        """Push through the host engine under 127.0.0.1:<port> (an insecure registry by
+        default), then drop those host tags."""
+        for target in targets:
+            host_ref = f"127.0.0.1:{self.registry_host_port}/{target.repo}:{target.tag}"
+            docker_cli("tag", target.local_tag, host_ref)
+            try:
+                docker_cli("push", "-q", host_ref, timeout=900)
+            finally:
+                docker_cli("rmi", host_ref, check=False)
 
     def pushed(self, local_tag: str) -> str:
         """The registry name of an image pushed already."""

@@ -386,6 +386,123 @@ def test_the_dashboard_forwards_the_leaders_status(
         docker_cli("rm", "-f", f"{deployed.name}-dashboard", env=deployed.env, check=False)
 
 
+def scalers(cluster: SwarmCluster, name: str) -> dict[str, tuple[str, str, Any]]:
+    """Running scaler tasks: task id -> (node, role from its own `scaler status`, container)."""
+    nodes = node_names(cluster)
+    found: dict[str, tuple[str, str, Any]] = {}
+    for task in tasks_of(cluster, f"{name}_scaler"):
+        node = nodes.get(task["NodeID"], "")
+        try:
+            container = cluster.client(node).containers.get(
+                task["Status"]["ContainerStatus"]["ContainerID"]
+            )
+            code, out = exec_in(container, ["scaler", "status", "--json"])
+        except Exception:
+            continue  # its node is going away, or it is still starting
+        if code == 0:
+            found[task["ID"]] = (node, str(json.loads(out).get("role")), container)
+    return found
+
+
+def io_effects_since(cluster: SwarmCluster, name: str, since: str) -> int:
+    """io_intensive effects written after ``since`` (a PostgreSQL timestamp), counted there."""
+    (postgres,) = tasks_of(cluster, f"{name}_postgres")
+    container = cluster.client(DATA_NODE).containers.get(
+        postgres["Status"]["ContainerStatus"]["ContainerID"]
+    )
+    sql = (
+        f"SELECT count(*) FROM task_effects WHERE queue = 'io_intensive' AND created_at > '{since}'"
+    )
+    code, out = exec_in(container, ["psql", "-U", "celery", "-d", "celery", "-Atc", sql])
+    assert code == 0, out
+    return int(out.strip())
+
+
+def send_io_burst(deployed: Deployed, probe: str, count: int, duration: float) -> None:
+    """`services.load` from a one-off service on the stack's network, as the worker user."""
+    secrets = [
+        f"source={deployed.name}_{src},target={dst},uid=10001,gid=10001,mode=0400"
+        for src, dst in (("broker_url_worker", "broker_url"),
+                         ("result_backend_worker", "result_backend"),
+                         ("database_url_app", "database_url"))
+    ]  # fmt: skip
+    docker_cli(
+        "service", "create", "--detach", "--name", probe, "--network", f"{deployed.name}_backend",
+        "--restart-condition", "none", "--user", "10001:10001",
+        *[arg for s in secrets for arg in ("--secret", s)],
+        "-e", "CELERY_BROKER_URL_FILE=/run/secrets/broker_url",
+        "-e", "CELERY_RESULT_BACKEND_FILE=/run/secrets/result_backend",
+        "-e", "DATABASE_URL_FILE=/run/secrets/database_url",
+        deployed.env["APP_IMAGE"],
+        "python", "-m", "services.load", "--queue", "io_intensive", "--count", str(count),
+        "--duration", str(duration),
+        env=deployed.env,
+    )  # fmt: skip
+
+
+def test_a_burst_scales_across_nodes_and_the_standby_leads_when_the_leaders_node_stops(
+    swarm_cluster: SwarmCluster, deployed: Deployed
+) -> None:
+    """The shipped policy (worker-io: 32 tasks per replica, 30 s down window) on the deployed
+    stack: a burst scales worker-io over several nodes; the leader scaler's node is killed
+    mid-burst; the standby leads, every task of the burst has its effect, and worker-io comes
+    back to one replica. Redis and PostgreSQL live on the data node, which is never stopped:
+    when the leader runs there, it is killed first so that the lead moves to another node."""
+    name, cluster = deployed.name, swarm_cluster
+
+    def roles() -> dict[str, tuple[str, str, Any]] | None:
+        found = scalers(cluster, name)
+        return found if sorted(r for _, r, _ in found.values()) == ["leader", "standby"] else None
+
+    found = wait_until("a leader and a standby scaler", roles, 180, 2)
+    leader = next(t for t, (_, role, _) in found.items() if role == "leader")
+    if found[leader][0] == DATA_NODE:
+        found[leader][2].kill()  # Swarm starts another; the standby leads after the lease
+        found = wait_until(
+            "a leader off the data node",
+            lambda: (r := roles()) and any(n != DATA_NODE and role == "leader"
+                                          for n, role, _ in r.values()) and r,
+            180, 2,
+        )  # fmt: skip
+        leader = next(t for t, (_, role, _) in found.items() if role == "leader")
+    leader_node = found[leader][0]
+    code, since = exec_in(found[leader][2], ["date", "-u", "+%Y-%m-%d %H:%M:%S"])
+    assert code == 0, since
+    probe = f"{name}_burst"
+    count = 120  # 120 tasks of 8 s: 4 replicas of 4 threads take a minute
+    send_io_burst(deployed, probe, count, 8.0)
+    try:
+        service = f"{name}_worker-io"
+        spread = wait_until(
+            "worker-io scaled up over two nodes or more",
+            lambda: len({t["NodeID"] for t in tasks_of(cluster, service)}) >= 2
+            and len(tasks_of(cluster, service)) >= 3,
+            180, 1,
+        )  # fmt: skip
+        assert spread
+        cluster.stop_node(leader_node)
+        try:
+            survivor = wait_until(
+                "the standby leads",
+                lambda: (r := scalers(cluster, name)) and [
+                    (n, c) for t, (n, role, c) in r.items() if role == "leader" and t != leader
+                ],
+                120, 2,
+            )  # fmt: skip
+            wait_until(f"all {count} io tasks done", lambda: io_effects_since(
+                cluster, name, since.strip()) >= count, 300, 2)  # fmt: skip
+            assert io_effects_since(cluster, name, since.strip()) == count
+            wait_until("worker-io back at one replica", lambda: len(tasks_of(cluster, service))
+                       == 1, 180, 2)  # fmt: skip
+            logs = survivor[0][1].logs().decode(errors="replace")
+            assert "swarm-removed-another" not in logs, logs[-3000:]
+            assert '"drained' in logs or " drained: " in logs, logs[-3000:]
+        finally:
+            cluster.start_node(leader_node)
+    finally:
+        docker_cli("service", "rm", probe, env=deployed.env, check=False)
+
+
 def test_swarm_down_leaves_nothing(swarm_cluster: SwarmCluster, deployed: Deployed) -> None:
     docker_cli("service", "rm", f"{deployed.name}_probe", env=deployed.env, check=False)
     probe = {"name": f"{deployed.name}_probe"}

@@ -10,6 +10,7 @@ because a shortened timeout ran out.
 from __future__ import annotations
 
 import sys
+import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -18,16 +19,20 @@ from typing import Any
 
 import docker
 import pytest
+import yaml
 from backing import Backing, create_worker_service, start_backing, wait_answering
 from cluster import ENGINE_PORT, NODES, SwarmCluster
 
 from scaler.backends.base import BackendEvent, ServiceSpec
 from scaler.backends.swarm import SwarmBackend, SwarmTask
+from scaler.loop import PolicySource, Scaler
+from scaler.policy import parse_policy
 from scaler.restore import UnackedRestorer
+from scaler.signals.collector import Collector, queue_reader_for_app
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "chaos"))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "e2e"))
-from compose_project import wait_until
+from compose_project import ROOT, wait_until
 from exactly_once import (
     PostgresEffects,
     RedisBroker,
@@ -229,3 +234,59 @@ def test_a_node_lost_mid_burst_is_rescheduled_and_its_tasks_come_back_at_once(
               f"runs {sum(runs.values())} for {len(ids)} tasks")  # fmt: skip
     finally:
         h.cluster.start_node(victim_node)
+
+
+def test_the_shipped_policy_drives_the_loop_on_swarm_through_a_burst_and_back(
+    harness: Harness, tmp_path: Path
+) -> None:
+    """compose/scaler-policy.yaml, the file `make up` mounts for the Compose backend, loaded
+    as it is into the real loop over the Swarm backend: worker-io's rules (the harness runs
+    only worker-io), windows and steps as shipped; the host guard's limits raised to 100 %,
+    since every node of this cluster is the same loaded CI machine."""
+    h = harness
+    raw = yaml.safe_load((ROOT / "compose/scaler-policy.yaml").read_text())
+    raw["services"] = {"worker-io": raw["services"]["worker-io"]}
+    raw["host"] = {"cpu_percent": 100, "memory_percent": 100}
+    policy = parse_policy(raw, env={})
+    window = policy.services["worker-io"].scale_down.stabilization_s
+    scaler = Scaler(PolicySource(policy), h.backend, Collector(queue_reader_for_app(h.app)),
+                    state_file=tmp_path / "state.json")  # fmt: skip
+    stop = threading.Event()
+    thread = threading.Thread(target=scaler.run, args=(stop,), daemon=True)
+    h.wait_serving(1)
+    thread.start()
+    try:
+        ids = unique_ids("swarm-loop", 160)
+        send_burst(h.app, WAIT_TASK, ids, lambda t: {"duration": 3.0, "key": t})
+        # 160 waiting over 32 per replica (worker-io's target as shipped): 5 replicas.
+        peak = wait_until("worker-io scaled up to >= 4", lambda: (
+            n := h.backend.replicas("worker-io")) >= 4 and n, deadline_s=90)  # fmt: skip
+        running: list[SwarmTask] = wait_until(f"{peak} replicas running", lambda: (
+            r := [t for t in h.tasks() if t.live and t.state == "running"]) and len(r) >= peak
+            and r, deadline_s=120)  # fmt: skip
+        assert len({t.node_id for t in running}) >= 2, f"{len(running)} replicas on one node"
+        wait_until("the burst done", lambda: len(h.effects.counts(ids)) == len(ids),
+                   deadline_s=240, every_s=1)  # fmt: skip
+        t_done = time.monotonic()
+        wait_until("worker-io back at 1 after the window",
+                   lambda: h.backend.replicas("worker-io") == 1
+                   and not h.backend.health().extra.get("draining"),
+                   deadline_s=window + 120, every_s=1)  # fmt: skip
+        back_after = time.monotonic() - t_done
+        assert back_after >= window * 0.5, f"back at 1 only {back_after:.0f} s after the burst"
+    finally:
+        stop.set()
+        thread.join(30)
+    events = "\n".join(scaler.events)
+    # Every replica removed was one the backend drained; Swarm stopped none on its own (no
+    # rolling update from a count change, no scale-down choice of its own), none ended early.
+    assert events.count(" drained: ") >= 3, events
+    assert "swarm-removed-another" not in events and "task-ended" not in events, events
+    broker = RedisBroker(h.backing.broker_url, "")
+    try:
+        verdict(h.effects, broker, ids, [IO_QUEUE]).assert_exactly_once()
+    finally:
+        broker.close()
+    assert runs_per_task(h.backing.records_url, "", ids) == dict.fromkeys(ids, 1)
+    # Every replica reported its CPU and memory, and so did the nodes they ran on.
+    assert h.backend.resources_reader.nodes(), "no node reported its machine's figures"
