@@ -459,9 +459,9 @@ class SwarmCluster:
                 try:
                     push_images(RegistryClient("127.0.0.1", self.registry_host_port), todo)
                 except RuntimeError as exc:
-                    # Seen a few times under load: an uncompressed upload refused mid-way
-                    # (DIGEST_INVALID after a broken pipe). `docker push` is slower (it
-                    # compresses on one core) but has not failed here: fall back to it.
+                    # The registry refused an upload (it did for every layer docker save had
+                    # stored as a symlink, until their size was taken from the content):
+                    # `docker push`, slower (it compresses on one core), is the fallback.
                     print(f"swarm push: fast path failed ({exc}); falling back to docker push")
                     self._docker_push(todo)
                 self.timings[f"push {' '.join(t.local_tag for t in todo)}"] = (

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import http.client
+import io
 import json
 import subprocess
 import tarfile
@@ -140,10 +141,12 @@ def push_images(registry: RegistryClient, targets: list[Target]) -> None:
                     raise RuntimeError(f"push: {target.local_tag}: layers and diff_ids disagree")
                 layers = []
                 for path, digest in zip(entry["Layers"], diff_ids, strict=True):
-                    info = tar.getmember(path)
+                    # docker save stores a layer that another already holds as a symlink to it
+                    # (a member of size 0): the size is that of the content it resolves to.
+                    size = _member(tar, path).seek(0, io.SEEK_END)
                     _ensure_blob(registry, target.repo, digest, stored,
-                                 lambda p=path: _member(tar, p), info.size)  # fmt: skip
-                    layers.append({"mediaType": LAYER_TYPE, "size": info.size, "digest": digest})
+                                 lambda p=path: _member(tar, p), size)  # fmt: skip
+                    layers.append({"mediaType": LAYER_TYPE, "size": size, "digest": digest})
                 config_digest = "sha256:" + hashlib.sha256(config_bytes).hexdigest()
                 _ensure_blob(registry, target.repo, config_digest, stored,
                              lambda b=config_bytes: b, len(config_bytes))  # fmt: skip
