@@ -133,8 +133,14 @@ def create_worker_service(
     env: dict[str, str],
     replicas: int,
 ) -> Any:
-    """A worker service as `docker stack deploy` makes one of compose/stack.yaml's."""
-    return client.services.create(
+    """A worker service as `docker stack deploy` makes one of compose/stack.yaml's.
+
+    The CLI always sends a placement and a DNS config, empty or not; the SDK leaves them out,
+    and the engine fills them in at the first update, which makes Swarm replace the tasks
+    started before it (a rolling update). So the service gets one update with its own count
+    here, before any task runs: from then on its spec reads back as it was written, as a
+    stack's does. (The backend reports a count change that stopped a task it did not drain.)"""
+    service = client.services.create(
         image,
         command=["start-worker.sh"],
         name=f"{stack}_{name}",
@@ -147,8 +153,7 @@ def create_worker_service(
         init=True,
         mode=ServiceMode("replicated", replicas=replicas),
         # As compose/stack.yaml's worker-io: dnsrr (no IPVS on these machines), limits and
-        # reservations (a spec without resources reads back with empty ones, so the backend's
-        # first count change would look like a new task spec: a rolling update).
+        # reservations.
         endpoint_spec=EndpointSpec(mode="dnsrr"),
         resources=Resources(
             cpu_limit=1_000_000_000,
@@ -157,6 +162,12 @@ def create_worker_service(
             mem_reservation=128 * 2**20,
         ),
     )
+    spec = client.api.inspect_service(service.id)
+    client.api.update_service(service.id, spec["Version"]["Index"],
+                              mode=ServiceMode("replicated", replicas=replicas),
+                              fetch_current_spec=True)  # fmt: skip
+    service.reload()
+    return service
 
 
 def wait_answering(app: Any, count: int, deadline_s: float = 120) -> list[str]:

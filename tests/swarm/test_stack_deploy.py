@@ -413,7 +413,8 @@ def io_effects_since(cluster: SwarmCluster, name: str, since: str) -> int:
     sql = (
         f"SELECT count(*) FROM task_effects WHERE queue = 'io_intensive' AND created_at > '{since}'"
     )
-    code, out = exec_in(container, ["psql", "-U", "celery", "-d", "celery", "-Atc", sql])
+    psql = ["psql", "-h", "/var/run/postgresql", "-p", "5432", "-U", "celery", "-d", "celery"]
+    code, out = exec_in(container, [*psql, "-Atc", sql])
     assert code == 0, out
     return int(out.strip())
 
