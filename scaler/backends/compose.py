@@ -66,7 +66,7 @@ import re
 import shlex
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from datetime import datetime
 from functools import partial
@@ -82,10 +82,10 @@ from scaler.backends.base import (
     BackendEvent,
     BackendHealth,
     ScaleResult,
-    ServiceSpec,
     WorkerInfo,
 )
 from scaler.backends.engine import ClientFactory, Engine, default_client_factory
+from scaler.backends.listing import CycleListing
 from scaler.backends.restart_backoff import RestartBackoff
 from scaler.backends.stranded import restore_stranded
 from scaler.backends.template_safety import unsafe_settings
@@ -312,7 +312,7 @@ def _connect(
     client.api.connect_container_to_network(container_id, network, aliases=aliases)
 
 
-class ComposeBackend:
+class ComposeBackend(CycleListing[dict[str, list[ComposeContainer]]]):
     """Scales the managed services of one Compose project (see the module docstring)."""
 
     name = "compose"
@@ -346,6 +346,7 @@ class ComposeBackend:
                 raise ValueError(f"{field}={value!r}: expected a positive number of seconds")
         if attempts < 1:
             raise ValueError(f"attempts={attempts!r}: expected at least 1")
+        super().__init__()
         self.project = project
         self.app = app
         self._factory = client_factory or default_client_factory()
@@ -354,8 +355,6 @@ class ComposeBackend:
         self._attempts = attempts
         self._backoff_s = backoff_s
         self._engine = Engine(self._factory, attempts=attempts, backoff_s=backoff_s)
-        self._specs: dict[str, ServiceSpec] = {}
-        self._lock = threading.Lock()
         self._draining: dict[str, threading.Thread] = {}  # container id -> drain thread
         self._events: list[BackendEvent] = []
         self._nodes: dict[str, str] = {}  # container id -> Celery node name, confirmed
@@ -363,12 +362,6 @@ class ComposeBackend:
         self._parked: set[str] = set()  # stopped by us to wake from zero, whatever its exit code
         self._templates: dict[str, dict[str, Any]] = {}  # service -> last inspected replica
         self._last: dict[str, list[ComposeContainer]] = {}  # last listing, for resources()
-        # The cycle's shared listing (or the error listing it raised); see the module docstring.
-        # _generation counts invalidations, so a listing taken across one is never stored.
-        self._in_cycle = False
-        self._snapshot: dict[str, list[ComposeContainer]] | BackendError | None = None
-        self._generation = 0
-        self._adopt_pending = True  # check every live worker's consumers at the next reconcile
         self._suspects: set[str] = set()  # container ids whose drain stopped after the cancel
         self._stats = ContainerStats(lambda: self._factory().api, stale_after_s=stats_stale_after_s)
         self._limits: dict[str, float | None] = {}  # container id -> CPU limit in CPUs, or None
@@ -387,25 +380,6 @@ class ComposeBackend:
         self._pool.store = store
 
     # -- the Backend interface ---------------------------------------------------------------
-
-    def manage(self, specs: Sequence[ServiceSpec]) -> None:
-        """Manage exactly these services (the policy's); any other container is never touched."""
-        for spec in specs:
-            if not spec.name:
-                raise ValueError(f"service name {spec.name!r}: expected a non-empty name")
-        with self._lock:
-            self._specs = {spec.name: spec for spec in specs}
-            self._adopt_pending = True
-        self._invalidate()
-
-    def begin_cycle(self) -> None:
-        """Start a cycle: the next listing is taken afresh and shared by the cycle's reads."""
-        with self._lock:
-            self._in_cycle = True
-        self._invalidate()
-
-    def services(self) -> list[str]:
-        return list(self._specs)
 
     def workers(self, service: str) -> list[WorkerInfo]:
         draining, containers = self._view(service)
@@ -573,18 +547,12 @@ class ComposeBackend:
         """
         return self._engine.call(what, fn, fence)
 
-    def _invalidate(self) -> None:
-        """Drop the cycle's shared listing: something changed, or may have, since it was taken."""
-        with self._lock:
-            self._snapshot = None
-            self._generation += 1
-
     def _view(self, service: str) -> tuple[set[str], list[ComposeContainer]]:
         """Draining ids and the service's containers, for reads: the cycle's shared listing if
         there is one (read together with the draining set, which a drain's end changes only
         together with dropping the listing), else a fresh one."""
         self._check_managed(service)
-        with self._lock:
+        with self._lock:  # one read of both: a drain's end changes them together
             draining, shared = set(self._draining), self._snapshot
         if isinstance(shared, BackendError):
             raise BackendError(f"{shared} (this cycle's listing; not asked again)")
@@ -632,19 +600,6 @@ class ComposeBackend:
         self._last = grouped
         self._share(generation, grouped)
         return grouped
-
-    def _share(
-        self, generation: int, listing: dict[str, list[ComposeContainer]] | BackendError
-    ) -> None:
-        with self._lock:
-            if self._in_cycle and generation == self._generation:
-                self._snapshot = listing
-
-    def _check_managed(self, service: str) -> None:
-        if service not in self._specs:
-            raise BackendError(
-                f"service {service!r} is not managed here (policy names: {sorted(self._specs)})"
-            )
 
     def _draining_ids(self) -> set[str]:
         with self._lock:

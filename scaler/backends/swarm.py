@@ -44,7 +44,6 @@ import logging
 import socket
 import threading
 import time
-from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -58,10 +57,10 @@ from scaler.backends.base import (
     BackendEvent,
     BackendHealth,
     ScaleResult,
-    ServiceSpec,
     WorkerInfo,
 )
 from scaler.backends.engine import ClientFactory, Engine, default_client_factory
+from scaler.backends.listing import CycleListing
 from scaler.backends.stranded import restore_stranded
 from scaler.backends.warm_pool import set_consumers
 from scaler.backends.worker_queries import ask_busy, names_by_host
@@ -147,7 +146,7 @@ def own_stack(client_factory: ClientFactory | None = None) -> str:
     return str(stack)
 
 
-class SwarmBackend:
+class SwarmBackend(CycleListing[dict[str, SwarmService]]):
     """Scales the managed worker services of one Swarm stack (see the module docstring)."""
 
     name = "swarm"
@@ -187,18 +186,13 @@ class SwarmBackend:
         self._attempts = attempts
         self._backoff_s = backoff_s
         self._poll_s = poll_s
-        self._specs: dict[str, ServiceSpec] = {}
-        self._lock = threading.Lock()
+        super().__init__()
         self._count_lock = threading.Lock()  # one count change at a time (version checks)
         self._draining: dict[str, str] = {}  # task id -> service
         self._drained: set[str] = set()  # task ids that exited after our drain
         self._events: list[BackendEvent] = []
         self._nodes: dict[str, str] = {}  # container host (short id) -> Celery node name
         self._seen_live: dict[str, tuple[str, str]] = {}  # task id -> (service, host) seen live
-        self._snapshot: dict[str, SwarmService] | BackendError | None = None
-        self._in_cycle = False
-        self._generation = 0
-        self._adopt_pending = True
         self._warm_noted: set[str] = set()
         self.resources_reader = resources or WorkerResources(app, timeout_s=inspect_timeout_s)
         self.restorer = restorer
@@ -206,23 +200,6 @@ class SwarmBackend:
         self._node_down: set[str] = set()  # Swarm node ids not "ready" at the last listing
 
     # -- the Backend interface ---------------------------------------------------------------
-
-    def manage(self, specs: Sequence[ServiceSpec]) -> None:
-        for spec in specs:
-            if not spec.name:
-                raise ValueError(f"service name {spec.name!r}: expected a non-empty name")
-        with self._lock:
-            self._specs = {spec.name: spec for spec in specs}
-            self._adopt_pending = True
-        self._invalidate()
-
-    def begin_cycle(self) -> None:
-        with self._lock:
-            self._in_cycle = True
-        self._invalidate()
-
-    def services(self) -> list[str]:
-        return list(self._specs)
 
     def workers(self, service: str) -> list[WorkerInfo]:
         view = self._view(service)
@@ -388,28 +365,9 @@ class SwarmBackend:
 
     def _view(self, service: str) -> SwarmService:
         self._check_managed(service)
-        with self._lock:
-            shared = self._snapshot
-        if isinstance(shared, BackendError):
-            raise BackendError(f"{shared} (this cycle's listing; not asked again)")
+        shared = self._shared()
         listing = shared if shared is not None else self._list()
         return listing[service]
-
-    def _share(self, generation: int, listing: dict[str, SwarmService] | BackendError) -> None:
-        with self._lock:
-            if self._in_cycle and generation == self._generation:
-                self._snapshot = listing
-
-    def _invalidate(self) -> None:
-        with self._lock:
-            self._snapshot = None
-            self._generation += 1
-
-    def _check_managed(self, service: str) -> None:
-        if service not in self._specs:
-            raise BackendError(
-                f"service {service!r} is not managed here (policy names: {sorted(self._specs)})"
-            )
 
     def _draining_ids(self) -> set[str]:
         with self._lock:
