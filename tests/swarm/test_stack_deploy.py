@@ -500,6 +500,12 @@ def test_a_burst_scales_across_nodes_and_the_standby_leads_when_the_leaders_node
             assert '"drained' in logs or " drained: " in logs, logs[-3000:]
         finally:
             cluster.start_node(leader_node)
+            # The killed engine's task containers are still on its disk when it comes back
+            # (exited, of tasks Swarm has since replaced elsewhere): a machine's crash leaves
+            # them too. Removed here so that swarm-down's check sees only what it made.
+            cluster.client(leader_node).containers.prune(
+                filters={"label": f"com.docker.stack.namespace={name}"}
+            )
     finally:
         docker_cli("service", "rm", probe, env=deployed.env, check=False)
 
@@ -516,7 +522,16 @@ def test_swarm_down_leaves_nothing(swarm_cluster: SwarmCluster, deployed: Deploy
     t0 = time.monotonic()
     make("swarm-down", {**deployed.env, "SWARM_REMOVE_SECRETS": "1"})
     deployed.timings["swarm_down"] = time.monotonic() - t0
-    wait_until("no leftovers", lambda: not swarm_cluster.stack_leftovers(deployed.name), 120, 1)
+    left: list[str] = []
+
+    def nothing_left() -> bool:
+        left[:] = swarm_cluster.stack_leftovers(deployed.name)
+        return not left
+
+    try:
+        wait_until("no leftovers", nothing_left, 120, 1)
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}: {left}") from None
     label = f"label=celery-stack.swarm={deployed.name}"
     left = docker_cli("secret", "ls", "-q", "--filter", label, env=deployed.env).stdout.split()
     assert not left, f"secrets left: {left}"
