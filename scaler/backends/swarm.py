@@ -270,6 +270,9 @@ class SwarmBackend(CycleListing[dict[str, SwarmService]]):
                     live_hosts[task.host] = service
                     self._seen_live[task.id] = (service, task.host)
             events += self._ended(service, view)
+        listed = {t.id for v in listing.values() for t in v.tasks}
+        for gone in set(self._seen_live) - listed:  # deleted by Swarm (a count change): history
+            del self._seen_live[gone]
         self._name(list(live_hosts))
         machines = self._node_names
         self.resources_reader.refresh(
