@@ -122,3 +122,29 @@ def test_the_overlays_are_encrypted_and_the_backend_is_closed() -> None:
     assert networks["ops"]["attachable"] is True
     published = [s for s, spec in stack["services"].items() if spec.get("ports")]
     assert published == []
+
+
+def test_one_policy_file_drives_compose_and_swarm_alike() -> None:
+    """The same shipped policy: compose.yaml mounts compose/scaler-policy.yaml into the Compose
+    scaler, stack.yaml ships that file (by default) as the Swarm scaler's config, and every
+    service the policy names is an opted-in worker service in both files, consuming the queue
+    the policy says, so each backend finds what the policy names."""
+    from scaler.policy import load_policy
+
+    policy = load_policy(COMPOSE / "scaler-policy.yaml")
+    compose = yaml.safe_load((COMPOSE / "compose.yaml").read_text())["services"]
+    stack = yaml.safe_load((COMPOSE / "stack.yaml").read_text())
+    (mount,) = [v for v in compose["scaler"]["volumes"] if v["target"] == "/etc/scaler/policy.yaml"]
+    assert mount["source"].endswith("./scaler-policy.yaml}"), mount
+    assert stack["configs"]["scaler_policy"]["file"].endswith("./scaler-policy.yaml}")
+    (config,) = stack["services"]["scaler"]["configs"]
+    assert config["source"] == "scaler_policy" and config["target"] == "/etc/scaler/policy.yaml"
+    assert "--backend" in stack["services"]["scaler"]["command"]
+    assert stack["services"]["scaler"]["command"][-1] == "/etc/scaler/policy.yaml"
+    for name, svc in policy.services.items():
+        (queue,) = svc.queues
+        in_compose, in_stack = compose[name], stack["services"][name]
+        assert in_compose["labels"]["autoscale.managed"] == "true", name
+        assert in_stack["deploy"]["labels"]["autoscale.managed"] == "true", name
+        assert in_compose["environment"]["WORKER_QUEUE"] == queue, name
+        assert in_stack["environment"]["WORKER_QUEUE"] == queue, name
