@@ -14,13 +14,13 @@ from celery import Celery
 from celery.signals import worker_process_init, worker_process_shutdown
 from kombu import Exchange, Queue
 
+import services.resource_report  # noqa: F401  (registers the resource_usage control command)
 from services.base_task import RecordingTask
 from services.config import PRIORITY_SEP, PRIORITY_STEPS, QUEUE_NAMES, Settings
 from services.db import DatabasePool
 from services.heartbeat import HeartbeatFile
 from services.ownership import OWNER_KEY, TRANSPORT, RestoreOnReconnect
 from services.records import TaskRecorder
-from services.resource_report import resource_usage  # registers the control command
 from services.schedule import beat_schedule
 from services.warm_start import WarmStart
 
@@ -170,7 +170,6 @@ def create_app(settings: Settings, main: str = "services") -> ServiceApp:
     app.steps["consumer"].add(HeartbeatFile)
     app.steps["consumer"].add(RestoreOnReconnect)
     app.steps["consumer"].add(WarmStart)  # WORKER_WARM_START=1: boot for the warm pool
-    assert resource_usage is not None  # imported for its control command (resource_report)
     logging.getLogger("services").setLevel(settings.log_level)
 
     # Weak references would let these closures be collected at once; the app lives as long.

@@ -183,8 +183,6 @@ class SwarmBackend(CycleListing[dict[str, SwarmService]]):
         self._drain_timeout_s = drain_timeout_s
         self._exit_timeout_s = exit_timeout_s
         self._timeout_s = inspect_timeout_s
-        self._attempts = attempts
-        self._backoff_s = backoff_s
         self._poll_s = poll_s
         super().__init__()
         self._count_lock = threading.Lock()  # one count change at a time (version checks)
@@ -436,8 +434,9 @@ class SwarmBackend(CycleListing[dict[str, SwarmService]]):
     ) -> tuple[str, ...]:
         self._name([t.host for t in serving if t.host])
         named = {t.id: self._node_of(service, t) for t in serving}
+        engine = self._engine
         busy = ask_busy(self.app, list(named.values()), timeout_s=self._timeout_s,
-                        attempts=self._attempts, backoff_s=self._backoff_s)  # fmt: skip
+                        attempts=engine.attempts, backoff_s=engine.backoff_s)  # fmt: skip
         idle = [t for t in serving if busy.get(named[t.id]) is False]
         per_node: dict[str, int] = {}
         for t in serving:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 from typing import Any
 
 from scaler.backends.base import BackendError
@@ -66,11 +66,3 @@ def names_by_host(app: Any, hosts: Iterable[str], *, timeout_s: float) -> dict[s
             if host in wanted:
                 found.setdefault(host, []).append(node)
     return {host: nodes[0] for host, nodes in found.items() if len(nodes) == 1}
-
-
-def reply_of(replies: Iterable[Mapping[str, Any]] | None, node: str) -> Any:
-    """The reply ``node`` gave in a control broadcast's replies, or None."""
-    for reply in replies or []:
-        if node in reply:
-            return reply[node]
-    return None

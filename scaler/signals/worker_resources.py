@@ -19,10 +19,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from scaler.observations import Resources
+from services.resource_report import COMMAND  # the command the workers register
 
 log = logging.getLogger(__name__)
-
-COMMAND = "resource_usage"
 
 
 def _number(value: object) -> float | None:
