@@ -36,7 +36,7 @@ from typing import Literal
 
 from scaler.history import History, ServiceHistory
 from scaler.observations import Observations, Resources, ServiceObservation
-from scaler.policy import Policy, ServicePolicy
+from scaler.policy import Policy, ServicePolicy, Target
 
 __all__ = ["Decision", "History", "ServiceControl", "decide"]
 
@@ -256,6 +256,18 @@ def summarise_load(sp: ServicePolicy, so: ServiceObservation) -> Load:
 # --- 3. recommendation --------------------------------------------------------------------------
 
 
+def depth_count(tgt: Target, work: int, current: int) -> int:
+    """The depth rule alone: ceil(work / tasks_per_replica), or ``current`` while the ratio of
+    work to what the current replicas are meant to hold is within the tolerance band (also the
+    arming rule's arithmetic, so that its ring level agrees with this to the message)."""
+    assert tgt.tasks_per_replica is not None
+    raw = math.ceil(work / tgt.tasks_per_replica)
+    ratio = work / (tgt.tasks_per_replica * current) if current > 0 else None
+    if raw != current and ratio is not None and abs(ratio - 1.0) <= tgt.tolerance:
+        return current
+    return raw
+
+
 def recommend_from_backlog(sp: ServicePolicy, load: Load, current: int, reasons: list[str]) -> int:
     """ceil(work / tasks_per_replica) with the tolerance band; or, latency-only, what is busy."""
     tgt = sp.target
@@ -266,11 +278,10 @@ def recommend_from_backlog(sp: ServicePolicy, load: Load, current: int, reasons:
             f"work {work} (waiting {load.waiting}, in flight {load.in_flight}) / target "
             f"{tgt.tasks_per_replica:g} per replica -> {raw}"
         )
-        if current > 0 and raw != current:
+        if raw != current and depth_count(tgt, work, current) == current:
             ratio = work / (tgt.tasks_per_replica * current)
-            if abs(ratio - 1.0) <= tgt.tolerance:
-                raw = current
-                text += f"; within tolerance {tgt.tolerance:g} (ratio {ratio:.2f}) -> {current}"
+            raw = current
+            text += f"; within tolerance {tgt.tolerance:g} (ratio {ratio:.2f}) -> {current}"
         reasons.append(text)
         return raw
     # Latency only: the objective decides growth (recommend_for_latency); with nothing waiting

@@ -42,6 +42,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from scaler.arming import ring_level
 from scaler.backends.base import Backend, BackendEvent, ScaleResult, ServiceSpec
 from scaler.control import ControlStore, ControlUnavailable, Override
 from scaler.decide import Decision, ServiceControl, decide
@@ -573,34 +574,33 @@ class Scaler:
                 log.info(json.dumps({"event": "wakeup", "services": sorted(woken)}))
 
     def _watch_arrivals(self, report: CycleReport) -> None:
-        """Arm the detector for the services a *new* backlog should decide at once: nothing was
-        waiting on their queues at this cycle, and they are at their minimum (or their count is
-        unread) or below the last decision's target. A service with a backlog already seen is
-        decided at its ticks (an early decision would see what this one saw); a standby arms
-        none."""
+        """Arm the detector by ``scaler.arming``'s rule: a new backlog on an idle service at its
+        minimum (or short of its target), or a backlog grown past what a held decision saw, is
+        decided at once; a standby arms none."""
         if self.detector is None:
             return
         policy = self.source.policy
-        armed: set[str] = set()
+        levels: dict[str, int] = {}
         for name, svc in policy.services.items():
             seen = report.observations.services.get(name)
-            current = seen.replicas if seen else None
-            decision = report.decisions.get(name)
-            wanted = decision.desired if decision else None
-            waiting = (
-                [seen.queues[q].waiting for q in svc.queues if q in seen.queues] if seen else []
+            signals = [seen.queues[q] for q in svc.queues if q in seen.queues] if seen else []
+            level = ring_level(
+                svc,
+                report.decisions.get(name),
+                seen.replicas if seen else None,
+                sum(s.waiting or 0 for s in signals),
+                sum(s.in_flight or 0 for s in signals),
             )
-            if any(w for w in waiting):
-                continue
-            if current is None or current <= svc.min_replicas or (wanted or 0) > current:
-                armed.add(name)
+            if level is not None:
+                levels[name] = level
         queues = {q: name for name, svc in policy.services.items() for q in svc.queues}
         self.detector.watch(
             Watch(
                 queues,
-                frozenset(armed if report.leading else ()),
+                frozenset(levels if report.leading else ()),
                 enabled=policy.wakeup.events,
                 debounce_s=policy.wakeup.debounce_s,
+                levels={k: v for k, v in levels.items() if v} if report.leading else {},
             )
         )
         if self.metrics is not None:

@@ -15,20 +15,23 @@ one at worst: 1 to 2 s at the stack's 2 s). The broker can tell us instead:
 - **RabbitMQ** (and any other broker): Celery's ``task-sent`` events, which a producer sends when
   ``task_send_sent_event`` is on (the app sets it). Only publishes through Celery are seen.
 
-An arrival wakes the loop only for a service that is *armed* and only when it leaves a backlog:
-the loop arms, after every cycle, the services with nothing waiting that are at their minimum or
-below their target (the last decision wanted more than they run) or whose count it could not
-read; a busy service above its minimum, or one whose backlog a cycle has already seen, waits for
-its tick. Right before a ring the detector checks that something waits (Redis: ``LLEN`` of the
-service's lists; a message a free consumer took at once is no backlog), so a trickle that idle
-replicas absorb costs a length check per window, not a decision.
-Wake-ups are debounced per service (``Debouncer``): the first arrival rings at once, the ones
-within ``debounce_s`` after it are coalesced into one more ring at the window's end (if the
-service is still armed then), so a flood of N messages costs about one decision per window, not
-N. The periodic cycle stays: it is the safety net. A lost connection, notifications switched
-off, or a probe that never comes back turns detection to *polling*: the status and the
-``scaler_event_detection_up`` metric say so and why, the detector reconnects with backoff, and
-on its return rings every armed service once (a backlog may have landed while it was blind).
+An arrival wakes the loop only for a service that is *armed* and only when it leaves a backlog
+over the service's ring level: the loop arms, after every cycle, by ``scaler.arming``'s rule (at
+0: an idle service at its minimum, below its target, or whose count it could not read; at a
+level: a service at its minimum whose decision saw a backlog within its target and held, which
+rings again once the backlog reaches what the target would scale on). Right before a ring the
+detector checks the backlog (Redis: ``LLEN`` of the service's lists; a message a free consumer
+took at once is no backlog), so a trickle that idle replicas absorb costs a length check per
+window, not a decision.
+Wake-ups at level 0 are debounced per service (``Debouncer``): the first arrival rings at once,
+the ones within ``debounce_s`` after it are coalesced into one more ring at the window's end (if
+the service is still armed then), so a flood of N messages costs about one decision per window,
+not N. A ring at a level needs no window: the level is crossed once per cycle (the service rings
+once, then waits for the loop's next arming). The periodic cycle stays: it is the safety net.
+A lost connection, notifications switched off, or a probe that never comes back turns detection
+to *polling*: the status and the ``scaler_event_detection_up`` metric say so and why, the
+detector reconnects with backoff, and on its return rings every armed service once (a backlog
+may have landed while it was blind).
 """
 
 from __future__ import annotations
@@ -39,7 +42,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import redis
@@ -87,7 +90,9 @@ class Alarm:
 
 class Debouncer:
     """At most one ring per service per window: the first arrival at once, later ones in the
-    window folded into one ring at its end (if the service is still armed then).
+    window folded into one ring at its end (if the service is still armed then). A service armed
+    at a level (``level`` > 0) rings at the first arrival that finds the backlog over it, then
+    not again until ``rearm`` (the loop's next arming).
 
     ``armed`` is asked at the window's end; ``backlog`` (when given) right before each ring, which
     is skipped when the arrival left nothing waiting (a free consumer took it at once: no new
@@ -104,9 +109,11 @@ class Debouncer:
         clock: Callable[[], float] = time.monotonic,
         backlog: Callable[[str], bool] | None = None,
         recheck_s: float = 0.01,
+        level: Callable[[str], int] = lambda service: 0,
     ) -> None:
         self._ring, self._armed, self._window_s, self._clock = ring, armed, window_s, clock
-        self._backlog = backlog
+        self._backlog, self._level = backlog, level
+        self._latched: set[str] = set()  # rung at their level since the last arming
         self.recheck_s = recheck_s
         self.taken_at_once = 0  # checks that found nothing waiting: no ring
         self._cond = threading.Condition()
@@ -127,8 +134,16 @@ class Debouncer:
         if self._thread.is_alive():
             self._thread.join(5)
 
+    def rearm(self) -> None:
+        """The loop armed again (after a cycle): services rung at a level may ring again."""
+        with self._cond:
+            self._latched.clear()
+
     def arrival(self, service: str) -> None:
         """One arrival for an armed ``service``: ring now, or fold it into the window's ring."""
+        if self._level(service) > 0:
+            self._level_arrival(service)
+            return
         with self._cond:
             now = self._clock()
             last = self._fired_at.get(service)
@@ -140,6 +155,21 @@ class Debouncer:
                 return
             self._fired_at[service] = now
         self._fire({service})
+
+    def _level_arrival(self, service: str) -> None:
+        """Ring once the backlog is over the service's level; once per arming."""
+        with self._cond:
+            if service in self._latched:
+                self.coalesced += 1
+                return
+        if self._backlog is not None and not self._backlog(service):
+            return
+        with self._cond:
+            if service in self._latched:
+                return
+            self._latched.add(service)
+            self.rings[service] = self.rings.get(service, 0) + 1
+        self._ring({service})
 
     def _fire(self, services: set[str]) -> None:
         """Ring those of ``services`` with a backlog (all of them without a ``backlog`` check)."""
@@ -209,6 +239,8 @@ class Watch:
     armed: frozenset[str]
     enabled: bool = True
     debounce_s: float = 0.2
+    # service -> ring only when more than this many messages wait (absent: any backlog)
+    levels: Mapping[str, int] = field(default_factory=dict)
 
 
 class WakeupDetector:
@@ -233,8 +265,13 @@ class WakeupDetector:
         self._stop = threading.Event()
         self._lock = threading.Lock()
         self._debouncer = Debouncer(
-            ring, self._is_armed, lambda: self._watch.debounce_s, backlog=self._has_backlog
+            ring,
+            self._is_armed,
+            lambda: self._watch.debounce_s,
+            backlog=self._has_backlog,
+            level=lambda service: self._watch.levels.get(service, 0),
         )
+        self._since_watch: dict[str, int] = {}  # arrivals per service since the last arming
         self._thread = threading.Thread(target=self._run, name="wakeup-listen", daemon=True)
         self.mode = POLLING
         self.reason: str | None = "connecting: no event seen yet"
@@ -261,6 +298,8 @@ class WakeupDetector:
         """The loop's view after a cycle: queues to services, the armed services, the policy."""
         with self._lock:
             old, self._watch = self._watch, watch
+            self._since_watch = {}
+        self._debouncer.rearm()
         if (old.queues, old.enabled) != (watch.queues, watch.enabled):
             self._changed.set()
 
@@ -278,6 +317,7 @@ class WakeupDetector:
                 "since": self.since,
                 "debounce_s": self._watch.debounce_s,
                 "armed": sorted(self._watch.armed),
+                "levels": dict(sorted(self._watch.levels.items())),
                 "arrivals": self.arrivals,
                 "ignored": self.ignored,
                 "wakeups": dict(self._debouncer.rings),
@@ -292,9 +332,12 @@ class WakeupDetector:
         raise NotImplementedError
 
     def _has_backlog(self, service: str) -> bool:
-        """Whether something waits on ``service``'s queues now (True when unknown: then the
-        decision itself reads it)."""
-        return True
+        """Whether the backlog on ``service``'s queues is over its ring level now. A detector
+        that cannot read queue lengths answers True at level 0 (the decision reads them) and, at
+        a level, once more messages than the level arrived since the arming: late rather than
+        spurious, as it cannot tell what the consumers took meanwhile."""
+        level = self._watch.levels.get(service, 0)
+        return level == 0 or self._since_watch.get(service, 0) > level
 
     def _is_armed(self, service: str) -> bool:
         watch = self._watch
@@ -307,6 +350,7 @@ class WakeupDetector:
             return
         with self._lock:
             self.arrivals += 1
+            self._since_watch[service] = self._since_watch.get(service, 0) + 1
             armed = watch.enabled and service in watch.armed
             if not armed:
                 self.ignored += 1
@@ -391,8 +435,9 @@ class RedisKeyspaceDetector(WakeupDetector):
         self._lengths: redis.Redis | None = None  # for _has_backlog, beside the subscriber
 
     def _has_backlog(self, service: str) -> bool:
-        """LLEN of the service's lists (one pipeline): an arrival a waiting consumer took at
-        once (BRPOP) left them empty, and then there is no new backlog to decide on."""
+        """LLEN of the service's lists (one pipeline) over its ring level: an arrival a waiting
+        consumer took at once (BRPOP) left them empty, and then there is no new backlog to
+        decide on; a held service rings only once its backlog reached its level."""
         keys = [
             key
             for queue, owner in self._watch.queues.items()
@@ -407,7 +452,8 @@ class RedisKeyspaceDetector(WakeupDetector):
             with self._lengths.pipeline(transaction=False) as pipe:
                 for key in keys:
                     pipe.llen(key)
-                return any(int(n) for n in pipe.execute())
+                waiting = sum(int(n) for n in pipe.execute())
+            return waiting > self._watch.levels.get(service, 0)
         except redis.RedisError:
             return True  # unknown: let the decision read the queues itself
 

@@ -21,12 +21,13 @@ What is modelled, and why so (the backend's behaviour is docs/scaler-compose-bac
   replicas first (they consume after ``promote_s``: ``add_consumer``), then starts cold ones; a
   scale-down returns drained replicas to the pool (at once: they are idle) while it is short,
   and the pool is refilled or trimmed to the decision's ``warm`` after every decision.
-- Event-driven detection (the policy's ``wakeup``), with ``scaler.loop``'s arming rule: after
-  each cycle a service is armed when nothing was waiting on its queues and it is at its minimum
-  or below the decision's count; an arrival that leaves a backlog on an armed service wakes the
-  scaler ``EVENT_LATENCY_S`` later (on a 1/256 s grid), at most once per ``debounce_s`` per
-  service. After any cycle the next periodic one comes an interval later, as the real loop
-  waits ``interval_s`` after each cycle.
+- Event-driven detection (the policy's ``wakeup``), with the loop's arming rule
+  (``scaler.arming.ring_level``, the same function): after each cycle a service is armed at a
+  ring level or not at all; an arrival that leaves more than that many waiting on its queues
+  wakes the scaler ``EVENT_LATENCY_S`` later (on a 1/256 s grid): at level 0 at most once per
+  ``debounce_s`` per service, at a level once until the next cycle arms it again. After any
+  cycle the next periodic one comes an interval later, as the real loop waits ``interval_s``
+  after each cycle.
 - Worker CPU is each service's running tasks' host share, averaged over the cycle, in percent of
   what its ready replicas may use (``cpu_limit_cores`` each); host CPU is the base plus every
   running task's share (or a schedule override). Durations do not stretch when the host is busy.
@@ -48,6 +49,7 @@ from operator import itemgetter
 from random import Random
 from typing import Literal, NamedTuple
 
+from scaler.arming import ring_level
 from scaler.decide import decide
 from scaler.history import History
 from scaler.observations import Observations, QueueSignal, Resources, ServiceObservation
@@ -249,6 +251,7 @@ class _Svc:
         "peak",
         "queues",
         "replicas",
+        "ring_above",
         "rs_int",
         "rs_t",
         "slots",
@@ -273,7 +276,8 @@ class _Svc:
         self.mem = m.memory_percent
         self.rs_int = self.rs_t = 0.0
         self.ws_int = 0.0
-        self.armed = False  # wakeup: a new backlog here wakes the loop (set after each cycle)
+        # wakeup: more waiting than this wakes the loop; None: not armed (set after each cycle)
+        self.ring_above: int | None = None
         self.last_ring = -INF
         self.n_warming = self.n_warm = self.n_releasing = 0
         self.peak = 0
@@ -582,11 +586,18 @@ def simulate(
                     if r.state == READY:
                         s.slots -= 1
                         start_task(s, q, r, now)
-            if s.armed and q.next_pub > q.next_start and t_wake == INF:
-                # A new backlog on an armed service: wake the loop, once per debounce window.
-                t_wake = _on_wake_grid(max(now + EVENT_LATENCY_S, s.last_ring + debounce))
-                s.last_ring = t_wake
-                t_cycle = min(t_cycle, t_wake)
+            level = s.ring_above
+            if level is not None and q.next_pub > q.next_start and t_wake == INF:
+                if level == 0:
+                    # A new backlog on an idle service: wake the loop, once per debounce window.
+                    t_wake = _on_wake_grid(max(now + EVENT_LATENCY_S, s.last_ring + debounce))
+                    s.last_ring = t_wake
+                    t_cycle = min(t_cycle, t_wake)
+                elif sum(x.next_pub - x.next_start for x in s.queues) > level:
+                    # A held backlog grown to its level: wake once, until the next arming.
+                    t_wake = _on_wake_grid(now + EVENT_LATENCY_S)
+                    s.ring_above = None
+                    t_cycle = min(t_cycle, t_wake)
         else:
             now = t_cycle
             if now > end_at:
@@ -643,11 +654,7 @@ def simulate(
             decided, history = decide(policy, obs, history, clock)
             for s, serving, w, f, age_max in seen:
                 d = decided[s.name]
-                s.armed = (
-                    events
-                    and w == 0
-                    and (serving <= s.sp.min_replicas or (d.desired or 0) > serving)
-                )
+                s.ring_above = ring_level(s.sp, d, serving, w, f) if events else None
                 steps.append(
                     Step(
                         now,

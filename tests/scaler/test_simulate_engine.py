@@ -360,3 +360,21 @@ def test_events_wake_the_scaler_for_a_new_backlog_and_a_flood_costs_few_decision
     check_invariants(r)
     assert r.stats["woken_cycles"] <= 120 / 0.5
     assert r.cycles <= 120 / 2 + r.stats["woken_cycles"] + 1
+
+
+def test_a_burst_whose_first_messages_were_held_is_decided_again_as_it_grows() -> None:
+    """The reaction benchmark's case, offline: a burst spread over half a second reaches a
+    service at its minimum with idle slots. Its first waiting messages wake the loop, whose
+    decision holds (within the target); the rest of the burst must wake it again once it is
+    what the target scales on, not wait for the next periodic cycle."""
+    t = trace([burst(30.5, 200, 0.5)], duration_s=60)
+    woken = simulate(policy(), t, seed=1)
+    polled = simulate(policy(wakeup={"events": False}), t, seed=1)
+    check_invariants(woken)
+    assert first_up(polled).t == 32.0
+    assert 30.5 < first_up(woken).t < 31.0
+    held = [
+        d for d in woken.decisions if d.service == "worker-io" and 30.5 < d.t < first_up(woken).t
+    ]
+    assert woken.stats["woken_cycles"] >= 2, "one wake for the first messages, one as it grew"
+    assert all(d.action == "hold" for d in held)

@@ -287,3 +287,100 @@ def test_an_arrival_taken_at_once_does_not_hold_back_the_backlog_right_behind_it
         assert rang[0][0] - sent < 0.5, "held back for the whole debounce window"
     finally:
         debouncer.stop()
+
+
+def test_a_service_armed_at_a_level_rings_once_the_backlog_reaches_it_without_a_window() -> None:
+    """A held decision arms its service at a level: arrivals below it ring nothing, the first
+    one over it rings at once (no debounce window: the level is the debounce), later ones are
+    folded until the loop arms again."""
+    rang: list[set[str]] = []
+    waiting = {"io": 3}
+    level = {"io": 10}
+    debouncer = Debouncer(
+        rang.append,
+        armed=lambda s: True,
+        window_s=lambda: 60.0,  # a whole minute: a ring at the level must not wait for it
+        backlog=lambda s: waiting[s] > level[s],
+        level=lambda s: level[s],
+    )
+    debouncer.start()
+    try:
+        for n in range(4, 11):
+            waiting["io"] = n
+            debouncer.arrival("io")
+        assert rang == []
+        waiting["io"] = 11
+        debouncer.arrival("io")
+        assert rang == [{"io"}]
+        waiting["io"] = 40
+        debouncer.arrival("io")
+        assert rang == [{"io"}] and debouncer.coalesced == 1
+        debouncer.rearm()  # the loop's next arming, still at the level
+        debouncer.arrival("io")
+        assert rang == [{"io"}, {"io"}]
+    finally:
+        debouncer.stop()
+
+
+class HeldAtOneBackend(RecordingBackend):
+    """One serving replica as far as the loop can tell (the count is the test's), so a small
+    backlog is within the target and the decision holds."""
+
+    def replicas(self, service: str) -> int:
+        return 1
+
+
+def test_a_burst_whose_first_messages_were_held_wakes_the_loop_again_as_it_grows(
+    tmp_path: Path,
+) -> None:
+    """On a real Redis: the first messages of a burst ring, their decision holds (within the
+    target), and the rest of the burst rings again once it reaches what the target scales on:
+    the scale-up comes within a fraction of the 30 s interval, not at the next tick."""
+    with redis_server("--notify-keyspace-events", "Kl") as server:
+        app = redis_app(server.url)
+        policy = {
+            "interval_s": 30,
+            "stale_after_s": 60,
+            "host": {"cpu_percent": 100, "memory_percent": 100},
+            "services": {
+                "io": {
+                    "queues": [QUEUE],
+                    "min_replicas": 1,
+                    "max_replicas": 3,
+                    "target": {"tasks_per_replica": 10, "tolerance": 0.15},
+                }
+            },
+        }
+        backend = HeldAtOneBackend(app=app, workdir=tmp_path / "workers")
+        backend.calls = []
+        backend.manage([ServiceSpec("io", (QUEUE,))])
+        scaler = Scaler(
+            PolicySource(parse_policy(policy, env={})),
+            backend,
+            Collector(queue_reader_for_app(app)),
+            metrics=ScalerMetrics(),
+        )
+        detector = RedisKeyspaceDetector(
+            server.url, scaler.alarm.ring,
+            key_prefix=app.conf.broker_transport_options["global_keyprefix"],
+        )  # fmt: skip
+        with running(scaler, detector):
+            poll_until(lambda: detector.up and "io" in detector.status()["armed"],
+                       "detection up and io armed", timeout_s=10)  # fmt: skip
+            with app.producer_or_acquire() as producer:
+                for n in range(3):
+                    producer.publish({"n": n}, routing_key=QUEUE, exchange="")
+            poll_until(
+                lambda: detector.status()["levels"].get("io") == 11,
+                "io held and armed at 11 (over 10 x 1.15 of work)",
+                timeout_s=10,
+            )
+            assert backend.calls == []
+            sent = time.monotonic()
+            with app.producer_or_acquire() as producer:
+                for n in range(3, 20):
+                    producer.publish({"n": n}, routing_key=QUEUE, exchange="")
+            poll_until(lambda: backend.calls, "a scale-up", timeout_s=40)
+            at, replicas = backend.calls[0]
+            assert replicas == 2
+            assert at - sent < 30 / 4, f"scaled {at - sent:.1f} s after: waited for a tick"
