@@ -58,6 +58,8 @@ class ScaleResult:
     started: tuple[str, ...] = ()
     draining: tuple[str, ...] = ()
     promoted: tuple[str, ...] = ()  # warm replicas that serve now (in ``started`` too)
+    # booting warm replicas taken as serving: consumers added once they answer (in ``started``)
+    committed: tuple[str, ...] = ()
     to_pool: tuple[str, ...] = ()  # drained replicas returning to the warm pool
     warm_started: tuple[str, ...] = ()  # replicas started for the warm pool
     warm_stopped: tuple[str, ...] = ()  # warm replicas being stopped (pool trimmed)

@@ -433,15 +433,19 @@ class ComposeBackend(CycleListing[dict[str, list[ComposeContainer]]]):
                 promoted = self._promote(service, pool, replicas - before, fence)
                 pool = [c for c in pool if c.name not in promoted]
                 need = replicas - before - len(promoted)
+                committed = self._commit(service, pool, need, warm, fence) if need else ()
+                pool = [c for c in pool if c.name not in committed]
+                need -= len(committed)
+                taken = (*promoted, *committed)
                 try:
                     started = self._scale_up(service, containers, need, fence) if need else ()
                 except BackendError:
-                    if not promoted:
+                    if not taken:
                         raise
                     started = ()
-                after = before + len(promoted) + len(started)
-                result = ScaleResult(service, before, after, started=(*promoted, *started),
-                                     promoted=promoted)  # fmt: skip
+                after = before + len(taken) + len(started)
+                result = ScaleResult(service, before, after, started=(*taken, *started),
+                                     promoted=promoted, committed=committed)  # fmt: skip
             elif replicas < before:
                 with self._lock:
                     pooling = sum(1 for svc in self._to_pool.values() if svc == service)
@@ -501,7 +505,7 @@ class ComposeBackend(CycleListing[dict[str, list[ComposeContainer]]]):
         self._stats.track((cid for cid in live if cid in limits), limits)
         with self._lock:
             events, self._events = [*self._events, *events], []
-        return events
+        return [*events, *self._pool.events()]
 
     def resources(self, service: str) -> Resources:
         """Mean of the latest streamed samples of the service's live containers (no API call)."""
@@ -905,6 +909,24 @@ class ComposeBackend(CycleListing[dict[str, list[ComposeContainer]]]):
             if self._pool.promote(service, c.id, self._specs[service].queues, fence) is None:
                 promoted.append(c.name)
         return tuple(promoted)
+
+    def _commit(
+        self, service: str, pool: list[ComposeContainer], need: int, warm: int | None, fence: Fence
+    ) -> tuple[str, ...]:
+        """Take booting members the pool is about to lose as serving (``WarmPool.commit``), up
+        to ``need``: no cold container beside a member being stopped (serving + warm over max)."""
+        if warm is None:
+            return ()
+        with self._lock:
+            pooling = sum(1 for svc in self._to_pool.values() if svc == service)
+        excess = len(pool) + pooling - warm
+        booting = [c for c in pool if self._pool.node(c.id) is None]
+        taken: list[str] = []
+        for c in booting[: max(0, min(need, excess))]:
+            resolve = partial(self._resolve_node, c.id)
+            if self._pool.commit(service, c.id, resolve, self._specs[service].queues, fence):
+                taken.append(c.name)
+        return tuple(taken)
 
     def _size_pool(
         self,

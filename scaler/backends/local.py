@@ -257,6 +257,7 @@ class LocalBackend:
             pool = [w for w in running if w.name in members]
             before = len(serving)
             promoted: list[str] = []
+            committed: list[str] = []
             started: list[str] = []
             draining: list[str] = []
             to_pool: list[str] = []
@@ -270,6 +271,18 @@ class LocalBackend:
                     if self._pool.promote(service, worker.name, queues, fence) is None:
                         promoted.append(worker.name)
                 need = replicas - before - len(promoted)
+                if need and warm is not None:
+                    # Booting members the pool is about to lose serve instead (WarmPool.commit):
+                    # no cold worker beside one being stopped, serving + warm within max.
+                    rest = [w for w in pool if w.name not in promoted]
+                    pooling = sum(w.state == "pooling" for w in self._group(service))
+                    booting = [w for w in rest if self._pool.node(w.name) is None]
+                    for worker in booting[: max(0, min(need, len(rest) + pooling - warm))]:
+                        # A local worker's node name is its name.
+                        resolve = partial(str, worker.name)
+                        if self._pool.commit(service, worker.name, resolve, queues, fence):
+                            committed.append(worker.name)
+                    need -= len(committed)
                 if need and self.restart_backoff.may_start(service):  # else crash loop: health()
                     started = [self._start(service, fence).name for _ in range(need)]
             elif replicas < before:
@@ -282,16 +295,17 @@ class LocalBackend:
                     else:
                         self._spawn(self._drain, worker, fence)
                         draining.append(worker.name)
+            taken = (*promoted, *committed)
             warm_started, warm_stopped = (
-                self._size_pool(service, [w for w in pool if w.name not in promoted], warm, fence)
+                self._size_pool(service, [w for w in pool if w.name not in taken], warm, fence)
                 if warm is not None
                 else ((), ())
             )
-        after = before + len(promoted) + len(started) - len(draining) - len(to_pool)
+        after = before + len(taken) + len(started) - len(draining) - len(to_pool)
         return ScaleResult(
-            service, before, after, started=(*promoted, *started), draining=tuple(draining),
-            promoted=tuple(promoted), to_pool=tuple(to_pool), warm_started=warm_started,
-            warm_stopped=warm_stopped,
+            service, before, after, started=(*taken, *started), draining=tuple(draining),
+            promoted=tuple(promoted), committed=tuple(committed), to_pool=tuple(to_pool),
+            warm_started=warm_started, warm_stopped=warm_stopped,
         )  # fmt: skip
 
     def _size_pool(

@@ -21,6 +21,13 @@ Rules:
   ready members are promoted; booting ones count as warm (the decision core's ``warm``).
 - A promote leaves the member in the set until every ``add_consumer`` is confirmed; a failed one
   is reported and the member stays warm (the cold start covers the scale-up).
+- A scale-up that needs more than the ready members, while the pool must shrink (serving + warm
+  within max), *commits* booting members the pool would lose: out of the set at once (serving
+  from now on, in the count) and given their consumers by their watch once they answer. Starting
+  a cold replica and stopping the booting member instead would run one container over max for
+  the seconds its stop takes, and the booting member is no later than a cold start would be.
+  A committed member whose watch ends unanswered (a scaler restart, a boot timeout) is a serving
+  worker consuming nothing: the stranded-worker rule gives it its queues.
 - Every reconcile asks the ready members which queues they consume (one ``active_queues``
   request, answered in milliseconds): one whose consumer came back is cancelled again if it
   holds no task, else it leaves the pool and counts as serving; both are reported.
@@ -170,6 +177,7 @@ class WarmPool:
     boot_timeout_s: float = 180.0  # a member that never answers is reported and left to prune
     poll_s: float = 0.2
     _ready: dict[str, str] = field(default_factory=dict, init=False)  # member -> node name
+    _committed: set[str] = field(default_factory=set, init=False)  # booting, taken as serving
     _watching: dict[str, threading.Thread] = field(default_factory=dict, init=False)
     _events: list[BackendEvent] = field(default_factory=list, init=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, init=False)
@@ -217,6 +225,33 @@ class WarmPool:
             self.leave(service, member)
         return gone
 
+    def commit(
+        self,
+        service: str,
+        member: str,
+        resolve: Callable[[], str | None],
+        queues: Sequence[str],
+        fence: Fence,
+    ) -> bool:
+        """Take a booting member as serving: out of the set now, consumers added by its watch
+        once it answers (module docstring); one that answered meanwhile is promoted. False when
+        it is not serving (a failed promotion: it stays warm)."""
+        fence.check(f"take booting {member} of {service}'s warm pool as serving")
+        with self._lock:
+            ready = member in self._ready  # it answered since the caller looked: promote it
+            if not ready:
+                self._committed.add(member)
+        if ready:
+            return self.promote(service, member, queues, fence) is None
+        self.store.discard(service, member)
+        self.watch(service, member, resolve, queues, fence)
+        return True
+
+    def committed(self) -> set[str]:
+        """Members taken as serving whose consumers are not added yet."""
+        with self._lock:
+            return set(self._committed)
+
     # -- booting members ---------------------------------------------------------------------
     def watch(
         self,
@@ -252,24 +287,43 @@ class WarmPool:
         deadline = time.monotonic() + self.boot_timeout_s
         try:
             while time.monotonic() < deadline:
-                if member not in self.members(service):
+                # The store first: ``commit`` marks before it removes, so one of the two holds.
+                in_pool = member in self.members(service)
+                with self._lock:
+                    committed = member in self._committed
+                if not committed and not in_pool:
                     return  # trimmed or promoted meanwhile
                 node = resolve()
                 consumed = consumed_queues(self.app, [node], self.timeout_s) if node else {}
-                if node and node in consumed:
-                    if set(consumed[node]) & set(queues):  # no warm-start step: cancel now
-                        problem = set_consumers(
-                            self.app, node, queues, add=False, fence=fence, timeout_s=self.timeout_s
-                        )
-                        if problem:
-                            self._note(service, "warm-cancel-failed", f"{node}: {problem}")
-                            time.sleep(self.poll_s)
-                            continue
-                    with self._lock:
+                if not node or node not in consumed:
+                    time.sleep(self.poll_s)
+                    continue
+                if not committed and set(consumed[node]) & set(queues):
+                    # No warm-start step: cancel now.
+                    problem = set_consumers(
+                        self.app, node, queues, add=False, fence=fence, timeout_s=self.timeout_s
+                    )
+                    if problem:
+                        self._note(service, "warm-cancel-failed", f"{node}: {problem}")
+                        time.sleep(self.poll_s)
+                        continue
+                with self._lock:  # ready, unless a scale-up took it meanwhile (``commit``)
+                    committed = member in self._committed
+                    if not committed:
                         self._ready[member] = node
+                if not committed:
                     log.info("warm replica %s (%s) ready", node, service)
                     return
-                time.sleep(self.poll_s)
+                problem = set_consumers(
+                    self.app, node, queues, add=True, fence=fence, timeout_s=self.timeout_s
+                )
+                if problem:
+                    self._note(service, "commit-failed", f"{node}: {problem}")
+                    time.sleep(self.poll_s)
+                    continue
+                detail = f"{node} booted and serves (taken by a scale-up while booting)"
+                self._note(service, "warm-committed", detail)
+                return
             self._note(service, "warm-boot-timeout",
                        f"{member} did not answer within {self.boot_timeout_s:g} s")  # fmt: skip
         except LeadershipLost as exc:
@@ -279,6 +333,7 @@ class WarmPool:
         finally:
             with self._lock:
                 self._watching.pop(member, None)
+                self._committed.discard(member)
 
     def wait_ready(self, timeout_s: float) -> bool:
         """Wait for the watches in progress (for tests and benchmarks); True if none is left."""

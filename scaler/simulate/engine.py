@@ -18,9 +18,10 @@ What is modelled, and why so (the backend's behaviour is docs/scaler-compose-bac
   not a replica any more, but it costs until it is gone ``drain_s`` later.
 - The warm pool (a service's ``warm``): warm replicas boot like cold ones (``startup_s``), then
   consume nothing and cost ``warm_seconds``, not replica-seconds. A scale-up takes booted warm
-  replicas first (they consume after ``promote_s``: ``add_consumer``), then starts cold ones; a
-  scale-down returns drained replicas to the pool (at once: they are idle) while it is short,
-  and the pool is refilled or trimmed to the decision's ``warm`` after every decision.
+  replicas first (they consume after ``promote_s``: ``add_consumer``), then booting ones the
+  pool would lose (serving from then on, consuming ``promote_s`` after their boot), then starts
+  cold ones; a scale-down returns drained replicas to the pool (at once: they are idle) while it
+  is short, and the pool is refilled or trimmed to the decision's ``warm`` after every decision.
 - Event-driven detection (the policy's ``wakeup``), with the loop's arming rule
   (``scaler.arming.ring_level``, the same function): after each cycle a service is armed at a
   ring level or not at all; an arrival that leaves more than that many waiting on its queues
@@ -69,7 +70,7 @@ __all__ = [
     "simulate",
 ]
 
-STARTING, READY, DRAINING, GONE, WARMING, WARM, RELEASING = 0, 1, 2, 3, 4, 5, 6
+STARTING, READY, DRAINING, GONE, WARMING, WARM, RELEASING, COMMITTED = 0, 1, 2, 3, 4, 5, 6, 7
 _COMPLETE, _READY, _DRAINED, _WARMED = 0, 1, 2, 3
 EVENT_LATENCY_S = 0.005  # publish to the scaler's woken decision (keyspace notification + wake)
 INF = math.inf
@@ -404,6 +405,15 @@ def simulate(
         s.n_warming += 1
         push(heap, (now + s.draw_startup(), next(seq), _WARMED, s, r, 0))
 
+    def commit(s: _Svc, r: _Replica, now: float) -> None:
+        """A booting warm replica the pool would lose, taken as serving (WarmPool.commit):
+        starting from now, consuming ``promote_s`` after its boot ends."""
+        rs_update(s, now)
+        r.state = COMMITTED
+        s.n_warming -= 1
+        s.n_starting += 1
+        s.peak = max(s.peak, s.n_ready + s.n_starting)
+
     def promote(s: _Svc, r: _Replica, now: float) -> None:
         """A booted warm replica starts consuming (add_consumer): serving, ready shortly."""
         rs_update(s, now)
@@ -561,6 +571,9 @@ def simulate(
                     r.life.ready = now
                     s.n_warming -= 1
                     s.n_warm += 1
+                elif r.state == COMMITTED:  # booted: its consumers added, then ready
+                    r.state = STARTING
+                    push(heap, (now + s.draw_promote(), next(seq), _READY, s, r, 0))
             else:  # drained or released: gone
                 s = a
                 rs_update(s, now)
@@ -693,6 +706,12 @@ def simulate(
                     if s.n_warm:  # the pool first: booted, consuming after add_consumer
                         for r in [r for r in s.replicas if r.state == WARM][:need]:
                             promote(s, r, now)
+                            need -= 1
+                    excess = s.n_warm + s.n_warming - d.warm
+                    if need and excess > 0 and s.n_warming:  # booting ones the pool would lose
+                        booting = [r for r in s.replicas if r.state == WARMING]
+                        for r in booting[: min(need, excess)]:
+                            commit(s, r, now)
                             need -= 1
                     for _ in range(need):
                         add_replica(s, now, ready_now=False)

@@ -9,6 +9,7 @@ scaler sees). The figures go to $CHAOS_REPORT like the worker-level scenarios'.
 
 from __future__ import annotations
 
+import subprocess
 import threading
 import time
 from collections.abc import Iterator
@@ -18,6 +19,7 @@ from chaos_figures import Figures
 from exactly_once import absorbed_redeliveries, runs_per_task
 from prometheus_client.parser import text_string_to_metric_families
 from stack_env import (
+    IO_QUEUE,
     IO_SERVICE,
     POLICY,
     ChaosStack,
@@ -516,3 +518,154 @@ def _docker_time(text: str) -> float:
     stamp = docker_time(text)
     assert stamp is not None, text
     return stamp
+
+
+# worker-io with a warm pool of one beside its serving replica (serving + warm within its max 3).
+WARM_POLICY = POLICY.replace("    max_replicas: 3\n", "    max_replicas: 3\n    warm: 1\n")
+
+
+def _worker_log(container: str) -> list[str]:
+    """The worker's log lines, both streams in time order (``docker logs --timestamps``)."""
+    proc = subprocess.run(["docker", "logs", "--timestamps", container], capture_output=True,
+                          text=True, timeout=60, check=True)  # fmt: skip
+
+    def at(line: str) -> str:  # RFC 3339 with nanoseconds; pad a trimmed fraction
+        stamp = line.split(" ", 1)[0].rstrip("Z")
+        whole, _, fraction = stamp.partition(".")
+        return f"{whole}.{fraction:0<9}"
+
+    lines = [line for line in (proc.stdout + proc.stderr).splitlines() if line.strip()]
+    return sorted(lines, key=at)
+
+
+def _received_while_warm(lines: list[str]) -> list[str]:
+    """Tasks the worker received before its first consumer was added (while it was warm)."""
+    booted = [i for i, line in enumerate(lines) if "warm start: consuming nothing" in line]
+    assert booted, "the replica did not boot warm (no warm-start line in its log)"
+    added = [i for i, line in enumerate(lines) if f"Started consuming from {IO_QUEUE}" in line]
+    return [line for line in lines[: (added or [len(lines)])[0]] if "] received" in line]
+
+
+def _warm_one(stack: ChaosStack) -> tuple[str, str] | None:
+    """(container, node) of worker-io's warm replica once the scaler shows 1 serving and 1
+    warm, the warm one answers and consumes nothing and holds nothing, and the other consumes
+    the queue; None until then."""
+    io = stack.status()["services"][IO_SERVICE]
+    running = stack.running(IO_SERVICE)
+    if (io["current"], io["warm"], len(running)) != (1, 1, 2):
+        return None
+    nodes = {stack.node_of(c): c for c in running}
+    assert stack.app is not None
+    queues = stack.app.control.inspect(list(nodes), timeout=1.0).active_queues() or {}
+    consumed = {n: [q["name"] for q in queues.get(n) or []] for n in nodes if n in queues}
+    warm = [n for n, names in consumed.items() if names == []]
+    serving = [n for n, names in consumed.items() if names == [IO_QUEUE]]
+    if len(warm) != 1 or len(serving) != 1 or stack.held(warm[0]):
+        return None
+    return nodes[warm[0]], warm[0]
+
+
+def _scaler_ready(stack: ChaosStack, node: str, since: str) -> bool:
+    """The scaler marked ``node`` a ready warm member (only ready ones are promoted; /status's
+    ``warm`` counts booting ones too): its log says so."""
+    logs = stack.project.run("logs", "--no-color", "--since", since, "scaler", timeout=60)
+    return f"warm replica {node} ({IO_SERVICE}) ready" in logs.stdout + logs.stderr
+
+
+def _effects_by_host(stack: ChaosStack, ids: list[str]) -> dict[str, int]:
+    """Effect rows of ``ids`` per worker hostname (the container that ran the task)."""
+    import psycopg2
+
+    conn = psycopg2.connect(stack.database_url, connect_timeout=5)
+    try:
+        with conn.cursor() as cur:
+            cur.execute("SELECT hostname, count(*) FROM task_effects WHERE task_id = ANY(%s)"
+                        " GROUP BY hostname", (ids,))  # fmt: skip
+            return {str(host): int(n) for host, n in cur.fetchall()}
+    finally:
+        conn.close()
+
+
+def test_a_warm_pool_loses_nothing_when_its_promoted_replica_is_killed(
+    stack: ChaosStack, figures: Figures
+) -> None:
+    """worker-io keeps one warm replica (booted, consuming nothing). A burst promotes it
+    (add_consumer, no cold start); it is SIGKILLed holding its full prefetch. Each task done
+    once, no task a live worker held run twice, no warm replica ever received a task, and the
+    pool is refilled."""
+    assert WARM_POLICY != POLICY
+    stack.at_min()
+    first = set(stack.running(IO_SERVICE))
+    since = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(time.time() - 1))
+    stack.write_policy(WARM_POLICY)
+    try:
+        warm, warm_node = wait_until("worker-io: 1 serving and 1 warm replica consuming nothing",
+                                     lambda: _warm_one(stack), deadline_s=90)  # fmt: skip
+        assert warm not in first, f"the serving {warm} reported warm"
+        # The burst only once the scaler itself counts it ready: a booting member is not
+        # promoted, and the scale-up would start a cold replica instead.
+        wait_until(f"the scaler to mark {warm_node} ready", lambda: _scaler_ready(
+            stack, warm_node, since), deadline_s=30)  # fmt: skip
+        # 8 tasks of 4 s: the serving replica (4 threads, prefetch 1) takes 4, 4 wait: work 8
+        # asks for 2 replicas, so the scale-up promotes the warm one, which takes the 4 waiting
+        # while the other is still busy (the pool is then refilled: serving 2 + warm 1 = max).
+        ids = stack.burst("warmpool", 8, 4.0)
+        wait_until(f"the warm {warm} promoted and running the burst",
+                   lambda: set(stack.held(warm_node)) & set(ids), deadline_s=30,
+                   every_s=0.1)  # fmt: skip
+        held = stack.freeze_holding_full(warm, warm_node, ids)
+        lines = _worker_log(warm)  # before the kill: its container is removed once replaced
+        early = _received_while_warm(lines)
+        received = sum("] received" in line for line in lines)
+        assert received >= len(held), f"{warm}'s log names {received} received tasks"
+        live = holders(stack, exclude=warm)
+        t_death = time.time()
+        stack.docker("kill", warm)
+        recovery = finish_death(stack, figures, ids, f"docker kill (SIGKILL) of {warm}, promoted "
+                                "from the warm pool by a burst of 8 tasks of 4 s, holding its "
+                                "full prefetch", t_death, held, live)  # fmt: skip
+        assert not early, f"{warm} received tasks while warm: {early[:3]}"
+
+        t_settled = time.time()
+        refill, _ = wait_until("the pool refilled: 1 serving and 1 warm again",
+                                         lambda: _warm_one(stack), deadline_s=60)  # fmt: skip
+        refilled_s = round(time.time() - t_settled, 2)
+        never_warm = _received_while_warm(_worker_log(refill))
+        assert not never_warm, f"{refill} received tasks while warm: {never_warm[:3]}"
+        by_host = _effects_by_host(stack, ids)
+        refill_host = stack.docker("inspect", "-f", "{{.Config.Hostname}}", refill).strip()
+        assert refill_host not in by_host, f"the warm {refill} ran {by_host[refill_host]} tasks"
+        status = stack.status()
+        assert not status["errors"] and not status.get("policy_error"), status["errors"]
+        figures.notes.append(f"the promoted {warm} held {len(held)} tasks at the kill; the scaler "
+                             f"restored {restored_by_scaler(stack, warm_node)} (visibility timeout "
+                             f"1 h, as shipped); the last of them done {recovery} s after the "
+                             "kill")  # fmt: skip
+        figures.notes.append(f"effects by host: {dict(sorted(by_host.items()))}; no warm replica "
+                             f"received a task; the pool held 1 warm ({refill}) {refilled_s} s "
+                             "after the burst settled")  # fmt: skip
+    except BaseException:
+        io = stack.status()["services"][IO_SERVICE]
+        print(f"--- {IO_SERVICE} in /status: {io}\n--- events: {stack.status()['events'][-20:]}")
+        logs = stack.project.run("logs", "--no-color", "--tail", "3000", "scaler", check=False,
+                                 timeout=60)  # fmt: skip
+        acts = [
+            line
+            for line in logs.stdout.splitlines()
+            if IO_SERVICE in line
+            and '"action": "hold", "emergency": false, "reasons": ["work 0' not in line
+        ]
+        print("--- scaler log lines on worker-io but idle holds\n" + "\n".join(acts[-60:]))
+        raise
+    finally:
+        stack.write_policy(POLICY)
+    wait_until(
+        f"{IO_SERVICE} back at its minimum with no warm replica",
+        lambda: (
+            (io := stack.status()["services"][IO_SERVICE])["current"] == 1
+            and not io["warm"]
+            and len(stack.running(IO_SERVICE)) == 1
+        ),
+        deadline_s=60,
+    )
+    stack.healthy()

@@ -356,6 +356,40 @@ def test_warm_pool_promotes_refills_returns_to_the_pool_and_trims(stack: Stack) 
         b.close()
 
 
+def test_a_scale_up_to_max_takes_a_booting_warm_member_never_a_container_over_max(
+    stack: Stack,
+) -> None:
+    """Serving 1 + warm 1 still booting, then a decision for 2 serving with no room left for
+    the pool (warm 0): the booting member is taken as serving (committed) instead of a cold
+    clone started beside it while it is stopped (one container over max for seconds)."""
+    store = RedisPoolStore.from_url(stack.app.conf.broker_url)
+    b = ComposeBackend(stack.project, stack.app, drain_timeout_s=60, pool_store=store)
+    b.manage([SPEC])
+    two = f"{stack.project}-worker-2"
+    try:
+        assert b.scale("worker", 1, warm=1).warm_started == (two,)
+        assert b._pool.node(docker.from_env().api.inspect_container(two)["Id"]) is None
+        up = b.scale("worker", 2, warm=0)
+        assert up.committed == (two,) and up.started == (two,), up
+        assert up.warm_stopped == () and (b.replicas("worker"), b.warm("worker")) == (2, 0)
+        assert len(stack.names("worker")) == 2, "a container beside the two allowed"
+        node_two = _node(two)
+        events: list[Any] = []
+
+        def serving() -> bool:
+            events.extend(b.reconcile())
+            replies = stack.app.control.inspect([node_two], timeout=1.0).active_queues() or {}
+            return [q["name"] for q in replies.get(node_two, [])] == ["work"]
+
+        poll_until(serving, "the committed worker-2 consuming", 60)
+        assert len(stack.names("worker")) == 2
+        poll_until(lambda: events.extend(b.reconcile()) or "warm-committed" in
+                   [e.kind for e in events], "the commit reported", 30)  # fmt: skip
+        assert "consumers-restored" not in [e.kind for e in events], events
+    finally:
+        b.close()
+
+
 # -- a dead container is replaced -----------------------------------------------------------------
 
 

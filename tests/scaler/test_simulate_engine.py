@@ -378,3 +378,26 @@ def test_a_burst_whose_first_messages_were_held_is_decided_again_as_it_grows() -
     ]
     assert woken.stats["woken_cycles"] >= 2, "one wake for the first messages, one as it grew"
     assert all(d.action == "hold" for d in held)
+
+
+def test_a_scale_up_to_max_takes_the_booting_warm_replica_never_one_over_max() -> None:
+    """max 3, the pool's replica still booting when a burst asks for max (no room left for the
+    pool): it is taken as serving (as WarmPool.commit does) instead of a cold start beside it
+    while it is stopped; no instant holds more than max replicas, warm and leaving included."""
+    r = simulate(policy({"warm": 1, "max_replicas": 3}), trace([burst(1, 300)], duration_s=30),
+                 seed=3)  # fmt: skip
+    check_invariants(r)
+    assert r.published == r.completed == 300
+    up = first_up(r)
+    assert (up.before, up.after) == (1, 3) and up.t < 3.0, "the pool's replica still boots"
+    edges = sorted(
+        [(life.created, 1) for life in r.replicas]
+        + [(life.gone, -1) for life in r.replicas if life.gone is not None]
+    )
+    alive = peak = 0
+    for _, step in edges:
+        alive += step
+        peak = max(peak, alive)
+    assert peak <= 3, f"{peak} replicas at once, max 3"
+    (pooled,) = [life for life in r.replicas if life.warm and life.created == 0.0]
+    assert pooled.gone is None or pooled.gone > up.t + 3, "the booting one was stopped"

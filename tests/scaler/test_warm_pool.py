@@ -174,3 +174,26 @@ def test_a_restarted_scaler_adopts_the_pool_and_corrects_a_member_consuming_agai
     assert [e.kind for e in events] == ["warm-consumer-corrected"], events
     assert consumed(app, member) == []
     assert store.members(SERVICE) == {member}
+
+
+def test_a_scale_up_to_max_takes_a_booting_warm_worker_as_serving_never_one_over_max(
+    backend: LocalBackend, app: Any, store: RedisPoolStore
+) -> None:
+    """max 2, serving 1 + warm 1 still booting, and a decision for 2 serving (the pool's share
+    of max is gone: warm 0). Starting a cold worker and stopping the booting member would run
+    three workers for the seconds the stop takes; the booting member is taken as serving
+    instead (committed), gets its queue once it answers, and runs work."""
+    backend.scale(SERVICE, 1, warm=1)
+    (member,) = store.members(SERVICE)
+    assert backend._pool.node(member) is None, "the member answered already: not booting"
+    up = backend.scale(SERVICE, 2, warm=0)
+    assert up.committed == (member,) and up.started == (member,), up
+    assert up.warm_started == () and up.warm_stopped == (), up
+    assert (backend.replicas(SERVICE), backend.warm(SERVICE)) == (2, 0)
+    assert len(names(backend)) == 2, "a third worker beside the two allowed"
+    assert store.members(SERVICE) == set()
+    poll_until(lambda: consumed(app, member) == [QUEUE], "the committed worker consuming",
+               timeout_s=60)  # fmt: skip
+    assert len(names(backend)) == 2
+    events = [e.kind for e in backend.reconcile()]
+    assert "warm-committed" in events and "consumers-restored" not in events, events
