@@ -247,11 +247,6 @@ class WarmPool:
         self.watch(service, member, resolve, queues, fence)
         return True
 
-    def committed(self) -> set[str]:
-        """Members taken as serving whose consumers are not added yet."""
-        with self._lock:
-            return set(self._committed)
-
     # -- booting members ---------------------------------------------------------------------
     def watch(
         self,
@@ -298,15 +293,9 @@ class WarmPool:
                 if not node or node not in consumed:
                     time.sleep(self.poll_s)
                     continue
-                if not committed and set(consumed[node]) & set(queues):
-                    # No warm-start step: cancel now.
-                    problem = set_consumers(
-                        self.app, node, queues, add=False, fence=fence, timeout_s=self.timeout_s
-                    )
-                    if problem:
-                        self._note(service, "warm-cancel-failed", f"{node}: {problem}")
-                        time.sleep(self.poll_s)
-                        continue
+                stray = not committed and set(consumed[node]) & set(queues)
+                if stray and not self._consumers(service, node, queues, False, fence):
+                    continue  # no warm-start step, and its cancel failed: try again
                 with self._lock:  # ready, unless a scale-up took it meanwhile (``commit``)
                     committed = member in self._committed
                     if not committed:
@@ -314,12 +303,7 @@ class WarmPool:
                 if not committed:
                     log.info("warm replica %s (%s) ready", node, service)
                     return
-                problem = set_consumers(
-                    self.app, node, queues, add=True, fence=fence, timeout_s=self.timeout_s
-                )
-                if problem:
-                    self._note(service, "commit-failed", f"{node}: {problem}")
-                    time.sleep(self.poll_s)
+                if not self._consumers(service, node, queues, True, fence):
                     continue
                 detail = f"{node} booted and serves (taken by a scale-up while booting)"
                 self._note(service, "warm-committed", detail)
@@ -334,6 +318,19 @@ class WarmPool:
             with self._lock:
                 self._watching.pop(member, None)
                 self._committed.discard(member)
+
+    def _consumers(
+        self, service: str, node: str, queues: Sequence[str], add: bool, fence: Fence
+    ) -> bool:
+        """For a watch: add (a committed member) or cancel (a member without the warm-start
+        step) ``node``'s consumers; on failure report it and pause before the next try."""
+        problem = set_consumers(self.app, node, queues, add=add, fence=fence,
+                                timeout_s=self.timeout_s)  # fmt: skip
+        if problem:
+            kind = "commit-failed" if add else "warm-cancel-failed"
+            self._note(service, kind, f"{node}: {problem}")
+            time.sleep(self.poll_s)
+        return problem is None
 
     def wait_ready(self, timeout_s: float) -> bool:
         """Wait for the watches in progress (for tests and benchmarks); True if none is left."""

@@ -98,14 +98,21 @@ def redis_server(*args: str) -> Iterator[RedisServer]:
         server.kill()
 
 
-def make_scaler(tmp_path: Path, app: Celery, interval_s: float) -> tuple[Scaler, RecordingBackend]:
+def make_scaler(
+    tmp_path: Path,
+    app: Celery,
+    interval_s: float,
+    io: dict[str, Any] | None = None,
+    backend_class: type[RecordingBackend] = RecordingBackend,
+) -> tuple[Scaler, RecordingBackend]:
+    """The real loop on ``app``'s queues, with io's rules (min 0, max 3 unless ``io`` says)."""
     policy = {
         "interval_s": interval_s,
         "stale_after_s": max(10.0, 2 * interval_s),
         "host": {"cpu_percent": 100, "memory_percent": 100},
-        "services": {"io": {"queues": [QUEUE], "min_replicas": 0, "max_replicas": 3}},
+        "services": {"io": {"queues": [QUEUE], "min_replicas": 0, "max_replicas": 3, **(io or {})}},
     }
-    backend = RecordingBackend(app=app, workdir=tmp_path / "workers")
+    backend = backend_class(app=app, workdir=tmp_path / "workers")
     backend.calls = []
     backend.manage([ServiceSpec("io", (QUEUE,))])
     scaler = Scaler(
@@ -338,28 +345,8 @@ def test_a_burst_whose_first_messages_were_held_wakes_the_loop_again_as_it_grows
     the scale-up comes within a fraction of the 30 s interval, not at the next tick."""
     with redis_server("--notify-keyspace-events", "Kl") as server:
         app = redis_app(server.url)
-        policy = {
-            "interval_s": 30,
-            "stale_after_s": 60,
-            "host": {"cpu_percent": 100, "memory_percent": 100},
-            "services": {
-                "io": {
-                    "queues": [QUEUE],
-                    "min_replicas": 1,
-                    "max_replicas": 3,
-                    "target": {"tasks_per_replica": 10, "tolerance": 0.15},
-                }
-            },
-        }
-        backend = HeldAtOneBackend(app=app, workdir=tmp_path / "workers")
-        backend.calls = []
-        backend.manage([ServiceSpec("io", (QUEUE,))])
-        scaler = Scaler(
-            PolicySource(parse_policy(policy, env={})),
-            backend,
-            Collector(queue_reader_for_app(app)),
-            metrics=ScalerMetrics(),
-        )
+        io = {"min_replicas": 1, "target": {"tasks_per_replica": 10, "tolerance": 0.15}}
+        scaler, backend = make_scaler(tmp_path, app, 30, io, HeldAtOneBackend)
         detector = RedisKeyspaceDetector(
             server.url, scaler.alarm.ring,
             key_prefix=app.conf.broker_transport_options["global_keyprefix"],
