@@ -536,10 +536,9 @@ def notes(result: Result, wanted: int) -> list[str]:
                 f"{VARIANTS[variant][0]}: in {len(held)} of {len(rows)} trials the first arrival "
                 "rang at once and its decision saw only the first messages of the burst "
                 f'("{"; ".join(held[0]["early_hold_reasons"])}": under the target, so it held); '
-                "the service, a backlog now seen, was no longer armed, and the next tick scaled "
-                f"up ({min(ticks):.2f}-{max(ticks):.2f} s in all). An event decision that holds "
-                "on a queue still growing should leave the service armed (or ring again at the "
-                "debounce window's end)."
+                "the service was not armed again at a level (scaler.arming) or the rest of the "
+                f"burst did not reach it, and the next tick scaled up ({min(ticks):.2f}-"
+                f"{max(ticks):.2f} s in all)."
             )
         if len(ticked) > len(held):
             out.append(f"{VARIANTS[variant][0]}: in {len(ticked) - len(held)} trial(s) a tick "
