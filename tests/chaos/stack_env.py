@@ -376,7 +376,8 @@ class ChaosStack:
 
     def healthy(self, deadline_s: float = 60) -> float:
         """Wait for a healthy stack: every worker service running >= 1 replica as the scaler
-        sees it, the scaler healthy with no errors; returns the seconds it took."""
+        sees it (serving, plus its warm pool), the scaler healthy with no errors; returns the
+        seconds it took."""
         started = time.monotonic()
 
         def ok() -> bool:
@@ -386,8 +387,9 @@ class ChaosStack:
             if s["errors"] or s.get("policy_error"):
                 return False
             for w in WORKERS:
-                current = s["services"].get(w, {}).get("current")
-                if not current or current != len(self.running(w)):
+                svc = s["services"].get(w, {})
+                current = svc.get("current")
+                if not current or current + int(svc.get("warm") or 0) != len(self.running(w)):
                     return False
             return True
 

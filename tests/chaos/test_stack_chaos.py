@@ -635,8 +635,7 @@ def test_a_warm_pool_loses_nothing_when_its_promoted_replica_is_killed(
         by_host = _effects_by_host(stack, ids)
         refill_host = stack.docker("inspect", "-f", "{{.Config.Hostname}}", refill).strip()
         assert refill_host not in by_host, f"the warm {refill} ran {by_host[refill_host]} tasks"
-        status = stack.status()
-        assert not status["errors"] and not status.get("policy_error"), status["errors"]
+        stack.healthy()  # serving + warm replicas as the engine runs them, no errors
         figures.notes.append(f"the promoted {warm} held {len(held)} tasks at the kill; the scaler "
                              f"restored {restored_by_scaler(stack, warm_node)} (visibility timeout "
                              f"1 h, as shipped); the last of them done {recovery} s after the "
