@@ -248,6 +248,8 @@ class Scaler:
     def cycle(self) -> CycleReport:
         """One observe -> decide -> act -> record pass."""
         started = time.monotonic()
+        if self.detector is not None:  # arrivals wait for this cycle's arming
+            self.detector.deciding()
         if self._reload.is_set():
             self._reload.clear()
             self.source.reload()
@@ -566,6 +568,8 @@ class Scaler:
             except Exception:
                 self.consecutive_failures += 1
                 log.exception(json.dumps({"event": "cycle-crashed"}))
+            if self.detector is not None:
+                self.detector.resume()
             if max_cycles is not None and self.cycles >= max_cycles:
                 return
             # The interval, cut short when an arrival on an armed service's queue rings.

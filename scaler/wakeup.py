@@ -94,6 +94,12 @@ class Debouncer:
     at a level (``level`` > 0) rings at the first arrival that finds the backlog over it, then
     not again until ``rearm`` (the loop's next arming).
 
+    While the loop decides (``pause`` until ``rearm``) nothing rings: a ring then would be judged
+    against the arming the cycle is replacing (a scale-up under way would be decided again at
+    once, for nothing). Arrivals meanwhile are held, and ``rearm`` judges them against the new
+    arming: at a level at once (the backlog that grew while a held decision was made rings as
+    soon as it is made, not at the next arrival or the window's end), at 0 with their window.
+
     ``armed`` is asked at the window's end; ``backlog`` (when given) right before each ring, which
     is skipped when the arrival left nothing waiting (a free consumer took it at once: no new
     backlog, nothing to decide); a window whose check found nothing lasts only ``recheck_s``, so
@@ -114,6 +120,8 @@ class Debouncer:
         self._ring, self._armed, self._window_s, self._clock = ring, armed, window_s, clock
         self._backlog, self._level = backlog, level
         self._latched: set[str] = set()  # rung at their level since the last arming
+        self._paused = False  # the loop is deciding: arrivals are held until it arms again
+        self._held: set[str] = set()
         self.recheck_s = recheck_s
         self.taken_at_once = 0  # checks that found nothing waiting: no ring
         self._cond = threading.Condition()
@@ -134,13 +142,40 @@ class Debouncer:
         if self._thread.is_alive():
             self._thread.join(5)
 
+    def pause(self) -> None:
+        """The loop is deciding: hold arrivals and due rings until ``rearm``."""
+        with self._cond:
+            self._paused = True
+
+    def resume(self) -> None:
+        """``rearm`` if still paused (a cycle that failed before arming)."""
+        with self._cond:
+            paused = self._paused
+        if paused:
+            self.rearm()
+
     def rearm(self) -> None:
-        """The loop armed again (after a cycle): services rung at a level may ring again."""
+        """The loop armed again (after a cycle): services rung at a level may ring again, and
+        what arrived while it decided is judged against the new arming."""
         with self._cond:
             self._latched.clear()
+            self._paused = False
+            held, self._held = self._held, set()
+            armed = {s for s in held if self._armed(s)}
+            now = {s for s in armed if self._level(s) > 0}
+            if armed - now:
+                self._pending |= armed - now
+                self._cond.notify_all()
+        for service in sorted(now):
+            self._level_arrival(service)
 
     def arrival(self, service: str) -> None:
         """One arrival for an armed ``service``: ring now, or fold it into the window's ring."""
+        with self._cond:
+            if self._paused:
+                self.coalesced += 1
+                self._held.add(service)
+                return
         if self._level(service) > 0:
             self._level_arrival(service)
             return
@@ -219,6 +254,9 @@ class Debouncer:
                     self._cond.wait(max(0.001, first + window - now))
                     continue
                 self._pending -= due
+                if self._paused:  # judged against the next arming
+                    self._held |= due
+                    continue
                 fire = {s for s in due if self._armed(s)}
                 for service in fire:
                     self._fired_at[service] = now
@@ -293,6 +331,14 @@ class WakeupDetector:
         if self._thread.is_alive():
             self._thread.join(5)
         self._debouncer.stop()
+
+    def deciding(self) -> None:
+        """A cycle starts: arrivals wait for its arming (``Debouncer.pause``)."""
+        self._debouncer.pause()
+
+    def resume(self) -> None:
+        """A cycle ended without arming (it failed): judge what it held against the last one."""
+        self._debouncer.resume()
 
     def watch(self, watch: Watch) -> None:
         """The loop's view after a cycle: queues to services, the armed services, the policy."""

@@ -371,3 +371,38 @@ def test_a_burst_whose_first_messages_were_held_wakes_the_loop_again_as_it_grows
             at, replicas = backend.calls[0]
             assert replicas == 2
             assert at - sent < 30 / 4, f"scaled {at - sent:.1f} s after: waited for a tick"
+
+
+def test_arrivals_while_the_loop_decides_are_judged_against_its_new_arming_at_once() -> None:
+    """While a cycle runs nothing rings (a ring would be judged against the arming the cycle is
+    replacing); when it arms again, what arrived meanwhile is judged at once: at a level, a
+    backlog already over it rings then, not at the next arrival or the window's end; a service
+    the cycle left unarmed does not ring at all."""
+    rang: list[set[str]] = []
+    waiting = {"io": 0, "cpu": 0}
+    level = {"io": 0, "cpu": 0}
+    armed = {"io": True, "cpu": True}
+    debouncer = Debouncer(
+        rang.append,
+        armed=lambda s: armed[s],
+        window_s=lambda: 60.0,
+        backlog=lambda s: waiting[s] > level[s],
+        level=lambda s: level[s],
+    )
+    debouncer.start()
+    try:
+        debouncer.pause()  # a cycle starts
+        waiting.update(io=40, cpu=5)
+        debouncer.arrival("io")
+        debouncer.arrival("cpu")
+        assert rang == []
+        level["io"] = 31  # the cycle held io at a level; cpu scaled up: not armed
+        armed["cpu"] = False
+        debouncer.rearm()
+        assert rang == [{"io"}], "the held backlog over the new level rings at the arming"
+        debouncer.pause()
+        debouncer.arrival("cpu")
+        debouncer.resume()  # a cycle that failed before arming
+        assert rang == [{"io"}]
+    finally:
+        debouncer.stop()
