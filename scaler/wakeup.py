@@ -27,7 +27,9 @@ Wake-ups at level 0 are debounced per service (``Debouncer``): the first arrival
 the ones within ``debounce_s`` after it are coalesced into one more ring at the window's end (if
 the service is still armed then), so a flood of N messages costs about one decision per window,
 not N. A ring at a level needs no window: the level is crossed once per cycle (the service rings
-once, then waits for the loop's next arming). The periodic cycle stays: it is the safety net.
+once, then waits for the loop's next arming). While a cycle decides nothing rings; what
+arrives meanwhile is judged against the arming it ends with. The periodic cycle stays: it is
+the safety net.
 A lost connection, notifications switched off, or a probe that never comes back turns detection
 to *polling*: the status and the ``scaler_event_detection_up`` metric say so and why, the
 detector reconnects with backoff, and on its return rings every armed service once (a backlog
