@@ -5,18 +5,19 @@ simulator (``scaler.simulate.engine``) models the same rule with this same funct
 policy's reaction offline is the reaction it gets for real. A ring level is a backlog: an
 arrival rings for the service when more than that many messages wait on its queues.
 
-- **Nothing waiting**, and the service at its minimum, below the last decision's count, or its
-  count unread: armed at 0, any new backlog rings.
-- **A backlog seen and held**: the decision kept the count because the work it saw was within
-  the target (the early decision of a burst sees only its first messages). Armed at the backlog
-  that would make the depth rule want more: ``tasks_per_replica x current x (1 + tolerance)``
-  of work, less what is in flight (never below what this cycle saw, so only growth rings; an
-  emergency depth on one of its queues lowers it). Without this, that early decision disarmed
-  the service and the rest of the burst waited for the next tick.
+- **At its minimum with replicas** (and a depth target): armed at the backlog that would make
+  the depth rule want more: ``tasks_per_replica x current x (1 + tolerance)`` of work, less what
+  is in flight, computed with the rule's own arithmetic (never below what this cycle saw, so
+  only growth rings; an emergency depth on one of its queues lowers it). A smaller backlog
+  cannot change the decision (the depth rule keeps the count; latency and CPU rules are matters
+  of time, which the ticks see), so it costs no decision. This also covers a burst whose first
+  messages a decision saw and held: without it, that early decision disarmed the service and the
+  rest of the burst waited for the next tick.
+- **At 0** (any new backlog rings) with nothing waiting: a service at zero, one below the last
+  decision's count, one whose count is unread, or one at its minimum without a depth target.
 - Otherwise not armed: at its maximum (nothing to add), a decision already wants more (pacing
   holds it: an early decision would be held too), the service is above its minimum and not
-  short, or only a latency objective
-  could change the decision (that is a matter of time, which the ticks see).
+  short, or a backlog waits where only a latency objective could change the decision.
 """
 
 from __future__ import annotations
@@ -40,18 +41,22 @@ def ring_level(
     wanted = decision.desired if decision is not None else None
     if current is not None and current >= sp.max_replicas:
         return None  # nothing to add: no decision could differ
-    if waiting == 0:
-        if current is None or current <= sp.min_replicas or (wanted or 0) > current:
-            return 0
+    if current is None or current == 0 or (wanted or 0) > current:
+        return 0 if waiting == 0 else None  # unread, asleep or short: any new backlog
+    if current > sp.min_replicas:
         return None
-    return _held_backlog_level(sp, decision, current, waiting, in_flight)
+    level = _depth_level(sp, decision, current, waiting, in_flight)
+    if level is None:
+        return 0 if waiting == 0 else None
+    return level
 
 
-def _held_backlog_level(
-    sp: ServicePolicy, decision: Decision | None, current: int | None, waiting: int, in_flight: int
+def _depth_level(
+    sp: ServicePolicy, decision: Decision | None, current: int, waiting: int, in_flight: int
 ) -> int | None:
-    """The level for a service at its minimum whose decision saw a backlog and held."""
-    if current is None or decision is None or current > sp.min_replicas or current == 0:
+    """The first backlog the depth rule scales a service at its minimum on, less one (None when
+    the decision wants more already, or has no depth target)."""
+    if decision is None:
         return None
     if decision.desired != current or decision.recommended is None:
         return None

@@ -462,6 +462,9 @@ class ComposeBackend(CycleListing[dict[str, list[ComposeContainer]]]):
                 # Afresh: a refill clone's number must not collide with a cold clone this call
                 # has just created (a 409 from the engine, then a failed scale and a retry).
                 containers = self._list()[service]
+            # Busy replicas a scale-down could not remove take the pool's room: serving + warm
+            # stays within what the decision asked (replicas + warm, within max_replicas).
+            warm = max(0, warm - max(0, result.after - replicas))
             started_warm, stopped_warm = self._size_pool(service, containers, pool, warm, fence)
             return replace(result, warm_started=started_warm, warm_stopped=stopped_warm)
         finally:

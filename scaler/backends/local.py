@@ -296,12 +296,14 @@ class LocalBackend:
                         self._spawn(self._drain, worker, fence)
                         draining.append(worker.name)
             taken = (*promoted, *committed)
+            after = before + len(taken) + len(started) - len(draining) - len(to_pool)
+            if warm is not None:  # busy workers a scale-down could not remove take the pool's room
+                warm = max(0, warm - max(0, after - replicas))
             warm_started, warm_stopped = (
                 self._size_pool(service, [w for w in pool if w.name not in taken], warm, fence)
                 if warm is not None
                 else ((), ())
             )
-        after = before + len(taken) + len(started) - len(draining) - len(to_pool)
         return ScaleResult(
             service, before, after, started=(*taken, *started), draining=tuple(draining),
             promoted=tuple(promoted), committed=tuple(committed), to_pool=tuple(to_pool),

@@ -734,15 +734,18 @@ def simulate(
                     history = history.record_action(s.name, before, after, clock)
                     actions.append(Action(now, s.name, before, after, d.desired))
                 pool = s.n_warm + s.n_warming
-                if pool < d.warm:
-                    for _ in range(d.warm - pool):
+                # Replicas a scale-down could not remove (busy) take the pool's room: serving +
+                # warm stays within what the decision asked (within max), as the backends keep it.
+                want = max(0, d.warm - max(0, after - d.desired))
+                if pool < want:
+                    for _ in range(want - pool):
                         add_warm(s, now)
-                elif pool > d.warm:  # trim: the ones still booting first
+                elif pool > want:  # trim: the ones still booting first
                     extra = sorted(
                         (r for r in s.replicas if r.state in (WARMING, WARM)),
                         key=lambda r: (r.state != WARMING, -r.id),
                     )
-                    for r in extra[: pool - d.warm]:
+                    for r in extra[: pool - want]:
                         release(s, r, now)
             if horizon_s is None and settled_end is None and now >= cap:
                 break

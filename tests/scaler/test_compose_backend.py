@@ -390,6 +390,36 @@ def test_a_scale_up_to_max_takes_a_booting_warm_member_never_a_container_over_ma
         b.close()
 
 
+def test_busy_replicas_a_scale_down_cannot_remove_take_the_pool_s_room(stack: Stack) -> None:
+    """Two serving replicas, both busy, and a decision for 1 serving + 1 warm: only idle ones
+    are drained, none is, so the pool is not refilled beside them (3 containers, past max)."""
+    store = RedisPoolStore.from_url(stack.app.conf.broker_url)
+    b = ComposeBackend(stack.project, stack.app, drain_timeout_s=60, pool_store=store)
+    b.manage([SPEC])
+    release = f"release-{uuid.uuid4().hex}"
+    try:
+        b.scale("worker", 2)
+        nodes = [_node(name) for name in stack.names("worker")]
+        for node in nodes:
+            _await_worker(stack, node)
+        held = [stack.app.send_task("cst.hold", args=[release, 120], queue="work") for _ in nodes]
+
+        def both_busy() -> bool:
+            active = stack.app.control.inspect(nodes, timeout=0.5).active() or {}
+            return all(active.get(node) for node in nodes)
+
+        poll_until(both_busy, "both replicas to take a task", 30)
+        down = b.scale("worker", 1, warm=1)
+        assert down.after == 2 and down.draining == () and down.to_pool == (), down
+        assert down.warm_started == () and len(stack.names("worker")) == 2, down
+        assert store.members("worker") == set()
+        redis.Redis.from_url(stack.app.conf.broker_url).rpush(release, 1, 1)
+        for task in held:
+            task.get(timeout=30)
+    finally:
+        b.close()
+
+
 # -- a dead container is replaced -----------------------------------------------------------------
 
 
