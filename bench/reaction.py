@@ -57,12 +57,13 @@ from typing import Any
 
 import yaml
 
-from bench.context import Context
+from bench.context import ROOT, Context
 from bench.polling import BenchTimeout, poll_until
 from bench.result import Result
 from bench.stack_project import BenchStack, docker_epoch, ready_at
 from bench.stats import median, summary
-from scaler.policy import WakeupRules
+from scaler.decide import depth_count
+from scaler.policy import WakeupRules, load_policy
 
 NAME = "reaction"
 TITLE = "Reaction: backlog at minimum to the first added capacity consuming (benchmark 1)"
@@ -494,6 +495,31 @@ def summarise(samples: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
     return out
 
 
+def burst_floor(result: Result) -> list[str]:
+    """When the burst first is what worker-io's target scales on: the earliest any detection
+    could decide up. A second replica is wanted once the work (waiting + in flight) is past the
+    target's band for one replica; the publisher sends the burst one message after another."""
+    rows = result.samples["trials"].get("warm-events", [])
+    gaps = [r["publish_s"] / (TASKS - 1) for r in rows if r.get("publish_s")]
+    if not gaps:
+        return []
+    target = load_policy(ROOT / "compose/scaler-policy.yaml", env={}).services[SERVICE].target
+    if target.tasks_per_replica is None:
+        return []
+    needed = next(w for w in range(1, 10_000) if depth_count(target, w, 1) > 1)
+    floor = median(gaps) * (needed - 1)
+    total = result.summary["warm-events"]["total"]["median"]
+    return [
+        f"warm pool + events: no decision can want a second replica before the burst is "
+        f"{needed} tasks (worker-io's target, {target.tasks_per_replica:g} per replica within "
+        f"{target.tolerance:g}, counts waiting and in flight); the publisher sent a message "
+        f"every {median(gaps) * 1000:.1f} ms (median), so the {needed}th left "
+        f"{floor:.3f} s after the first: the floor of detection with this target. From there to "
+        f"the first task on the promoted replica: {total - floor:.3f} s of the "
+        f"{total:.3f} s median."
+    ]
+
+
 def notes(result: Result, wanted: int) -> list[str]:
     """The goals met or missed with figures; trials left out and why; the warm replica's cost."""
     summ, timeouts = result.summary, result.samples["timeouts"]
@@ -513,6 +539,7 @@ def notes(result: Result, wanted: int) -> list[str]:
             line += (f" The largest part is {PART_LABELS[largest].lower()} (median "
                      f"{parts[largest]['median']:.3f} s).")  # fmt: skip
         out.append(line)
+    out += burst_floor(result)
     polling = summ.get("cold-polling")
     for variant in ("warm-events", "cold-events", "keda-like"):
         if polling and variant in summ:
