@@ -506,7 +506,8 @@ def burst_floor(result: Result) -> list[str]:
     target = load_policy(ROOT / "compose/scaler-policy.yaml", env={}).services[SERVICE].target
     if target.tasks_per_replica is None:
         return []
-    needed = next(w for w in range(1, 10_000) if depth_count(target, w, 1) > 1)
+    tpr, band = target.tasks_per_replica, target.tolerance
+    needed = next(w for w in range(1, 10_000) if depth_count(tpr, band, w, 1) > 1)
     floor = median(gaps) * (needed - 1)
     total = result.summary["warm-events"]["total"]["median"]
     return [

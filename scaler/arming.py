@@ -23,6 +23,7 @@ arrival rings for the service when more than that many messages wait on its queu
 from __future__ import annotations
 
 import math
+from functools import lru_cache
 
 from scaler.decide import Decision, depth_count
 from scaler.policy import ServicePolicy
@@ -65,13 +66,19 @@ def _depth_level(
     tpr = sp.target.tasks_per_replica
     if tpr is None:
         return None
-    # The first backlog the depth rule scales on, found with its own arithmetic (the band's
-    # edge in floating point is where decide() puts it, not where the formula says).
-    more = max(waiting + 1, math.floor(tpr * current * (1 + sp.target.tolerance)) - in_flight - 1)
-    while depth_count(sp.target, more + in_flight, current) <= current:
-        more += 1
-    level = more - 1
+    level = max(waiting, _first_scaling_work(tpr, sp.target.tolerance, current) - 1 - in_flight)
     rule = sp.emergency
     if rule is not None and rule.depth is not None and rule.queue in sp.queues:
         level = min(level, max(waiting, rule.depth))
     return level
+
+
+@lru_cache(maxsize=4096)
+def _first_scaling_work(tpr: float, tolerance: float, current: int) -> int:
+    """The least work (waiting + in flight) the depth rule wants more than ``current`` replicas
+    for, found with its own arithmetic: the band's edge in floating point is where decide()
+    puts it, not where the formula says. Cached: the simulator asks every cycle."""
+    work = max(1, math.floor(tpr * current * (1 + tolerance)) - 1)
+    while depth_count(tpr, tolerance, work, current) <= current:
+        work += 1
+    return work

@@ -36,7 +36,7 @@ from typing import Literal
 
 from scaler.history import History, ServiceHistory
 from scaler.observations import Observations, Resources, ServiceObservation
-from scaler.policy import Policy, ServicePolicy, Target
+from scaler.policy import Policy, ServicePolicy
 
 __all__ = ["Decision", "History", "ServiceControl", "decide"]
 
@@ -256,16 +256,16 @@ def summarise_load(sp: ServicePolicy, so: ServiceObservation) -> Load:
 # --- 3. recommendation --------------------------------------------------------------------------
 
 
-def depth_count(tgt: Target, work: int, current: int) -> int:
-    """The depth rule alone: ceil(work / tasks_per_replica), or ``current`` while the ratio of
-    work to what the current replicas are meant to hold is within the tolerance band (also the
-    arming rule's arithmetic, so that its ring level agrees with this to the message)."""
-    assert tgt.tasks_per_replica is not None
-    raw = math.ceil(work / tgt.tasks_per_replica)
-    ratio = work / (tgt.tasks_per_replica * current) if current > 0 else None
-    if raw != current and ratio is not None and abs(ratio - 1.0) <= tgt.tolerance:
-        return current
-    return raw
+def within_band(tpr: float, tolerance: float, work: int, current: int) -> bool:
+    """Is work / (tasks_per_replica x current) within 1 +/- tolerance (no change)? Shared with
+    the arming rule, so that its ring level agrees with the depth rule to the message."""
+    return current > 0 and abs(work / (tpr * current) - 1.0) <= tolerance
+
+
+def depth_count(tpr: float, tolerance: float, work: int, current: int) -> int:
+    """The depth rule alone: ceil(work / tasks_per_replica), or ``current`` within the band."""
+    raw = math.ceil(work / tpr)
+    return current if raw != current and within_band(tpr, tolerance, work, current) else raw
 
 
 def recommend_from_backlog(sp: ServicePolicy, load: Load, current: int, reasons: list[str]) -> int:
@@ -278,7 +278,7 @@ def recommend_from_backlog(sp: ServicePolicy, load: Load, current: int, reasons:
             f"work {work} (waiting {load.waiting}, in flight {load.in_flight}) / target "
             f"{tgt.tasks_per_replica:g} per replica -> {raw}"
         )
-        if raw != current and depth_count(tgt, work, current) == current:
+        if raw != current and within_band(tgt.tasks_per_replica, tgt.tolerance, work, current):
             ratio = work / (tgt.tasks_per_replica * current)
             raw = current
             text += f"; within tolerance {tgt.tolerance:g} (ratio {ratio:.2f}) -> {current}"
