@@ -241,7 +241,7 @@ class SwarmBackend(CycleListing[dict[str, SwarmService]]):
             if replicas > before:
                 # Slots still draining keep their place until their worker exits.
                 holding = sum(1 for t in view.tasks if t.runnable and t.id in draining)
-                keep = {t.id for t in serving if t.state not in ENDED}
+                keep = {t.id for t in serving if t.node_id not in self._node_down}
                 self._set_count(service, replicas + holding, fence)
                 threading.Thread(target=self._stopped_others, name=f"check-{service}",
                                  args=(service, keep, "raising the count"), daemon=True,
@@ -536,7 +536,9 @@ class SwarmBackend(CycleListing[dict[str, SwarmService]]):
                 if gone or time.monotonic() > deadline:
                     break
                 time.sleep(self._poll_s)
-            keep = {t.id for t in view.tasks if t.runnable and t.state not in ENDED}
+            self._read_nodes()  # a lost node's tasks are Swarm's to replace, not ours to keep
+            keep = {t.id for t in view.tasks if t.runnable and t.state not in ENDED
+                    and t.node_id not in self._node_down}  # fmt: skip
             count = len({t.slot for t in view.tasks if t.runnable})
             if count >= view.replicas:
                 return f"count stays {view.replicas} (slot already refilled or counted)"
@@ -553,12 +555,14 @@ class SwarmBackend(CycleListing[dict[str, SwarmService]]):
         A count change should stop nothing: Swarm stops a running task either because the
         count went below the running slots (never, by construction) or because the update
         changed the task spec (a rolling update: e.g. a service created without resources,
-        whose spec reads back with empty ones)."""
+        whose spec reads back with empty ones). Tasks of a lost node are not in ``keep``: Swarm
+        removes those first on a lower count, and their workers are gone already."""
         stopped: set[str] = set()
         deadline = time.monotonic() + 5.0  # the orchestrator acts within its next tick
         while time.monotonic() < deadline:
             now = {t.id: t for t in self._list()[service].tasks}
-            ours = self._draining_ids()  # our other drains' workers exit meanwhile: not Swarm's
+            with self._lock:  # our other drains' workers exit (and go) meanwhile: not Swarm's
+                ours = set(self._draining) | self._drained
             # Swarm deletes the tasks it removes on a count change, and shuts down those a
             # rolling update replaces; one that exited 0 by itself meanwhile is "complete".
             stopped = {
