@@ -113,7 +113,14 @@ def test_a_burst_scales_one_group_up_drains_and_returns_to_min(
 
     poll_until(lambda: replicas("io") >= 3, "io to scale up under the burst", timeout_s=20)
     assert scaler.cycles - cycles_before <= 10, "scaled up within a few cycles"
-    status = read_snapshot(scaler.state_file)["services"]["io"]
+    # The status snapshot is written when a cycle ends: the scale-up's own cycle may still be
+    # acting (starting workers) when the count is already 3.
+    state_file = scaler.state_file
+    status = poll_until(
+        lambda: ((io := read_snapshot(state_file)["services"]["io"])["current"] or 0) >= 3 and io,
+        "the scale-up's cycle in the status snapshot",
+        timeout_s=10,
+    )
     assert status["action"] in ("up", "hold") and status["desired"] >= 3
 
     done = poll_until(
