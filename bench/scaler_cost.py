@@ -12,6 +12,7 @@ decision and the status write are timed by replaying them on the cycle's own inp
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import tempfile
@@ -27,6 +28,7 @@ from celery import Celery
 
 from bench.compose_project import ComposeProject
 from bench.context import Context
+from bench.gate import compose_gate
 from bench.polling import poll_until
 from bench.result import Result
 from bench.stats import median, ratio, summary
@@ -203,7 +205,9 @@ def _measure_level(
         every_s=0.5,
     )
     timer = StepTimer()
-    backend = ComposeBackend(project.project, app, stats_stale_after_s=5.0)
+    gate = contextlib.ExitStack()  # the backend reaches the engine through the gate, as deployed
+    clients = gate.enter_context(compose_gate(project.project))
+    backend = ComposeBackend(project.project, app, client_factory=clients, stats_stale_after_s=5.0)
     timed: Backend = TimedBackend(backend, timer)
     policy = parse_policy(
         {
@@ -269,6 +273,7 @@ def _measure_level(
         }
     finally:
         backend.close()
+        gate.close()
         app.close()
         reader.client.close()
     return {"containers": containers, "cycles": rows, "background": background,
@@ -346,7 +351,7 @@ def run(ctx: Context) -> Result:
             "warmup_cycles": warmup,
             "pace_s": PACE_S,
             "worker": "idle Celery worker, solo pool, one per container",
-            "backend": "scaler.backends.compose.ComposeBackend (real engine)",
+            "backend": "scaler.backends.compose.ComposeBackend (real engine, through the gate)",
             "queue_reader": "RedisQueueReader, 10 priority lists per queue (the project's layout)",
             "image": image,
         },

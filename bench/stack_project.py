@@ -67,6 +67,8 @@ class BenchStack:
             "DOCKER_SOCKET": socket_path,
             "DOCKER_GID": os.environ.get("DOCKER_GID") or str(os.stat(socket_path).st_gid),
             "SCALER_POLICY_FILE": str(self.policy_file),
+            # The secret files compose.yaml mounts (written below, as `make up` writes them).
+            "SECRETS_DIR": str(self.tmp / ".env.secrets"),
             **settings,
         }
         self.env_file = self.tmp / ".env"
@@ -78,6 +80,11 @@ class BenchStack:
         )  # fmt: skip
         with self.env_file.open("a") as f:
             f.writelines(f"{k}={v}\n" for k, v in self.settings.items())
+        subprocess.run(
+            ["bash", str(root / "compose/scripts/write-secrets.sh"), str(self.env_file),
+             self.settings["SECRETS_DIR"]],
+            check=True, capture_output=True,
+        )  # fmt: skip
         self.values = self._read_env()
         self.app: ServiceApp | None = None
         self.redis: redis.Redis | None = None

@@ -59,6 +59,7 @@ import yaml
 
 from bench.compose_project import ComposeProject
 from bench.context import Context
+from bench.gate import compose_gate
 from bench.polling import BenchTimeout, poll_until
 from bench.reaction import reaction_policy
 from bench.result import Result
@@ -554,6 +555,7 @@ def run(ctx: Context) -> Result:
             },
         )
         sides: dict[str, Side] = {}
+        gates = contextlib.ExitStack()
         try:
             stack = f"swb{uuid.uuid4().hex[:6]}"
             create_worker_service(
@@ -578,7 +580,9 @@ def run(ctx: Context) -> Result:
             )
             project.up({SERVICE: 1})
             compose_app = _app(backing, DBS["compose"], "swarm-bench-compose")
-            compose_backend = ComposeBackend(project.project, compose_app)
+            # Through the engine gate, as the Compose stack runs it (docs/gate.md).
+            clients = gates.enter_context(compose_gate(project.project))
+            compose_backend = ComposeBackend(project.project, compose_app, client_factory=clients)
             compose_backend.manage([ServiceSpec(SERVICE, (QUEUE,))])
             sides["compose"] = Side(
                 "compose",
@@ -612,6 +616,7 @@ def run(ctx: Context) -> Result:
         finally:
             for side in sides.values():
                 side.backend.close()
+            gates.close()
             project.down()
             manager.close()
             host.close()

@@ -24,8 +24,21 @@ configured they are disabled (403) rather than open.
     POST /services/<name>/unpin
 
 Bounds: a request body of at most ``MAX_BODY`` bytes (413 past it, chunked or not), at most
-``limit_concurrency`` connections and requests at once (503 past it), at most ``max_streams``
-dashboards streaming at once (503 past it), idle connections closed after ``idle_timeout_s``.
+``max_streams`` dashboards streaming at once (503 past it), idle connections closed after
+``idle_timeout_s``. Slow clients (slow-loris) cannot hold the server: each request, its head and
+its body, must arrive within ``read_timeout_s`` of the connection's start or of the previous
+response (408 and closed otherwise, however steadily the bytes trickle in); at most
+``limit_per_client`` connections from one address and ``limit_concurrency`` in all are open. A
+connection past either cap displaces the oldest connection of that client (or of all) that has not
+yet sent a whole request; only when every one is in the middle of a request is it answered 503.
+So a client that dribbles header bytes holds at most its own share, never /healthz. (Those limits
+are scaler/http_limits.py's, which the engine gate's server uses too.)
+
+Browsers: a request whose ``Host`` is neither an IP address, ``localhost`` nor a name in
+``allowed_hosts`` (SCALER_HTTP_ALLOWED_HOSTS) is refused with 421 before any endpoint sees it, so
+a web page cannot reach the API through DNS rebinding (its own name pointed at 127.0.0.1). Every
+response carries a Content-Security-Policy (scripts, styles and connections from this origin only,
+``frame-ancestors 'none'``), X-Frame-Options: DENY and X-Content-Type-Options: nosniff.
 The audit trail's ``by`` always carries the caller's address as the socket saw it
 (``api@<address>``); a ``by`` in the body is kept beside it as the name the caller gave, never
 instead of it, and proxy headers (X-Forwarded-For) are ignored.
@@ -36,9 +49,11 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import hmac
+import ipaddress
 import json
 import logging
 import os
+import re
 import socket
 import threading
 import time
@@ -55,7 +70,8 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingRes
 from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
-from uvicorn.protocols.http.h11_impl import H11Protocol
+from starlette.requests import ClientDisconnect
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from scaler.control import (
     MAX_TEXT,
@@ -66,6 +82,7 @@ from scaler.control import (
     Override,
     UnknownServiceError,
 )
+from scaler.http_limits import ConnectionGuard, guarded_protocol
 from scaler.live import LiveFeed
 from scaler.metrics import ScalerMetrics
 from services.config import with_file_variables
@@ -81,6 +98,24 @@ MAX_SERVICE_NAME = 200
 DEFAULT_LIMIT_CONCURRENCY = 64
 DEFAULT_MAX_STREAMS = 16
 DEFAULT_IDLE_TIMEOUT_S = 5.0
+DEFAULT_READ_TIMEOUT_S = 10.0
+DEFAULT_LIMIT_PER_CLIENT = 16
+# The names a browser may use for the dashboard besides IP addresses (SCALER_HTTP_ALLOWED_HOSTS
+# adds more). An IP address is always accepted: DNS rebinding needs a name the attacker owns.
+LOCAL_HOST_NAMES = ("localhost",)
+_HOST_NAME_RE = re.compile(r"^[a-z0-9_](?:[a-z0-9_-]*)(?:\.[a-z0-9_-]+)*$")
+# What the dashboard needs and nothing more: its own scripts, styles and /events, no inline code,
+# no framing (clickjacking of the pause/pin buttons), the favicon as a data: URL.
+CONTENT_SECURITY_POLICY = (
+    "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
+    "connect-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
+)
+SECURITY_HEADERS = (
+    (b"content-security-policy", CONTENT_SECURITY_POLICY.encode()),
+    (b"x-frame-options", b"DENY"),
+    (b"x-content-type-options", b"nosniff"),
+    (b"referrer-policy", b"no-referrer"),
+)
 STREAM_KEEPALIVE_S = 15.0
 DASHBOARD_PACKAGE = "scaler.dashboard"
 STATIC_FILES = {
@@ -93,16 +128,19 @@ STATIC_FILES = {
 
 @dataclass(frozen=True)
 class HttpSettings:
-    """Where to listen and the control token, from the environment."""
+    """Where to listen, the control token and the extra Host names, from the environment."""
 
     host: str = DEFAULT_HOST
     port: int = DEFAULT_PORT
     token: str | None = None
+    allowed_hosts: tuple[str, ...] = ()
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> HttpSettings:
         """SCALER_HTTP_HOST, SCALER_HTTP_PORT, SCALER_TOKEN (empty or unset: control disabled;
-        or SCALER_TOKEN_FILE, a Swarm secret's path). Raises ValueError naming a bad one."""
+        or SCALER_TOKEN_FILE, a Swarm secret's path), SCALER_HTTP_ALLOWED_HOSTS (host names,
+        comma-separated, accepted in ``Host`` besides IP addresses and localhost). Raises
+        ValueError naming a bad one."""
         env = with_file_variables(os.environ if env is None else env, ("SCALER_TOKEN",))
         host = env.get("SCALER_HTTP_HOST", "").strip() or DEFAULT_HOST
         raw_port = env.get("SCALER_HTTP_PORT", "").strip() or str(DEFAULT_PORT)
@@ -122,7 +160,19 @@ class HttpSettings:
             )
         if token is not None and not token.isascii():
             raise ValueError("SCALER_TOKEN must be ASCII (e.g. `openssl rand -hex 32`)")
-        return cls(host=host, port=port, token=token)
+        raw_hosts = env.get("SCALER_HTTP_ALLOWED_HOSTS", "")
+        allowed = tuple(h.strip().lower().rstrip(".") for h in raw_hosts.split(",") if h.strip())
+        for name in allowed:
+            if not _is_host_name(name):
+                raise ValueError(
+                    "SCALER_HTTP_ALLOWED_HOSTS must be host names separated by commas (no "
+                    f"ports, no wildcards), got {name!r}"
+                )
+        return cls(host=host, port=port, token=token, allowed_hosts=allowed)
+
+
+def _is_host_name(name: str) -> bool:
+    return len(name) <= 253 and _HOST_NAME_RE.match(name) is not None
 
 
 class BadRequest(Exception):
@@ -134,16 +184,74 @@ class BadRequest(Exception):
         self.message = message
 
 
-class _IdleClosingProtocol(H11Protocol):
-    """uvicorn's h11 protocol, plus: a connection that sends nothing is closed after the
-    keep-alive timeout (uvicorn starts that timer only after a first response), so idle sockets
-    cannot hold the concurrency limit."""
+class _BrowserGuard:
+    """ASGI middleware: refuses a request whose Host is not the dashboard's own (421, before any
+    endpoint sees it) and adds the security headers to every response."""
 
-    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
-        super().connection_made(transport)
-        self.timeout_keep_alive_task = self.loop.call_later(
-            self.timeout_keep_alive, self.timeout_keep_alive_handler
+    def __init__(self, app: ASGIApp, allowed_hosts: frozenset[str]) -> None:
+        self.app = app
+        self.allowed_hosts = allowed_hosts
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+
+        async def send_with_headers(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                message = {**message, "headers": [*message.get("headers", []), *SECURITY_HEADERS]}
+            await send(message)
+
+        hosts = [value for name, value in scope["headers"] if name == b"host"]
+        refusal = host_refusal(hosts, self.allowed_hosts)
+        if refusal is not None:
+            await _error(421, refusal)(scope, receive, send_with_headers)
+            return
+        await self.app(scope, receive, send_with_headers)
+
+
+def host_refusal(values: list[bytes], allowed: frozenset[str]) -> str | None:
+    """Why a request with these Host header values is refused, or None when it is served.
+
+    Served: no Host (HTTP/1.0; a browser always sends one), an IP address (a page can only send
+    that as Host when its own origin is that address), localhost, or a name in ``allowed``.
+    Refused: any other name, as a page gets when it points its own name at the scaler (DNS
+    rebinding), more than one Host, and a malformed one."""
+    if not values:
+        return None
+    if len(values) > 1:
+        return "more than one Host header"
+    raw = values[0].decode("latin-1")
+    name = _host_name(raw)
+    if name is None:
+        return f"Host {raw[:100]!r} is not a host name or an address with an optional port"
+    if name in allowed:
+        return None
+    try:
+        ipaddress.ip_address(name)
+    except ValueError:
+        return (
+            f"Host {raw[:100]!r} is not this scaler's name (a DNS rebinding guard): use an IP "
+            "address, localhost, or add the name to SCALER_HTTP_ALLOWED_HOSTS"
         )
+    return None
+
+
+def _host_name(raw: str) -> str | None:
+    """The name or address in a Host value (lowercase, no port, no brackets), None if malformed."""
+    host = raw.strip().lower()
+    if host.startswith("["):
+        address, sep, port = host[1:].partition("]")
+        try:
+            ipaddress.IPv6Address(address)
+        except ValueError:
+            return None
+        return address if sep and re.fullmatch(r"(:[0-9]{1,5})?", port) else None
+    name, sep, port = host.partition(":")
+    if sep and not re.fullmatch(r"[0-9]{1,5}", port):
+        return None
+    name = name[:-1] if name.endswith(".") else name
+    return name if _is_host_name(name) else None
 
 
 class ScalerHTTPServer:
@@ -166,13 +274,24 @@ class ScalerHTTPServer:
         max_streams: int = DEFAULT_MAX_STREAMS,
         idle_timeout_s: float = DEFAULT_IDLE_TIMEOUT_S,
         max_body: int = MAX_BODY,
+        read_timeout_s: float = DEFAULT_READ_TIMEOUT_S,
+        limit_per_client: int | None = None,
+        allowed_hosts: tuple[str, ...] = (),
     ) -> None:
         if not health_max_age_s > 0:
             raise ValueError(f"health_max_age_s must be > 0 seconds, got {health_max_age_s!r}")
+        if not read_timeout_s > 0:
+            raise ValueError(f"read_timeout_s must be > 0 seconds, got {read_timeout_s!r}")
         if limit_concurrency < 2 or max_streams < 1 or max_streams >= limit_concurrency:
             raise ValueError(
                 "limit_concurrency must be >= 2 and max_streams in [1, limit_concurrency); got "
                 f"{limit_concurrency!r} and {max_streams!r}"
+            )
+        if limit_per_client is None:
+            limit_per_client = min(DEFAULT_LIMIT_PER_CLIENT, limit_concurrency)
+        if not 1 <= limit_per_client <= limit_concurrency:
+            raise ValueError(
+                f"limit_per_client must be in [1, limit_concurrency]; got {limit_per_client!r}"
             )
         self.metrics = metrics
         self.status = status
@@ -189,6 +308,15 @@ class ScalerHTTPServer:
         self._streams_lock = threading.Lock()
         self._stopping = threading.Event()
         self.app = build_app(self)
+        # Host names accepted besides IP addresses: localhost, the configured ones, and the
+        # listening host when it is a name.
+        bind_name = _host_name(host)
+        self.allowed_hosts = frozenset(
+            {*LOCAL_HOST_NAMES, *allowed_hosts, *([bind_name] if bind_name else [])}
+        )
+        self.guard = ConnectionGuard(
+            read_timeout_s, limit_concurrency, limit_per_client, logger=log
+        )
         # Bound here, so a taken port fails in the constructor (the CLI says which) and port 0
         # has its number before the server starts.
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
@@ -200,8 +328,8 @@ class ScalerHTTPServer:
             self._socket.close()
             raise
         self._config = uvicorn.Config(
-            self.app,
-            http=_IdleClosingProtocol,
+            _BrowserGuard(self.app, self.allowed_hosts),
+            http=guarded_protocol(self.guard),
             ws="none",
             lifespan="off",
             loop="asyncio",
@@ -209,7 +337,7 @@ class ScalerHTTPServer:
             access_log=False,
             proxy_headers=False,  # the audit trail's address is the socket's, never a header's
             server_header=False,
-            limit_concurrency=limit_concurrency,
+            limit_concurrency=None,  # the guard's caps (uvicorn's would count slow readers too)
             timeout_keep_alive=max(1, round(idle_timeout_s)),
             timeout_graceful_shutdown=2,
             h11_max_incomplete_event_size=16 * 1024,
@@ -219,7 +347,13 @@ class ScalerHTTPServer:
 
     @classmethod
     def from_settings(cls, settings: HttpSettings, **kwargs: Any) -> ScalerHTTPServer:
-        return cls(host=settings.host, port=settings.port, token=settings.token, **kwargs)
+        return cls(
+            host=settings.host,
+            port=settings.port,
+            token=settings.token,
+            allowed_hosts=settings.allowed_hosts,
+            **kwargs,
+        )
 
     @property
     def address(self) -> tuple[str, int]:
@@ -363,10 +497,14 @@ class ScalerHTTPServer:
             if length > self.max_body:
                 raise _too_large(self.max_body)
         raw = bytearray()
-        async for chunk in request.stream():
-            raw += chunk
-            if len(raw) > self.max_body:
-                raise _too_large(self.max_body)
+        try:
+            async for chunk in request.stream():
+                raw += chunk
+                if len(raw) > self.max_body:
+                    raise _too_large(self.max_body)
+        except ClientDisconnect:
+            # Gone, or closed at the read deadline: nobody reads this answer, but no traceback.
+            raise BadRequest(HTTPStatus.REQUEST_TIMEOUT, "request body not received") from None
         if not raw.strip():
             return {}
         try:

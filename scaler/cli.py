@@ -121,16 +121,16 @@ def _local_backend(args: argparse.Namespace, app: Any) -> Backend:
 
 
 def _compose_backend(args: argparse.Namespace, app: Any) -> Backend:
-    from scaler.backends.compose import ComposeBackend, own_compose_project
+    from scaler.backends.compose import ComposeBackend, gate_project
 
     project = args.project or os.environ.get(PROJECT_ENV) or os.environ.get("COMPOSE_PROJECT_NAME")
     if not project:
-        # Inside the stack: the project is the one this scaler's own container belongs to.
+        # Inside the stack: the project is the one the engine gate serves (its GATE_PROJECT).
         try:
-            project = own_compose_project()
+            project = gate_project()
         except Exception as exc:
             raise SystemExit(
-                f"--project: no Compose project given and none found from this container: {exc} "
+                f"--project: no Compose project given and none from the engine gate: {exc} "
                 f"(pass --project NAME or set {PROJECT_ENV})"
             ) from None
     try:
@@ -144,12 +144,12 @@ def _swarm_backend(args: argparse.Namespace, app: Any) -> Backend:
 
     stack = args.stack or os.environ.get(STACK_ENV)
     if not stack:
-        # Deployed by `docker stack deploy`: the stack is the one this scaler's task belongs to.
+        # Inside the stack: the stack is the one the engine gate serves (its GATE_STACK).
         try:
             stack = own_stack()
         except Exception as exc:
             raise SystemExit(
-                f"--stack: no stack given and none found from this container: {exc} "
+                f"--stack: no stack given and none from the engine gate: {exc} "
                 f"(pass --stack NAME or set {STACK_ENV})"
             ) from None
     try:
@@ -446,13 +446,13 @@ def _parser() -> argparse.ArgumentParser:
             "--project",
             default=None,
             help=f"compose backend: the Compose project (default ${PROJECT_ENV}, "
-            "else $COMPOSE_PROJECT_NAME, else the project of the scaler's own container)",
+            "else $COMPOSE_PROJECT_NAME, else the project the engine gate serves)",
         )
         p.add_argument(
             "--stack",
             default=None,
-            help=f"swarm backend: the stack's name (default ${STACK_ENV}, else the stack of the "
-            "scaler's own task)",
+            help=f"swarm backend: the stack's name (default ${STACK_ENV}, else the stack the "
+            "engine gate serves)",
         )
         p.add_argument(
             "--drain-timeout",

@@ -689,7 +689,9 @@ def _decide_service(
     early = apply_operator_control(name, sp, current, warm_now, control, host, sh)
     early = early or hold_on_missing_signals(name, sp, so, sh, policy, now)
     if early is not None:
-        return early
+        # Work the core could not see (unknown, paused, pinned) is not idle time: the quiet
+        # period starts again from the first normal decision that finds nothing to do.
+        return replace(early, history=replace(early.history, idle_since=None))
     assert so is not None and so.replicas is not None  # hold_on_missing_signals checked
     current = so.replicas
     load = summarise_load(sp, so)

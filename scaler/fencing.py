@@ -10,11 +10,15 @@ newer lease generation (the fencing token: Redis INCRs it on each acquisition, s
 re-acquisition make every older fence stale even though the owner id is the same).
 
 The check is local, with no Redis round trip per call: the lease counts itself valid only until
-``time before the last successful renewal + lease - safety`` on the monotonic clock, and Redis
-cannot expire the key (and so let anyone else take it) before ``that send time + lease``. A round
-trip would not make the check and the engine call atomic either (the engine knows no tokens), and
-it would fail every call while Redis blips. What neither closes: a call sent just before validity
-ends that lands later; the safety margin (20 % of the lease) is that call's budget.
+``time before the last successful renewal + its TTL - safety`` on the monotonic clock (failed
+renewals in between are retried, not counted), and Redis cannot expire the key (and so let anyone
+else take it) before ``that send time + TTL``. A round trip would not make the check and the
+engine call atomic either (the engine knows no tokens), and it would fail every call while Redis
+blips. What neither closes: a call sent just before validity ends that lands later; the safety
+margin (20 % of the lease) is that call's budget. So a long operation is re-checked before its
+irreversible step: a stop sends the stop signal, waits for the exit with the fence checked as it
+goes, and checks again right before the kill or the removal (the engine's own stop would kill at
+the end of the grace period whoever leads by then).
 
 Without leader election (one scaler) actions use :data:`UNFENCED`.
 """

@@ -10,16 +10,24 @@ counts. The lease is a Redis key holding the owner's id with a TTL:
 - release on a clean stop: a Lua compare-and-del (never deletes someone else's lease).
 
 Leadership is judged by the local clock, conservatively: we count ourselves leader only until
-``time_before_the_last_successful_call + lease - safety``, so a renewal that fails, hangs or
-comes back late ends leadership before Redis could have handed the key to anyone else. A Redis
-error ends leadership at once. The holder renews every ``lease / 3``, and a follower retries at
-the same pace, so after a leader dies the key expires within one lease and the follower takes it
-within ``lease + lease / 3`` (under two lease periods).
+``send time of the last successful acquire/renew + its TTL - safety`` (the TTL is the lease, or
+less near a progress deadline, below), so leadership ends before Redis could hand the key to
+anyone else, measured from when the call was sent, however late its answer came. Within that
+time a failed or timed-out renewal is not the end: it is retried every ``lease / 30`` until it
+succeeds or the lease can no longer be valid, so one slow call or one Redis error aborts nothing
+(the client's timeout, ``lease / 10``, leaves room for several attempts). Leadership ends at once
+only when Redis says the key is someone else's (or nobody's). The holder renews every
+``lease / 3``, and a follower tries at the same pace, so after a leader dies the key expires
+within one lease and the follower takes it within ``lease + lease / 3`` (under two lease periods).
 
-The lease is held for a loop that works, not for a process that merely runs: with
-:meth:`LeaderLease.expect_progress` (the loop calls it after each cycle, saying when the next one
-should be done) the renewer neither renews nor acquires once that time has passed. A loop stuck in
-a call lets the lease lapse like a dead process would, and the standby takes over.
+The lease is held for a loop that works, not for a process that merely runs: the loop calls
+:meth:`LeaderLease.expect_progress` when a cycle starts (it must end within the loop's stall
+budget) and when it ends (the next one must end within the next delay plus that budget). That
+deadline bounds the lease: no acquire or renewal sets a TTL past ``deadline + safety``, we count
+ourselves leader only until the deadline, and the renewer wakes at it, records ``loop stalled``
+and neither renews nor acquires any more. A loop hung in a cycle therefore loses the key at most
+``budget + safety`` after that cycle began (with the default budget, ``lease - safety``: one
+lease, as if the process had died when the cycle began), even when Redis cannot be reached.
 """
 
 from __future__ import annotations
@@ -161,13 +169,19 @@ class LeaderLease:
         self.lease_s = lease_s
         self.safety_s = safety
         self.renew_interval_s = lease_s / 3
+        self.retry_interval_s = lease_s / 30  # after a failed renewal, while the key may be ours
         self._lease_ms = max(1, int(lease_s * 1000))
         self._clock = clock
         self._renew = client.register_script(_RENEW_LUA)
         self._acquire = client.register_script(_ACQUIRE_LUA)
         self._release = client.register_script(_RELEASE_LUA)
         self._lock = threading.Lock()
-        self._valid_until = 0.0  # local clock; leader while clock() < this
+        self._valid_until = 0.0  # local clock; leader while clock() < this (and the deadline)
+        self._sent_at = 0.0  # when the last successful acquire/renew was sent
+        self._expires_at = 0.0  # its send time + TTL: Redis keeps the key at least until then
+        self._capped_by: float | None = None  # the progress deadline that shortened that TTL
+        self._attempt_at = 0.0  # when the last step began
+        self._failing = False  # the last step failed (a Redis error), not a refusal
         self._was_leader = False
         self._transitions = 0
         self._generation: int | None = None  # of the lease we last acquired or renewed
@@ -175,6 +189,7 @@ class LeaderLease:
         self._refused = 0
         self.last_error: str | None = None
         self._stop = threading.Event()
+        self._wake = threading.Event()  # the renewer re-plans (progress reported, stop)
         self._thread: threading.Thread | None = None
 
     @classmethod
@@ -185,10 +200,10 @@ class LeaderLease:
 
     @classmethod
     def from_url(cls, url: str, **kwargs: Any) -> LeaderLease:
-        """Build with a client whose timeouts stay well inside the lease, so a hung Redis call
-        cannot outlive our leadership unnoticed."""
+        """Build with a client whose timeouts (a tenth of the lease) leave room for several
+        renewal attempts between the due renewal (``lease / 3``) and the end of validity."""
         lease_s = float(kwargs.get("lease_s", 15.0))
-        timeout = max(0.05, lease_s / 4)
+        timeout = max(0.05, lease_s / 10)
         client = redis.Redis.from_url(
             url, socket_timeout=timeout, socket_connect_timeout=timeout, decode_responses=True
         )
@@ -197,14 +212,22 @@ class LeaderLease:
     # -- the question the loop asks -------------------------------------------------------------
 
     def is_leader(self) -> bool:
-        """True only while the last successful acquire/renew still covers us by the local clock."""
+        """True only while the last successful acquire/renew still covers us by the local clock
+        and the loop's progress deadline has not passed."""
         with self._lock:
-            return self._clock() < self._valid_until
+            return self._valid_for(self._clock()) > 0
+
+    def _valid_for(self, now: float) -> float:
+        """Seconds of leadership left (<= 0: not leader). Call with the lock held."""
+        until = self._valid_until
+        if self._progress_until is not None:
+            until = min(until, self._progress_until)
+        return until - now
 
     def current_generation(self) -> int | None:
         """The lease's generation while we are leader by the local clock, else None."""
         with self._lock:
-            return self._generation if self._clock() < self._valid_until else None
+            return self._generation if self._valid_for(self._clock()) > 0 else None
 
     def fence(self) -> LeaseFence:
         """A fence for an action starting now: valid while this leadership lasts, under this
@@ -218,9 +241,12 @@ class LeaderLease:
         log.warning("leader lease %s: fenced: %s", self.key, message)
 
     def expect_progress(self, within_s: float) -> None:
-        """The loop is alive and will call again within ``within_s``; until then renew."""
+        """The loop is alive and will call again within ``within_s``; until then renew. Past
+        that deadline we are not leader, and no TTL we set reaches past it by more than the
+        safety margin."""
         with self._lock:
             self._progress_until = self._clock() + within_s
+        self._wake.set()  # the renewer re-plans: a deadline that moved may call for a renewal
 
     def stalled(self) -> bool:
         """True when the loop promised progress and did not make it: the lease is let lapse."""
@@ -240,7 +266,7 @@ class LeaderLease:
 
     def state(self) -> LeaseState:
         with self._lock:
-            remaining = self._valid_until - self._clock()
+            remaining = self._valid_for(self._clock())
             return LeaseState(
                 key=self.key,
                 owner=self.owner,
@@ -257,28 +283,37 @@ class LeaderLease:
     def step(self) -> bool:
         """Renew if we hold the lease, otherwise try to take it. Returns :meth:`is_leader`.
 
-        Neither while the loop is stalled (:meth:`expect_progress`): the lease then lapses.
+        Neither while the loop is stalled (:meth:`expect_progress`): the lease then lapses. A
+        Redis error leaves leadership to run out by the local clock (the caller retries).
         """
         started = self._clock()  # before the call: the server's TTL starts later than this
-        if self.stalled():
+        with self._lock:
+            self._attempt_at = started
+            until = self._progress_until
+        if until is not None and started >= until:
             self._record(0, started, "loop stalled: no cycle completed in time; lease not renewed")
             return False
+        ttl_ms = self._lease_ms
+        if until is not None:  # the key must not outlive the deadline by more than the margin
+            ttl_ms = max(1, min(ttl_ms, int((until - started + self.safety_s) * 1000)))
         keys = [self.key, self.generation_key]
-        args: list[str | int] = [self.owner, self._lease_ms]
+        args: list[str | int] = [self.owner, ttl_ms]
         try:
             generation = int(self._renew(keys=keys, args=args))
             if not generation:
                 generation = int(self._acquire(keys=keys, args=args))
         except (redis.RedisError, OSError) as exc:
-            self._record(0, started, f"redis error: {type(exc).__name__}: {exc}")
-            return False
-        self._record(generation, started, None)
+            self._record_failure(f"redis error: {type(exc).__name__}: {exc}")
+            return self.is_leader()
+        capped_by = until if ttl_ms < self._lease_ms else None
+        self._record(generation, started, None, ttl_ms / 1000, capped_by)
         return self.is_leader()
 
     def release(self) -> bool:
         """Give the lease up now (clean stop), so a follower need not wait for it to expire."""
         with self._lock:
             self._valid_until = 0.0
+            self._failing = False
         try:
             released = bool(self._release(keys=[self.key], args=[self.owner]))
         except (redis.RedisError, OSError) as exc:
@@ -288,19 +323,64 @@ class LeaderLease:
         self._note_transition(False)
         return released
 
-    def _record(self, generation: int, started: float, error: str | None) -> None:
-        """``generation`` 0: not held."""
+    def _record(
+        self,
+        generation: int,
+        started: float,
+        error: str | None,
+        ttl_s: float = 0.0,
+        capped_by: float | None = None,
+    ) -> None:
+        """``generation`` 0: not held (the key is someone else's or nobody's, or we stalled):
+        leadership ends now. Otherwise held for ``ttl_s`` from ``started`` (the send time)."""
         with self._lock:
+            self._failing = False
             if generation:
-                self._valid_until = started + self.lease_s - self.safety_s
+                self._valid_until = started + ttl_s - self.safety_s
+                self._sent_at, self._expires_at = started, started + ttl_s
+                self._capped_by = capped_by
                 self._generation = generation
             else:
                 self._valid_until = 0.0
             quiet = error is not None and error == self.last_error
             self.last_error = error
+            leader = self._valid_for(self._clock()) > 0
         if error and not quiet:
             log.warning("leader lease %s: %s; not leader", self.key, error)
-        self._note_transition(bool(generation))
+        self._note_transition(leader)
+
+    def _record_failure(self, error: str) -> None:
+        """A call failed: nothing is known about the key, so leadership runs on until the last
+        successful renewal can no longer be valid; meanwhile the renewer retries."""
+        with self._lock:
+            self._failing = True
+            quiet = error == self.last_error
+            self.last_error = error
+            left = self._valid_for(self._clock())
+        if not quiet:
+            then = f"still leader for {left:.2f} s, retrying" if left > 0 else "not leader"
+            log.warning("leader lease %s: %s; %s", self.key, error, then)
+        self._note_transition(left > 0)
+
+    def _next_step_in(self) -> float:
+        """Seconds until the renewer's next step."""
+        with self._lock:
+            now = self._clock()
+            until = self._progress_until
+            if self._failing and now < self._expires_at:  # the key may still be ours: retry
+                due = self._attempt_at + self.retry_interval_s
+            elif now < self._valid_until:
+                due = self._sent_at + self.renew_interval_s
+                if until is not None:
+                    if self._capped_by is not None and until > self._capped_by:
+                        due = now  # the loop moved on: a TTL the deadline had cut can be longer
+                    if self._expires_at > until + self.safety_s + 0.001:
+                        due = now  # the deadline came closer: shorten the key's TTL to match
+            else:  # a follower, a stalled loop, or Redis gone: try at the renewal pace
+                due = self._attempt_at + self.renew_interval_s
+            if until is not None and self._attempt_at < until:
+                due = min(due, until)  # at the deadline: record the stall at once
+            return due - now
 
     def _note_transition(self, leader: bool) -> None:
         with self._lock:
@@ -328,6 +408,7 @@ class LeaderLease:
         """Stop renewing; with ``release`` give the lease up at once. ``release=False`` leaves it
         to expire, which is what a crash looks like to the other replicas."""
         self._stop.set()
+        self._wake.set()
         if self._thread is not None:
             self._thread.join(timeout=self.lease_s + 5)
             self._thread = None
@@ -336,5 +417,11 @@ class LeaderLease:
 
     def _run(self) -> None:
         while not self._stop.is_set():
+            self._wake.clear()
             self.step()
-            self._stop.wait(self.renew_interval_s)
+            while not self._stop.is_set():
+                delay = self._next_step_in()
+                if delay <= 0:
+                    break
+                if self._wake.wait(delay):
+                    self._wake.clear()  # re-plan: progress was reported, or stop

@@ -21,9 +21,9 @@ module does the I/O around it and the safety rules that belong to acting:
 - with a leader lease, only the leader acts (reconcile and scale). The flag is read once per
   cycle and checked again right before every scale call, and the cycle's actions carry a fence
   (``scaler.fencing``) that the backends check right before each engine call, in their drain and
-  replacement threads too, so a lease lost mid-cycle (or mid-drain) stops action. After each
-  cycle the loop tells the lease when the next one will be done: a loop that stops completing
-  cycles stops renewing, and the lease lapses to the standby.
+  replacement threads too, so a lease lost mid-cycle (or mid-drain) stops action. When a cycle
+  starts and after it ends the loop tells the lease by when it must end (``stall_budget_s``): a
+  cycle that hangs past that loses the lease (``scaler.leader``), and the standby takes over.
   A standby still observes, decides and reports (marked "standby: not the leader"), and re-reads
   the backend's view each cycle so that, on taking over, it knows the workers the old leader ran;
 - operator overrides (pause, pin) are read every cycle; if they cannot be read every service
@@ -44,6 +44,7 @@ from typing import Any
 
 from scaler.arming import ring_level
 from scaler.backends.base import Backend, BackendEvent, ScaleResult, ServiceSpec
+from scaler.backends.stranded import ACTIONS as CONSUMERLESS_ACTIONS
 from scaler.control import ControlStore, ControlUnavailable, Override
 from scaler.decide import Decision, ServiceControl, decide
 from scaler.fencing import UNFENCED, Fence, LeadershipLost
@@ -170,6 +171,8 @@ class Scaler:
     cycles: int = 0
     consecutive_failures: int = 0
     events: deque[str] = field(default_factory=lambda: deque(maxlen=20))
+    # Per service: workers found consuming none of their queues, by action, and the last event.
+    consumerless: dict[str, dict[str, int | str]] = field(default_factory=dict)
     backoffs: dict[str, ServiceBackoff] = field(default_factory=dict)
     recorder_status: Callable[[], Mapping[str, Any]] | None = None  # the flight recorder's state
     live: LiveFeed | None = None  # the dashboard's history and event feed (LiveFeed.attach)
@@ -217,16 +220,20 @@ class Scaler:
 
     def stall_budget_s(self) -> float:
         """How long one cycle may take before the loop counts as stuck (and the lease lapses):
-        ``stall_s`` if set, else two lease periods and at least 10 s (the cycle's own retries
-        and timeouts)."""
+        ``stall_s`` if set, else the lease less its safety margin and at least 10 s (the cycle's
+        own retries and timeouts). A hung cycle then loses the key ``budget + safety`` after it
+        began: one lease with the default, as if the process had died then."""
         if self.stall_s is not None:
             return self.stall_s
-        lease_s = self.leader.lease_s if self.leader is not None else 0.0
-        return max(10.0, 2 * lease_s)
+        if self.leader is None:
+            return 10.0
+        return max(10.0, self.leader.lease_s - self.leader.safety_s)
 
-    def _expect_progress(self) -> None:
+    def _expect_progress(self, cycle_starts: bool = False) -> None:
+        """Tell the lease when the cycle starting now (or the next one) must have ended."""
         if self.leader is not None:
-            self.leader.expect_progress(self.next_delay() + self.stall_budget_s())
+            delay = 0.0 if cycle_starts else self.next_delay()
+            self.leader.expect_progress(delay + self.stall_budget_s())
 
     def _read_controls(
         self, policy: Policy, errors: list[str]
@@ -248,6 +255,7 @@ class Scaler:
     def cycle(self) -> CycleReport:
         """One observe -> decide -> act -> record pass."""
         started = time.monotonic()
+        self._expect_progress(cycle_starts=True)  # a hung cycle loses the lease (leader.py)
         if self.detector is not None:  # arrivals wait for this cycle's arming
             self.detector.deciding()
         if self._reload.is_set():
@@ -328,22 +336,33 @@ class Scaler:
                 self.metrics.record_restored(event.service, event.count)
         elif event.kind == RESTORE_FAILED:
             self._sweep_pending = True  # try again next cycle, from the owner hash
+        elif event.kind in CONSUMERLESS_ACTIONS:  # the standing consumer check (stranded.py)
+            action = CONSUMERLESS_ACTIONS[event.kind]
+            counts = self.consumerless.setdefault(event.service, {"last": ""})
+            counts[action] = int(counts.get(action) or 0) + 1
+            counts["last"] = f"{event.kind}: {event.detail}"
+            if self.metrics is not None:
+                self.metrics.record_consumerless(event.service, action)
         log.log(level, json.dumps(fields))
 
     def _sweep_dead_owners(self, policy: Policy) -> None:
-        """At a start or takeover (or after a failed restore): give back what nodes hold that
-        are not among the backend's live workers and do not answer a ping (scaler.restore)."""
+        """At a start or takeover (or after a failed restore): give back what dead owners hold,
+        dead as the engine says (scaler.restore.UnackedRestorer.sweep), never on a missed ping
+        of a worker whose container runs."""
         if self.restorer is None or not self._sweep_pending:
             return
         queue_service = {q: name for name, svc in policy.services.items() for q in svc.queues}
+
+        def workers() -> tuple[set[str], set[str], set[str]]:
+            """Listed afresh, after the owners were read: no owner's container is missed."""
+            self.backend.begin_cycle()
+            listed = [w for name in policy.services for w in self.backend.workers(name)]
+            live = [w for w in listed if w.state in ("running", "draining")]
+            exited = {w.host for w in listed if w.state in ("dead", "stopped") and w.host}
+            return {w.name for w in live}, {w.host for w in live if w.host}, exited
+
         try:
-            alive = {
-                w.name
-                for name in policy.services
-                for w in self.backend.workers(name)
-                if w.state in ("running", "draining")
-            }
-            result = self.restorer.sweep(alive, queues=queue_service)
+            result = self.restorer.sweep(workers, queues=queue_service)
         except Exception as exc:
             log.warning(json.dumps({"event": "restore-sweep-failed", "error": str(exc)}))
             return  # still pending: the next cycle tries again
@@ -525,6 +544,7 @@ class Scaler:
             overrides={s: o.as_json() for s, o in report.overrides.items()},
             recorder=dict(self.recorder_status()) if self.recorder_status else None,
             detection=self._detection_view(),
+            consumerless={s: dict(c) for s, c in self.consumerless.items()},
         )
         self.last_snapshot = snapshot
         if self.state_file is not None:

@@ -22,6 +22,7 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
+from scaler.backends.stranded import ACTIONS as CONSUMERLESS_ACTIONS
 from scaler.decide import Decision
 from scaler.observations import Observations
 from scaler.policy import Policy
@@ -182,6 +183,14 @@ class ScalerMetrics:
             ["service"],
             registry=r,
         )
+        self.consumerless = Counter(
+            "scaler_consumerless_workers",
+            "Serving workers found consuming none of their service's queues (the standing "
+            "consumer check, scaler.backends.stranded), by what was done: restored, "
+            "restore_failed, replaced, persists",
+            ["service", "action"],
+            registry=r,
+        )
         self.last_cycle = Gauge(
             "scaler_last_cycle_timestamp_seconds", "Wall-clock time of the last cycle", registry=r
         )
@@ -300,6 +309,10 @@ class ScalerMetrics:
         if count > 0:
             self.restored.labels(service=service).inc(count)
 
+    def record_consumerless(self, service: str, action: str) -> None:
+        """Count one worker of ``service`` found consuming nothing and what was done."""
+        self.consumerless.labels(service=service, action=action).inc()
+
     def record_error(self, error: str) -> None:
         """Count an error outside a cycle (e.g. the leader lease's own thread)."""
         self.errors.labels(source=error_source(error)).inc()
@@ -356,6 +369,8 @@ class ScalerMetrics:
             for queue in svc.queues:
                 queues[(queue, name)] = 1.0
             self.scale_failures.labels(service=name)  # present from zero, for increase()
+            for action in CONSUMERLESS_ACTIONS.values():
+                self.consumerless.labels(service=name, action=action)
         self._set_series(self.replicas_min, lows)
         self._set_series(self.replicas_max, highs)
         self._set_series(self.latency_objective, objectives)

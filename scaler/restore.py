@@ -19,11 +19,15 @@ the other half, and the only place a dead worker's messages are restored:
   WATCHes ``unacked``, so its MULTI either ran first (our script then finds the owner entry gone)
   or is aborted and retried (and then finds nothing to restore). An owner entry whose message is
   gone (acked, or restored by a process without owner tracking) is deleted.
-- Callers pass only nodes known dead: the backends name a worker whose container or process
-  died (``ComposeBackend``/``LocalBackend.reconcile``, and after a drain stopped one), the loop's
-  :meth:`UnackedRestorer.sweep` (at a scaler's start or takeover) names owners that are not among
-  the backend's live workers **and** do not answer a Celery ping. A live worker's messages are
-  never touched.
+- Callers pass only nodes known dead, as the engine says: the backends name a worker whose
+  container or process died (``ComposeBackend``/``LocalBackend.reconcile``, and after a drain
+  stopped one), by the dead container's **hostname** as well (``hosts``: every owner named
+  ``<anything>@<that hostname>``, the name the worker itself reported, so a worker whose name
+  was never confirmed is not missed). The loop's :meth:`UnackedRestorer.sweep` (at a scaler's
+  start or takeover) takes an owner for dead only when its container exited, or when the engine
+  knows no container of its name or hostname **and** it does not answer a Celery ping. A worker
+  whose container runs is never touched, answering or not: a ``solo`` worker, or a busy main
+  process, cannot answer while it works.
 
 Enabled for an app whose Redis transport options name ``unacked_owner_key`` (the service app
 does); :meth:`UnackedRestorer.for_app` returns None otherwise (RabbitMQ requeues a dead
@@ -82,6 +86,22 @@ out[1], out[2] = gone, changed
 return out
 """
 
+# KEYS: 1 unacked, 2 unacked_index, 3 unacked_owner. ARGV: 1 node, then delivery tags.
+# Removes the entries of the tags ``node`` still owns, as an ack would; returns how many.
+_SETTLE = """
+local node, n = ARGV[1], 0
+for i = 2, #ARGV do
+  local tag = ARGV[i]
+  if redis.call('HGET', KEYS[3], tag) == node then
+    redis.call('HDEL', KEYS[1], tag)
+    redis.call('ZREM', KEYS[2], tag)
+    redis.call('HDEL', KEYS[3], tag)
+    n = n + 1
+  end
+end
+return n
+"""
+
 BATCH = 200  # messages per script call (a script blocks Redis while it runs)
 
 
@@ -136,6 +156,7 @@ class UnackedRestorer:
         self._ping = ping
         self._close = close
         self._move = client.register_script(_MOVE)
+        self._settle = client.register_script(_SETTLE)
 
     @classmethod
     def for_app(cls, app: Any, *, ping_timeout_s: float = 1.0) -> UnackedRestorer | None:
@@ -200,19 +221,25 @@ class UnackedRestorer:
 
     # -- restoring -----------------------------------------------------------------------------
 
-    def restore_nodes(self, nodes: Iterable[str], *, keep: Iterable[str] = ()) -> RestoreResult:
-        """Put back every message the (dead) ``nodes`` hold, except the delivery tags in ``keep``
-        (what a live worker still holds: its own sweep after a reconnect); raises
+    def restore_nodes(
+        self, nodes: Iterable[str], *, hosts: Iterable[str] = (), keep: Iterable[str] = ()
+    ) -> RestoreResult:
+        """Put back every message the (dead) ``nodes`` hold, and every message of a node named
+        ``<anything>@<host>`` for a (dead) container's hostname in ``hosts`` (a container's
+        worker named as its start script chose, never confirmed), except the delivery tags in
+        ``keep`` (what a live worker still holds: its own sweep after a reconnect); raises
         redis.RedisError."""
-        wanted = set(nodes)
-        if not wanted:
+        wanted, dead_hosts = set(nodes), {h for h in hosts if h}
+        if not wanted and not dead_hosts:
             return RestoreResult()
         held = set(keep)
         owned = {
             _text(tag): _text(node)
             for tag, node in _hgetall(self.client, self.keys[2]).items()
-            if _text(node) in wanted and _text(tag) not in held
+            if (_text(node) in wanted or on_host(_text(node), dead_hosts))
+            and _text(tag) not in held
         }
+        wanted |= set(owned.values())
         by_node: Counter[str] = Counter()
         by_queue: Counter[str] = Counter()
         stale = skipped = 0
@@ -244,20 +271,46 @@ class UnackedRestorer:
             )  # fmt: skip
         return result
 
-    def sweep(self, alive: Iterable[str], *, queues: Iterable[str] | None = None) -> RestoreResult:
-        """Restore what nodes hold that are not ``alive`` (the backend's live workers) and do
-        not answer a ping: for a scaler's start or takeover, when a worker may have died while
-        no scaler watched. With ``queues``, a node holding any message of another queue is left
-        alone (it is nobody this scaler manages)."""
-        live = set(alive)
-        candidates = sorted(set(self.owners()) - live)
-        if not candidates:
+    def settle(self, node: str, tags: Iterable[str]) -> int:
+        """Remove the entries of ``tags`` that ``node`` still owns, as their acks would have (the
+        live worker acked them and Redis never got it); how many; raises redis.RedisError."""
+        wanted = sorted(set(tags))
+        done = 0
+        for start in range(0, len(wanted), BATCH):
+            batch = wanted[start : start + BATCH]
+            done += int(self._settle(keys=list(self.keys), args=[node, *batch]))
+        return done
+
+    def sweep(
+        self,
+        workers: Callable[[], tuple[Iterable[str], Iterable[str], Iterable[str]]],
+        *,
+        queues: Iterable[str] | None = None,
+    ) -> RestoreResult:
+        """Restore what dead owners hold: for a scaler's start or takeover, when a worker may
+        have died while no scaler watched.
+
+        ``workers()`` is the engine's word, asked after the owners are read (so every owner that
+        held a message then has its container in the answer): the node names and the container
+        hostnames of the live workers, and the hostnames of containers that exited. An owner
+        whose name or hostname (``<name>@<host>``) is live is never touched, whether or not it
+        answers a ping (a ``solo`` worker, or a busy main process, cannot). An owner on an exited
+        container is dead. An owner the engine does not know at all (its container is gone) is
+        dead only if it does not answer a ping either (a worker outside the backend's view).
+        With ``queues``, a node holding any message of another queue is left alone (it is
+        nobody this scaler manages)."""
+        owners = set(self.owners())
+        if not owners:
             return RestoreResult()
-        if queues is not None:
+        names, live_hosts, exited_hosts = (set(x) for x in workers())
+        candidates = sorted(n for n in owners - names if not on_host(n, live_hosts))
+        if queues is not None and candidates:
             managed = set(queues)
             foreign = self._nodes_holding_other_queues(candidates, managed)
             candidates = [n for n in candidates if n not in foreign]
-        dead = [n for n in candidates if n not in self.answering(candidates)]
+        exited = [n for n in candidates if on_host(n, exited_hosts)]
+        unknown = [n for n in candidates if n not in exited]
+        dead = exited + [n for n in unknown if n not in self.answering(unknown)]
         return self.restore_nodes(dead) if dead else RestoreResult()
 
     def close(self) -> None:
@@ -336,30 +389,43 @@ class UnackedRestorer:
 
 
 def restore_dead_workers(
-    restorer: UnackedRestorer | None, service: str, nodes: Sequence[str], why: str
+    restorer: UnackedRestorer | None,
+    service: str,
+    nodes: Sequence[str],
+    why: str,
+    *,
+    hosts: Sequence[str] = (),
 ) -> BackendEvent | None:
     """What a backend calls for workers it knows dead (``why``: how it knows), before it starts
     any replacement: their messages back on their queues, as a ``restored`` event with the count
     (None when they held nothing), or a ``restore-failed`` event (the loop then sweeps again at
-    its next cycle; the visibility timeout stays the last net)."""
-    if restorer is None or not nodes:
+    its next cycle; the visibility timeout stays the last net). ``hosts``: the hostnames of the
+    dead containers, so a worker whose name was never confirmed is found by its own report
+    (``<name>@<hostname>``), not by a guess."""
+    if restorer is None or not (nodes or hosts):
         return None
+    who = ", ".join([*nodes, *(f"*@{h}" for h in hosts if h)])
     try:
-        result = restorer.restore_nodes(nodes)
+        result = restorer.restore_nodes(nodes, hosts=hosts)
     except Exception as exc:
-        return BackendEvent(
-            service, RESTORE_FAILED, f"{', '.join(nodes)} ({why}): {type(exc).__name__}: {exc}"
-        )
+        return BackendEvent(service, RESTORE_FAILED, f"{who} ({why}): {type(exc).__name__}: {exc}")
     if not result.restored:
         return None
     queues = ", ".join(f"{q} {n}" for q, n in sorted(result.by_queue.items()))
     return BackendEvent(
         service,
         RESTORED,
-        f"{result.restored} unacked message(s) of {', '.join(nodes)} ({why}) back on their "
-        f"queues ({queues})",
+        f"{result.restored} unacked message(s) of {', '.join(sorted(result.by_node))} ({why}) "
+        f"back on their queues ({queues})",
         count=result.restored,
     )
+
+
+def on_host(node: str, hosts: set[str]) -> bool:
+    """Whether Celery node ``node`` (``name@host``) runs on one of ``hosts`` (container
+    hostnames: the host part equals one, or is one followed by a domain, as ``%h`` expands)."""
+    _, at, host = node.partition("@")
+    return bool(at) and (host in hosts or host.split(".", 1)[0] in hosts)
 
 
 def _hgetall(client: redis.Redis, key: str) -> dict[bytes, bytes]:

@@ -70,6 +70,9 @@ class Snapshot:
     recorder: Mapping[str, Any] | None = None  # FlightRecorder.status(); None: not recording
     # How new backlogs are noticed: WakeupDetector.status() ("events" or "polling" and why).
     detection: Mapping[str, Any] | None = None
+    # Per service: serving workers found consuming none of their queues since this scaler
+    # started, by action ("restored", "replaced", ...), and "last": the last such event.
+    consumerless: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready form (the same shape HTTP /status can serve)."""
@@ -173,6 +176,8 @@ def render(data: Mapping[str, Any], now: float | None = None) -> str:
         lines.append(f"error: {error}")
     if data.get("consecutive_failures"):
         lines.append(f"consecutive failed cycles: {data['consecutive_failures']}")
+    for service, seen in sorted((data.get("consumerless") or {}).items()):
+        lines.append(_consumerless_line(service, seen))
     for event in (data.get("events") or [])[-5:]:
         lines.append(f"event: {event}")
     if data.get("recorder"):
@@ -188,6 +193,14 @@ def _warm_cell(svc: Mapping[str, Any]) -> str:
     if not warm and not target:
         return "-"
     return _cell(warm) if warm == target else f"{_cell(warm)}->{target}"
+
+
+def _consumerless_line(service: str, seen: Mapping[str, Any]) -> str:
+    """`consumers io: 2 restored, 1 replaced; last ...`: workers that took nothing while counted
+    as capacity (a lost consumer), kept in view after the events scroll away."""
+    counts = ", ".join(f"{n} {action}" for action, n in sorted(seen.items()) if action != "last")
+    last = seen.get("last") or "-"
+    return f"consumers {service}: worker(s) found consuming nothing: {counts}; last {last}"
 
 
 def _detection_line(det: Mapping[str, Any]) -> str:

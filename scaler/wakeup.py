@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import threading
 import time
 import uuid
@@ -165,11 +166,10 @@ class Debouncer:
             held, self._held = self._held, set()
             armed = {s for s in held if self._armed(s)}
             now = {s for s in armed if self._level(s) > 0}
-            if armed - now:
-                self._pending |= armed - now
-                self._cond.notify_all()
         for service in sorted(now):
             self._level_arrival(service)
+        for service in sorted(armed - now):  # as if they arrived now: their window decides
+            self._window_arrival(service)
 
     def arrival(self, service: str) -> None:
         """One arrival for an armed ``service``: ring now, or fold it into the window's ring."""
@@ -181,6 +181,11 @@ class Debouncer:
         if self._level(service) > 0:
             self._level_arrival(service)
             return
+        self._window_arrival(service)
+
+    def _window_arrival(self, service: str) -> None:
+        """Ring now if the service's window is over (or it never rang), else fold the arrival
+        into the ring at the window's end."""
         with self._cond:
             now = self._clock()
             last = self._fired_at.get(service)
@@ -250,9 +255,10 @@ class Debouncer:
                     continue
                 window = self._window_s()
                 now = self._clock()
-                due = {s for s in self._pending if now - self._fired_at.get(s, now) >= window}
+                # A service that never rang is due at once (its first arrival rings at once).
+                due = {s for s in self._pending if now - self._fired_at.get(s, -math.inf) >= window}
                 if not due:
-                    first = min(self._fired_at.get(s, now) for s in self._pending)
+                    first = min(self._fired_at[s] for s in self._pending)
                     self._cond.wait(max(0.001, first + window - now))
                     continue
                 self._pending -= due

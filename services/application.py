@@ -22,6 +22,7 @@ from services.heartbeat import HeartbeatFile
 from services.ownership import OWNER_KEY, TRANSPORT, RestoreOnReconnect
 from services.records import TaskRecorder
 from services.schedule import beat_schedule
+from services.thread_pool import register as register_thread_pool
 from services.warm_start import WarmStart
 
 TASK_MODULES = [
@@ -109,6 +110,10 @@ def task_routes(settings: Settings) -> dict[str, dict[str, str]]:
 
 def create_app(settings: Settings, main: str = "services") -> ServiceApp:
     """The configured app; tasks are registered from TASK_MODULES."""
+    # `--pool threads` drops, on a lost broker connection, the requests no thread has started
+    # (services.thread_pool): Celery's own threads pool runs them later, after their messages
+    # went back to the queue.
+    register_thread_pool()
     app = ServiceApp(
         settings,
         main=main,

@@ -31,6 +31,10 @@ class RecordingTask(Task):
     retry_jitter = True
     max_retries = 10
 
+    # True: every start (a redelivery or a retry too) is recorded before the work, in the bounded
+    # ``task_starts`` list (services.records), so a checker can count how often an id started.
+    record_starts = False
+
     @property
     def service(self) -> ServiceApp:
         """The app with the service's settings, database pool and recorder."""
@@ -39,6 +43,21 @@ class RecordingTask(Task):
         if not isinstance(self.app, ServiceApp):
             raise TypeError(f"task {self.name} is bound to {self.app!r}, expected a ServiceApp")
         return self.app
+
+    def before_start(self, task_id: str, args: Any, kwargs: Any) -> None:
+        if not self.record_starts:
+            return
+        request = self.request
+        try:
+            self.service.recorder.record_start(
+                task_id,
+                self.name,
+                str(request.hostname or ""),
+                int(request.retries or 0),
+                bool((request.delivery_info or {}).get("redelivered")),
+            )
+        except Exception:
+            log.exception("could not record start of %s", task_id)
 
     def on_success(self, retval: Any, task_id: str, args: Any, kwargs: Any) -> None:
         log.info("task %s %s succeeded", self.name, task_id)

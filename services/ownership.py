@@ -44,12 +44,14 @@ Measured in docs/benchmarks.md (benchmark 4's side-by-side run).
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from time import time
 from typing import Any
 
 from celery import bootsteps
-from celery.signals import worker_init
+from celery.signals import task_postrun, task_prerun, worker_init
 from kombu.transport import redis as kombu_redis
 from kombu.transport import virtual
 from kombu.utils.json import dumps
@@ -62,6 +64,62 @@ TRANSPORT = "services.ownership:Transport"
 _node: str | None = None  # this process's Celery node name, once it is a worker
 
 
+class _Ledger:
+    """What this process knows of the messages it took, beyond what Celery keeps, for the
+    give-back after a reconnect (:func:`restore_after_reconnect`):
+
+    - ``settling``: delivery tags acked (or rejected without requeue) whose removal has not
+      reached Redis: the ack is under way, or failed with the connection. Their tasks ran.
+    - ``running`` / ``finished``: task ids whose task runs in this process now, or returned here
+      and is not acked yet (``task_prerun`` / ``task_postrun``: the threads and solo pools run
+      tasks in the worker's own process). On a lost connection Celery "cancels" its running
+      late-ack tasks (``worker_cancel_long_running_tasks_on_connection_loss``) and forgets them,
+      but a thread cannot be stopped: the task runs on, to its end and its ack.
+    - ``task_of``: delivery tag -> task id, for the messages this process took (``tag_of``, the
+      reverse, for the per-task signal handlers).
+    """
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.settling: set[str] = set()
+        self.running: set[str] = set()
+        self.finished: set[str] = set()
+        self.task_of: dict[str, str] = {}
+        self.tag_of: dict[str, str] = {}
+
+    def took(self, tag: str, task_id: str | None) -> None:
+        if task_id:
+            with self.lock:
+                self.task_of[tag] = task_id
+                self.tag_of[task_id] = tag
+
+    def done(self, tags: set[str]) -> None:
+        """``tags``' entries are gone from Redis (acked, settled or given back)."""
+        with self.lock:
+            self.settling.difference_update(tags)
+            for tag in tags:
+                task = self.task_of.pop(tag, "")
+                self.finished.discard(task)
+                if self.tag_of.get(task) == tag:
+                    del self.tag_of[task]
+
+    def ran_or_runs(self, tag: str) -> bool:
+        """Whether the task of ``tag`` runs here now, returned here or was acked here."""
+        with self.lock:
+            task = self.task_of.get(tag)
+            return tag in self.settling or task in self.running or task in self.finished
+
+    def split(self) -> tuple[set[str], set[str]]:
+        """(tags whose task still runs here, tags to settle: acked, or their task returned)."""
+        with self.lock:
+            running = {t for t, i in self.task_of.items() if i in self.running}
+            finished = {t for t, i in self.task_of.items() if i in self.finished}
+            return running, (self.settling | finished) - running
+
+
+_ledger = _Ledger()
+
+
 def current_node() -> str | None:
     """The node name owner entries are written under in this process (None: not a worker)."""
     return _node
@@ -71,6 +129,36 @@ def set_node(node: str | None) -> None:
     """Set the node name (the ``worker_init`` handler does; tests may too)."""
     global _node
     _node = node
+
+
+def settling() -> set[str]:
+    """The delivery tags acked here whose removal Redis has not confirmed."""
+    with _ledger.lock:
+        return set(_ledger.settling)
+
+
+@contextmanager
+def _settling_tag(delivery_tag: Any) -> Iterator[None]:
+    """``delivery_tag`` counts as settling while the block runs, and after it if it raised."""
+    tag = str(delivery_tag)
+    with _ledger.lock:
+        _ledger.settling.add(tag)
+    yield  # an exception leaves the tag settling: the reconnect's give-back settles it
+    _ledger.done({tag})
+
+
+def _task_started(task_id: str | None = None, **_: Any) -> None:
+    if task_id:
+        with _ledger.lock:
+            _ledger.running.add(task_id)
+
+
+def _task_returned(task_id: str | None = None, **_: Any) -> None:
+    if task_id:
+        with _ledger.lock:
+            _ledger.running.discard(task_id)
+            if task_id in _ledger.tag_of:
+                _ledger.finished.add(task_id)
 
 
 class QoS(kombu_redis.QoS):
@@ -88,16 +176,42 @@ class QoS(kombu_redis.QoS):
                 self.unacked_key, delivery_tag, entry
             ).hset(self.channel.unacked_owner_key, delivery_tag, node).execute()
             virtual.QoS.append(self, message, delivery_tag)
+        _ledger.took(str(delivery_tag), (getattr(message, "headers", None) or {}).get("id"))
 
     def _remove_from_indices(self, delivery_tag: Any, pipe: Any = None) -> Any:
         pipe = super()._remove_from_indices(delivery_tag, pipe)
         return pipe.hdel(self.channel.unacked_owner_key, delivery_tag)
+
+    def ack(self, delivery_tag: Any) -> None:
+        with _settling_tag(delivery_tag):
+            super().ack(delivery_tag)
+
+    def restore_unacked(self, client: Any = None) -> None:
+        """kombu's give-back of what a closing channel delivered (at shutdown, and when the
+        connection is lost: on Redis it reaches the server when the break is noticed with Redis
+        up, as behind Docker after a restart, or on a cut connection), except the messages whose
+        task runs here or ran here (:class:`_Ledger`): put back, they would run a second time
+        while the first run goes on in its thread, or after it finished. The reconnect's
+        give-back settles those that ran; one still running acks at its end."""
+        with self.channel.conn_or_acquire(client) as client:
+            for tag in self._delivered:
+                if not _ledger.ran_or_runs(str(tag)):
+                    self.restore_by_tag(tag, client=client)
+        self._delivered.clear()
+
+    def reject(self, delivery_tag: Any, requeue: bool = False) -> None:
+        if requeue:  # a give-back: if Redis never gets it, the reconnect's give-back does it
+            super().reject(delivery_tag, requeue=True)
+            return
+        with _settling_tag(delivery_tag):
+            super().reject(delivery_tag, requeue=False)
 
 
 class Channel(kombu_redis.Channel):
     """kombu's Redis channel with the owner-recording QoS and the ``unacked_owner_key`` option."""
 
     QoS = QoS
+
     unacked_owner_key = OWNER_KEY
     from_transport_options = (  # type: ignore[assignment]
         *kombu_redis.Channel.from_transport_options,
@@ -116,9 +230,9 @@ def _give_back(
 ) -> int:
     """Restore what ``node`` holds except ``keep`` (scaler.restore, atomically); the count.
 
-    ``check(restorer)`` may veto (returns False). Best effort: a broker error is logged as
-    ``failed`` and the scaler's restore or the visibility timeout stays the net; a restore is
-    logged as ``done`` (with the count)."""
+    ``check(restorer)`` may veto (returns False) and may do its part first. Best effort: a
+    broker error is logged as ``failed`` and the scaler's restore or the visibility timeout stays
+    the net; a restore is logged as ``done`` (with the count)."""
     from scaler.restore import UnackedRestorer  # the one restore module (same image)
 
     try:
@@ -187,12 +301,33 @@ def restore_after_reconnect(app: Any, node: str, held: set[str]) -> int:
     ``unacked`` until the visibility timeout (an hour as shipped). Once connected again the
     worker knows exactly what it still holds (``held``), so every other message under its name
     goes back now, by the same atomic restore the scaler uses.
+
+    Except, by this process's ledger (:class:`_Ledger`), the messages whose tasks still run here
+    (Celery cancelled and forgot them, but a thread runs on: kept, the task acks at its end) and
+    those whose tasks ran (returned, or acked while the connection went: settled, their entries
+    removed as the ack would have). Put back, either would run again while the first run lives
+    on or is done: the nemesis campaign's Redis restarts ran such tasks twice.
     """
-    return _give_back(
-        app, node, held, lambda restorer: True,
+    running, unsettled = _ledger.split()
+
+    def settle_first(restorer: Any) -> bool:
+        if unsettled:
+            count = restorer.settle(node, unsettled)
+            _ledger.done(unsettled)
+            if count:
+                log.warning("settled %d ack(s) %s sent as its broker connection went", count, node)
+        return True
+
+    keep = held | running | unsettled
+    restored = _give_back(
+        app, node, keep, settle_first,
         f"could not give back what {node} held on its lost connection",
         f"restored %d unacked message(s) {node} held on its lost broker connection",
     )  # fmt: skip
+    with _ledger.lock:  # what went back is no longer this process's
+        gone = set(_ledger.task_of) - keep
+    _ledger.done(gone)
+    return restored
 
 
 class RestoreOnReconnect(bootsteps.StartStopStep):
@@ -231,3 +366,5 @@ def uses_owner_tracking(app: Any) -> bool:
 
 
 worker_init.connect(_on_worker_init, weak=False)
+task_prerun.connect(_task_started, weak=False)
+task_postrun.connect(_task_returned, weak=False)

@@ -1,4 +1,5 @@
-"""Every task success and failure, kept in two bounded Redis lists (the latest N of each).
+"""Every task success and failure, kept in two bounded Redis lists (the latest N of each), and
+the starts of the tasks that ask for them (a third list, bounded the same way).
 
 The lists are an operator's quick view ("what failed just now?"), not the system of record: a
 recording that fails is logged and the task's own outcome stands. One Redis client per process
@@ -10,6 +11,8 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import socket
 import time
 from typing import Any, cast
 
@@ -21,6 +24,10 @@ log = logging.getLogger(__name__)
 
 SUCCESSES = "task_successes"
 FAILURES = "task_failures"
+# One record per start of a task that asks for it (``record_starts=True``): who started it
+# (Celery node, container hostname, pid) and when (wall time). A checker that reads them counts
+# how often each id STARTED, not only its idempotent effect (tests/chaos/nemesis_check.py).
+STARTS = "task_starts"
 
 
 def truncate(value: Any, max_chars: int) -> Any:
@@ -60,6 +67,23 @@ class TaskRecorder:
 
     def record_success(self, task_id: str, task_name: str, result: Any) -> None:
         self._push(SUCCESSES, {"task_id": task_id, "task": task_name, "result": result})
+
+    def record_start(
+        self, task_id: str, task_name: str, node: str, retries: int, redelivered: bool
+    ) -> None:
+        """Before the work: one LPUSH+LTRIM round trip, bounded like the other lists."""
+        self._push(
+            STARTS,
+            {
+                "task_id": task_id,
+                "task": task_name,
+                "node": node,
+                "hostname": socket.gethostname(),
+                "pid": os.getpid(),
+                "retries": retries,
+                "redelivered": redelivered,
+            },
+        )
 
     def record_failure(
         self, task_id: str, task_name: str, error: str, args: Any, kwargs: Any

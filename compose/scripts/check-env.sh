@@ -33,7 +33,7 @@ value_of() {
 fail() { errors+=("$1"); }
 
 secret_re='^[A-Za-z0-9._~-]{16,}$'
-for name in POSTGRES_PASSWORD POSTGRES_APP_PASSWORD FLOWER_PASSWORD; do
+for name in POSTGRES_PASSWORD POSTGRES_APP_PASSWORD FLOWER_PASSWORD SCALER_GATE_TOKEN; do
   v=$(value_of "$name")
   if [[ -z $v ]]; then
     fail "$name is missing or empty: expected a generated secret (make up appends one when the line is absent; an empty value must be set by hand, and POSTGRES_PASSWORD must stay what the database volume was created with)"
@@ -136,15 +136,24 @@ fi
 if [[ -n ${num[SCALER_LEASE_S]-} ]] && (( num[SCALER_LEASE_S] > 600 )); then
   fail "SCALER_LEASE_S='${num[SCALER_LEASE_S]}' is out of range: expected 1-600 seconds"
 fi
-# The Docker socket's group, for docker-proxy (`make up` exports it from the socket): 0 is valid.
+# The Docker socket's group, for the engine gate (`make up` exports it from the socket): 0 is valid.
 v=$(value_of DOCKER_GID)
 if [[ -n $v && ! $v =~ ^[0-9]{1,9}$ ]]; then
   fail "DOCKER_GID='$v' is malformed: expected a numeric group id (stat -c %g /var/run/docker.sock)"
 fi
-v=$(value_of DOCKER_PROXY_ALLOW_BIND_MOUNTS)
+v=$(value_of STACK_PROD)
 if [[ -n $v && $v != 0 && $v != 1 ]]; then
-  fail "DOCKER_PROXY_ALLOW_BIND_MOUNTS='$v' is malformed: expected 0 (refuse bind mounts) or 1"
+  fail "STACK_PROD='$v' is malformed: expected 1 (make adds compose.prod.yaml), 0 or empty (make up PROD=1 / PROD=0 set it)"
 fi
+v=$(value_of GATE_ALLOWED_BIND_MOUNTS)
+IFS=, read -ra mounts <<<"$v"
+for m in ${mounts[@]+"${mounts[@]}"}; do
+  m=${m#"${m%%[![:space:]]*}"} m=${m%"${m##*[![:space:]]}"}
+  [[ -z $m ]] && continue
+  if [[ $m != /* || $m =~ (^|/)\.\.?(/|$) || $m =~ ^/+$ ]]; then
+    fail "GATE_ALLOWED_BIND_MOUNTS has '$m': expected absolute host paths other than / (no . or .. segment), comma-separated"
+  fi
+done
 
 # The windows must nest, or a running task is killed or delivered twice:
 # soft limit < hard limit < stop grace period < Redis visibility timeout.

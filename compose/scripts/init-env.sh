@@ -8,7 +8,7 @@ set -euo pipefail
 
 example=${1:-.env.example}
 target=${2:-.env}
-secrets=(REDIS_WORKER_PASSWORD REDIS_SCALER_PASSWORD REDIS_ADMIN_PASSWORD POSTGRES_PASSWORD POSTGRES_APP_PASSWORD FLOWER_PASSWORD SCALER_TOKEN)
+secrets=(REDIS_WORKER_PASSWORD REDIS_SCALER_PASSWORD REDIS_ADMIN_PASSWORD POSTGRES_PASSWORD POSTGRES_APP_PASSWORD FLOWER_PASSWORD SCALER_TOKEN SCALER_GATE_TOKEN)
 
 # 32 hex characters (128 bits) from the kernel's CSPRNG: URL-safe, so it can sit in a URL as is.
 new_secret() { od -An -N16 -tx1 /dev/urandom | tr -d ' \n'; }

@@ -46,6 +46,10 @@ class WorkerInfo:
     name: str  # Celery node name, e.g. "io-2@host"
     ident: str  # pid, container id...
     state: str  # "running", "draining", "stopped" or "dead"
+    # The hostname the worker reports after the "@" of its node name: its container's hostname
+    # ("" where the backend names workers itself, as the local backend does). How an owner of
+    # unacked messages is matched to its container when its node name was never confirmed.
+    host: str = ""
 
 
 @dataclass(frozen=True)

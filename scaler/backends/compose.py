@@ -6,8 +6,10 @@ Compose has no "scale to N" API of its own that a sidecar could call, so this ba
 - A service is managed only if its containers carry the project's Compose labels and the opt-in
   label ``autoscale.managed=true``, and the policy names it. Nothing else is ever touched.
 - Scale up clones the inspected configuration of the service's lowest-numbered running replica
-  (image, command, environment, mounts, networks, labels) through the low-level API, changing only
-  the name ``{project}-{service}-{N}``, the container-number label and the network aliases. The
+  (image, command, environment, mounts, networks, labels), changing only the name
+  ``{project}-{service}-{N}``, the container-number label and the network aliases: the engine
+  gate composes and creates it (``POST /gate/v1/replicas``, scaler/gate/clone.py; the backend
+  reaches the engine only through the gate, docs/gate.md), the backend starts it. The
   config-hash label stays equal, so `docker compose ps` lists the clone, `docker compose down`
   removes it and a later `docker compose up` does not recreate it (it does reset the count to the
   file's: the loop just converges again).
@@ -21,8 +23,9 @@ Compose has no "scale to N" API of its own that a sidecar could call, so this ba
   backend): the dead container stays until then, and no scale-up starts one either.
 - A template that reaches the host (privileged, added capabilities, devices, host namespaces,
   an unconfined SecurityOpt, VolumesFrom, bind mounts outside the policy's
-  ``clone.allowed_bind_mounts``) is never cloned nor woken (``scaler.backends.template_safety``):
-  the error names the container and each setting, and the service holds.
+  ``clone.allowed_bind_mounts``, and ``SCALER_CLONE_ALLOWED_BIND_MOUNTS``: the stack's secret
+  files) is never cloned nor woken (``scaler.backends.template_safety``): the error names the
+  container and each setting, and the service holds.
 - Container CPU is read in percent of the container's CPU limit (``cpus``), inspected once per
   container when its stats reader starts.
 - Engine and broker errors are retried with a short backoff, then raised as BackendError and shown
@@ -32,11 +35,11 @@ Compose has no "scale to N" API of its own that a sidecar could call, so this ba
   (the cycle holds without asking again). ``scale`` and ``reconcile`` always list afresh, and
   every action (scale, replacement, a drain ending, ``manage``) drops the shared listing. Without
   ``begin_cycle()`` (tests, one-off callers) every read lists.
-- Adoption: the first reconcile after ``manage()`` (a scaler start, a standby taking over) asks
-  the live workers which queues they consume and gives the ones consuming none back their
-  queues (``scaler.backends.stranded``), so a worker whose drain was cut short by a scaler's
-  death takes work again; a worker whose own drain here failed after the cancel is checked the
-  same way at the next reconcile.
+- Consumers: every reconcile asks the live workers neither warm nor draining which queues they
+  consume (one request, returning once all answered) and gives the ones consuming none back
+  their queues; one still consuming none at the next check is replaced like an unresponsive one
+  (``scaler.backends.stranded``). So a worker whose drain was cut short by a scaler's death, or
+  whose consumer a broker reconnect lost, takes work again.
 - Unresponsive workers: a live container whose healthcheck says unhealthy (the listing's status,
   no extra call) is inspected once; when its heartbeat (the age ``healthcheck-file.sh`` prints,
   else how long its probes have failed) is older than the service's ``unresponsive_after_s``, a
@@ -61,7 +64,6 @@ Compose has no "scale to N" API of its own that a sidecar could call, so this ba
 from __future__ import annotations
 
 import logging
-import os
 import re
 import shlex
 import threading
@@ -70,8 +72,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from datetime import datetime
 from functools import partial
-from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, NoReturn, TypeVar
 
 import docker
 import docker.errors
@@ -84,11 +85,11 @@ from scaler.backends.base import (
     ScaleResult,
     WorkerInfo,
 )
-from scaler.backends.engine import ClientFactory, Engine, default_client_factory
+from scaler.backends.engine import ClientFactory, Engine, default_client_factory, gate_call
 from scaler.backends.listing import CycleListing
 from scaler.backends.restart_backoff import RestartBackoff
-from scaler.backends.stranded import restore_stranded
-from scaler.backends.template_safety import unsafe_settings
+from scaler.backends.stranded import CHECK_FAILED, ConsumerCheck
+from scaler.backends.template_safety import extra_bind_mounts, unsafe_settings
 from scaler.backends.warm_pool import WARM_ENV, PoolStore, WarmPool, set_consumers
 from scaler.backends.worker_queries import ask_busy, names_by_host
 from scaler.fencing import UNFENCED, Fence, LeadershipLost
@@ -244,58 +245,25 @@ def cpu_limit(inspected: dict[str, Any]) -> float | None:
     return None
 
 
-# The mount of /etc/hostname (4th and 5th fields of a mountinfo line). Only that one: the host's
-# own namespace also lists /var/lib/docker/containers/<id>/mounts/shm of other containers.
-_CONTAINER_ID = re.compile(r"/containers/([0-9a-f]{64})/hostname /etc/hostname ")
-
-
-def own_container_ids(mountinfo: str, hostname: str) -> list[str]:
-    """Candidate ids of the container this process runs in, best first.
-
-    Docker bind-mounts /etc/hostname from ``/var/lib/docker/containers/<id>/hostname``, so
-    /proc/self/mountinfo names the full id even when the service sets its own hostname; Docker's
-    default hostname (the short id) is the fallback.
-    """
-    ids = list(dict.fromkeys(_CONTAINER_ID.findall(mountinfo)))
-    if re.fullmatch(r"[0-9a-f]{12,64}", hostname) and hostname not in ids:
-        ids.append(hostname)  # only an id: a name could match some other container
-    return ids
-
-
-def own_compose_project(
-    client_factory: ClientFactory | None = None,
-    *,
-    mountinfo: Path = Path("/proc/self/mountinfo"),
-    hostname: str | None = None,
-) -> str:
-    """The Compose project of the container this scaler runs in, from its own labels.
+def gate_project(client_factory: ClientFactory | None = None) -> str:
+    """The Compose project the engine gate serves (the scope in its ``GET /gate/v1/status``).
 
     Lets the stack's scaler follow whatever project name Compose was given (``-p``,
-    COMPOSE_PROJECT_NAME, or the file's ``name:``) without every Compose version having to
-    interpolate it into the command. Raises ValueError naming what was tried.
+    COMPOSE_PROJECT_NAME, or the file's ``name:``): the gate is told it (GATE_PROJECT), and the
+    scaler cannot then disagree with it. (The scaler's own container is not a managed one: the
+    gate does not let it read its labels.) Raises ValueError naming what was asked.
     """
-    try:
-        text = mountinfo.read_text()
-    except OSError:
-        text = ""
-    host = hostname if hostname is not None else os.environ.get("HOSTNAME", "")
-    candidates = own_container_ids(text, host)
     client = (client_factory or default_client_factory())()
     try:
-        for ref in candidates:
-            try:
-                labels = client.api.inspect_container(ref)["Config"].get("Labels") or {}
-            except docker.errors.NotFound:
-                continue
-            project = labels.get(PROJECT_LABEL)
-            if project:
-                return str(project)
+        status = gate_call(client, "GET", "/gate/v1/status")
+    except (docker.errors.DockerException, OSError) as exc:
+        raise ValueError(f"the engine gate's status could not be read ({exc})") from None
     finally:
         client.close()
-    raise ValueError(
-        f"this process is not in a container with a {PROJECT_LABEL} label "
-        f"(tried container ids {[c[:12] for c in candidates]}): pass the project name"
-    )
+    scope = (status or {}).get("scope") or {}
+    if scope.get("label") != PROJECT_LABEL or not scope.get("value"):
+        raise ValueError(f"the engine gate serves {scope or 'no scope'}, not a Compose project")
+    return str(scope["value"])
 
 
 def _start(container_id: str, client: docker.DockerClient) -> None:
@@ -306,10 +274,59 @@ def _remove(container_id: str, client: docker.DockerClient) -> None:
     client.api.remove_container(container_id, force=True)
 
 
-def _connect(
-    container_id: str, network: str, aliases: list[str], client: docker.DockerClient
+class GateRefused(Exception):
+    """The gate refused a clone (403): its message names the template and each setting."""
+
+
+def _create_replica(wanted: dict[str, Any], client: docker.DockerClient) -> dict[str, Any]:
+    """``POST /gate/v1/replicas``: the clone created, not started; {"Id", "Name"}."""
+    try:
+        return dict(gate_call(client, "POST", "/gate/v1/replicas", wanted))
+    except docker.errors.APIError as exc:
+        message = str(exc.explanation or "")
+        if exc.status_code == 403 and message.startswith("gate: refusing to clone"):
+            raise GateRefused(message.removeprefix("gate: ")) from None
+        if exc.status_code in (403, 404) and not message.startswith("gate:"):
+            raise BackendError(
+                f"{client.api.base_url} does not serve POST /gate/v1/replicas: the Compose "
+                "backend creates replicas through the engine gate (python -m scaler.gate, "
+                "docs/gate.md), not the engine's general API"
+            ) from None
+        raise
+
+
+def stop_fenced(
+    client: docker.DockerClient,
+    container_id: str,
+    info: dict[str, Any],
+    fence: Fence,
+    what: str,
+    poll_s: float = 0.25,
 ) -> None:
-    client.api.connect_container_to_network(container_id, network, aliases=aliases)
+    """``docker stop`` with its irreversible step fenced. The engine's own stop would SIGKILL
+    the container at the end of its grace period whoever leads by then; here the container's
+    stop signal is sent, its exit awaited for the grace period (StopTimeout) with the fence
+    checked at every poll, and only after a fresh check is it killed (a zero-timeout stop: the
+    engine's SIGKILL, and its wait for the exit). A lease lost meanwhile raises LeadershipLost
+    and leaves the container, shutting down or not, to whoever leads."""
+    config = info.get("Config") or {}
+    grace = int(config.get("StopTimeout") or DEFAULT_STOP_TIMEOUT_S)
+    fence.check(f"stop {what}")
+    if not (info.get("State") or {}).get("Running"):
+        return
+    try:  # the stop signal as `docker stop` sends it: the restart policy does not bring it back
+        client.api.kill(container_id, signal=config.get("StopSignal") or "SIGTERM")
+    except docker.errors.APIError as exc:
+        if exc.status_code != 409:  # 409: not running any more
+            raise
+        return
+    deadline = time.monotonic() + grace
+    while (client.api.inspect_container(container_id).get("State") or {}).get("Running"):
+        fence.check(f"kill {what} past its grace period (waiting for it to exit)")
+        if time.monotonic() >= deadline:
+            client.api.stop(container_id, timeout=0)
+            return
+        time.sleep(poll_s)
 
 
 class ComposeBackend(CycleListing[dict[str, list[ComposeContainer]]]):
@@ -331,6 +348,7 @@ class ComposeBackend(CycleListing[dict[str, list[ComposeContainer]]]):
         restart_backoff: RestartBackoff | None = None,
         restorer: UnackedRestorer | None = None,
         pool_store: PoolStore | None = None,
+        allowed_bind_mounts: tuple[str, ...] | None = None,
     ) -> None:
         if not project or not re.fullmatch(r"[a-z0-9][a-z0-9_-]*", project):
             raise ValueError(
@@ -374,6 +392,12 @@ class ComposeBackend(CycleListing[dict[str, list[ComposeContainer]]]):
         if pool_store is not None:
             self._pool.store = pool_store
         self._to_pool: dict[str, str] = {}  # container id -> service: drains into the pool
+        self._consumers = ConsumerCheck(app, inspect_timeout_s)  # the standing consumer check
+        # Host paths allowed for every service beside its policy's list (None: from
+        # SCALER_CLONE_ALLOWED_BIND_MOUNTS, the stack's secret files).
+        self._extra_binds = (
+            extra_bind_mounts() if allowed_bind_mounts is None else allowed_bind_mounts
+        )
 
     def use_pool_store(self, store: PoolStore) -> None:
         """Keep warm-pool membership in ``store`` (Redis: survives restarts and leader changes)."""
@@ -394,8 +418,18 @@ class ComposeBackend(CycleListing[dict[str, list[ComposeContainer]]]):
             else:
                 state = "stopped"
             node = self._nodes.get(c.id) or (self._guess(c.id)[1] if c.live else c.name)
-            out.append(WorkerInfo(service=service, name=node, ident=c.id, state=state))
+            out.append(WorkerInfo(service, node, c.id, state, host=self._hostname(c)))
         return out
+
+    def _hostname(self, container: ComposeContainer) -> str:
+        """The container's hostname (cached; "" for an ended container no longer inspectable:
+        gone, and a live one that cannot be inspected raises)."""
+        try:
+            return self._guess(container.id)[0]
+        except BackendError:
+            if container.live:
+                raise
+            return ""
 
     def replicas(self, service: str) -> int:
         """Live containers neither draining nor warm; BackendError when the engine (or the
@@ -691,14 +725,20 @@ class ComposeBackend(CycleListing[dict[str, list[ComposeContainer]]]):
         """BackendError naming the container and each setting that reaches the host (reported
         once as a "clone-refused" event): the service is held, nothing is started from it."""
         spec = self._specs.get(service)
-        problems = unsafe_settings(template, spec.allowed_bind_mounts if spec else ())
+        allow = (*(spec.allowed_bind_mounts if spec else ()), *self._extra_binds)
+        problems = unsafe_settings(template, allow)
         if not problems:
             return
         name = str(template.get("Name", "?")).lstrip("/")
-        detail = (
+        self._report_refusal(
+            service,
             f"refusing to clone {name} (service {service!r}): {'; '.join(problems)}; fix the "
-            "service's definition (docs/security.md), nothing is started from it until then"
+            "service's definition (docs/security.md), nothing is started from it until then",
         )
+
+    def _report_refusal(self, service: str, detail: str) -> NoReturn:
+        """A "clone-refused" event (once per distinct refusal), health's last error, and the
+        BackendError that holds the service."""
         if self._refused.get(service) != detail:
             self._refused[service] = detail
             self._note(service, "clone-refused", detail)
@@ -718,10 +758,10 @@ class ComposeBackend(CycleListing[dict[str, list[ComposeContainer]]]):
         sleeping = [c for c in containers if not c.live and (c.id in self._parked or not c.died)]
         for parked in sleeping[:count]:
             if self._born_warm(parked.id):  # it would boot consuming nothing: re-created cold
-                try:
-                    self._call(f"remove {parked.name}", partial(_remove, parked.id), fence)
+                try:  # the gate removes it once the clone is composed (it may be the template)
+                    clone = self._clone(service, template, parked.number, fence, replaces=parked.id)
                     self._parked.discard(parked.id)
-                    started.append(self._clone(service, template, parked.number, fence))
+                    started.append(clone)
                 except BackendError as exc:
                     errors.append(str(exc))
                 continue
@@ -755,54 +795,27 @@ class ComposeBackend(CycleListing[dict[str, list[ComposeContainer]]]):
         fence: Fence = UNFENCED,
         *,
         warm: bool = False,
+        replaces: str | None = None,
     ) -> str:
-        """Create and start ``{project}-{service}-{number}`` from a replica's inspected config;
-        ``warm``: for the pool (booting without consuming, recorded before it starts)."""
-        name = f"{self.project}-{service}-{number}"
-        config = dict(template["Config"])
-        env = [e for e in config.get("Env") or [] if not str(e).startswith(f"{WARM_ENV}=")]
-        config["Env"] = [*env, f"{WARM_ENV}=1"] if warm else env
-        host_config = dict(template["HostConfig"])
-        labels = dict(config.get("Labels") or {})
-        labels[NUMBER_LABEL] = str(number)
-        config["Labels"] = labels
-        if config.get("Hostname") == template["Id"][:12]:
-            config.pop("Hostname")  # Docker's default (the id): the clone gets its own
-        config["Image"] = self._image_for(template)
-        networks: dict[str, Any] = (template.get("NetworkSettings") or {}).get("Networks") or {}
-        primary = host_config.get("NetworkMode", "")
-        if primary not in networks and networks:
-            primary = next(iter(networks))
+        """Have the gate create ``{project}-{service}-{number}`` from the service's replica, then
+        start it; ``warm``: for the pool (booting without consuming, recorded before it starts);
+        ``replaces``: the stopped or dead container holding the number, which the gate removes.
 
-        def endpoint(network: str) -> dict[str, Any]:
-            source = networks.get(network) or {}
-            # Compose's aliases; no static addresses (they would clash with the source's).
-            return {
-                "Aliases": [name, service],
-                "Links": source.get("Links"),
-                "DriverOpts": source.get("DriverOpts"),
-            }
-
-        # API 1.41 accepts one network at creation; the others are connected before start.
-        config["HostConfig"] = host_config
-        config["NetworkingConfig"] = {"EndpointsConfig": {primary: endpoint(primary)}}
-        # StopTimeout (the service's stop_grace_period) is part of the inspected Config and
-        # travels with it; the high-level containers.create() would drop it.
-        created = self._call(
-            f"create {name}",
-            lambda cl: cl.api.create_container_from_config(config, name=name),
-            fence,
-        )
-        cid = created["Id"]
+        The gate composes the clone (``POST /gate/v1/replicas``, scaler/gate/clone.py): the
+        template's inspected configuration with only the name, number, hostname and warm flag
+        changed, its networks connected. A template the gate refuses (403: it reaches the host)
+        is reported as "clone-refused" like the backend's own check (``_refuse_unsafe``)."""
+        wanted: dict[str, Any] = {"service": service, "number": number, "warm": warm}
+        if replaces is not None:
+            wanted["replaces"] = replaces
         try:
-            for network in networks:
-                if network != primary:
-                    aliases = endpoint(network)["Aliases"]
-                    self._call(
-                        f"connect {name} to {network}",
-                        partial(_connect, cid, network, aliases),
-                        fence,
-                    )
+            created = self._call(
+                f"create {self.project}-{service}-{number}", partial(_create_replica, wanted), fence
+            )
+        except GateRefused as exc:
+            self._report_refusal(service, str(exc))
+        cid, name = str(created["Id"]), str(created["Name"])
+        try:
             if warm:
                 self._pool.enlist(service, cid, fence)  # before it runs: never taken for serving
             self._call(f"start {name}", partial(_start, cid), fence)
@@ -826,18 +839,6 @@ class ComposeBackend(CycleListing[dict[str, list[ComposeContainer]]]):
         """Was the container created for the warm pool (it boots consuming nothing)?"""
         env = (self._inspect(container_id).get("Config") or {}).get("Env") or []
         return f"{WARM_ENV}=1" in env
-
-    def _image_for(self, template: dict[str, Any]) -> str:
-        """The image by its name when that still means the replica's image, else by its id."""
-        image_id = str(template.get("Image", ""))
-        image_name = str((template.get("Config") or {}).get("Image", ""))
-        try:
-            current = self._call(
-                f"inspect image {image_name}", lambda cl: cl.api.inspect_image(image_name)
-            )
-        except BackendError:
-            return image_id or image_name
-        return image_name if current.get("Id") == image_id else image_id
 
     # -- scaling down: drain idle workers -------------------------------------------------------
 
@@ -1007,9 +1008,7 @@ class ComposeBackend(CycleListing[dict[str, list[ComposeContainer]]]):
         client = self._factory()
         try:
             info = client.api.inspect_container(container.id)
-            grace = int((info.get("Config") or {}).get("StopTimeout") or DEFAULT_STOP_TIMEOUT_S)
-            fence.check(f"stop warm {container.name}")
-            client.api.stop(container.id, timeout=grace)
+            stop_fenced(client, container.id, info, fence, f"warm {container.name}")
             fence.check(f"remove warm {container.name}")
             client.api.remove_container(container.id)
             self._pool.leave(service, container.id)
@@ -1128,21 +1127,25 @@ class ComposeBackend(CycleListing[dict[str, list[ComposeContainer]]]):
                     self._note(service, "drain-timeout", f"{node} still {detail}: stopping it")
                     break
                 time.sleep(0.5)
-            client = self._factory()  # own connection: stop() blocks for up to the grace period
+            client = self._factory()  # own connection: the stop takes up to the grace period
             try:
                 info = client.api.inspect_container(container.id)
-                grace = int((info.get("Config") or {}).get("StopTimeout") or DEFAULT_STOP_TIMEOUT_S)
                 fence.check(f"stop {container.name}")
                 if park:
                     self._parked.add(container.id)  # even if the grace period runs out
-                client.api.stop(container.id, timeout=grace)
+                stop_fenced(client, container.id, info, fence, container.name)
                 stopped = True
                 # A warm shutdown leaves nothing unacked; one killed past its grace may.
-                restored = restore_dead_workers(self.restorer, service, [node], "stopped")
+                host = str((info.get("Config") or {}).get("Hostname") or "")
+                restored = restore_dead_workers(
+                    self.restorer, service, [node], "stopped", hosts=[host] if host else []
+                )
                 if restored is not None:
                     with self._lock:
                         self._events.append(restored)
-                if not park:
+                # A replacement's clone removes it (the gate composes the clone first: it may
+                # be the service's only container, its template).
+                if not park and template is None:
                     fence.check(f"remove {container.name}")
                     client.api.remove_container(container.id)
             finally:
@@ -1176,12 +1179,40 @@ class ComposeBackend(CycleListing[dict[str, list[ComposeContainer]]]):
         fence: Fence,
         answered: bool,
     ) -> str:
-        """Start a clone in the place of an unresponsive container just stopped and removed."""
+        """Start a clone in the place of an unresponsive container just stopped: the gate removes
+        the stopped one once it has composed the clone (``replaces``), which takes its number."""
         how = "drained, stopped and removed" if answered else "no ping answer: stopped, removed"
         self._backoff.forget(service, container.id)
         if not self._backoff.may_start(service):
+            if self._only_one(service, container):
+                # The service's template (the gate clones only from a container it can read):
+                # kept stopped, woken by the next scale-up.
+                self._parked.add(container.id)
+                kept = "drained and stopped" if answered else "no ping answer: stopped"
+                return f"{kept}, kept; no clone while the service's crash backoff runs"
+            fence.check(f"remove {container.name}")
+            self._call(f"remove {container.name}", partial(_remove, container.id), fence)
             return f"{how}; no clone while the service's crash backoff runs"
-        return f"{how}; started {self._clone(service, template, container.number, fence)}"
+        name = self._clone(service, template, container.number, fence, replaces=container.id)
+        return f"{how}; started {name}"
+
+    def _only_one(self, service: str, container: ComposeContainer) -> bool:
+        """Is ``container`` the service's only container (the engine's view, not the cycle's)?"""
+        filters = {
+            "label": [
+                f"{PROJECT_LABEL}={self.project}",
+                f"{MANAGED_LABEL}=true",
+                f"{SERVICE_LABEL}={service}",
+            ]
+        }
+        rows = self._call(
+            f"list {service}", lambda client: client.api.containers(all=True, filters=filters)
+        )
+        return not any(
+            row["Id"] != container.id
+            and (row.get("Labels") or {}).get(ONEOFF_LABEL, "False") == "False"
+            for row in rows
+        )
 
     # -- workers whose heartbeat stopped -------------------------------------------------------
 
@@ -1244,45 +1275,66 @@ class ComposeBackend(CycleListing[dict[str, list[ComposeContainer]]]):
         draining: set[str],
         fence: Fence = UNFENCED,
     ) -> list[BackendEvent]:
-        """On adoption every live worker, else only suspects: re-add the queues of those that
-        consume none of their service's (see scaler.backends.stranded for the rule)."""
+        """The standing consumer check (scaler.backends.stranded) over every live worker neither
+        warm nor draining: heal those consuming none of their queues, replace a relapse."""
         with self._lock:
-            everyone, suspects = self._adopt_pending, set(self._suspects)
-        candidates = {
-            c.id: service
-            for service, cs in listing.items()
+            adopting, self._adopt_pending = self._adopt_pending, False
+            self._suspects.clear()  # a drain cut short: checked like everyone, every reconcile
+        committed = self._pool.committed()  # their watch gives them their queues
+        live = {
+            c.id: c
+            for cs in listing.values()
             for c in cs
-            if c.live and c.id not in draining and (everyone or c.id in suspects)
+            if c.live and c.id not in draining and c.id not in committed
         }
-        if not candidates:
-            with self._lock:
-                self._adopt_pending = False
-                self._suspects -= suspects
-            return []
         try:
-            nodes = self._node_names(list(candidates))
-            wanted = {nodes[cid]: self._specs[svc].queues for cid, svc in candidates.items()}
-            fence.check(f"give stranded workers their queues back ({', '.join(sorted(wanted))})")
-            restores = restore_stranded(self.app, wanted, self._inspect_timeout_s)
-        except Exception as exc:  # broker or engine trouble: keep the check pending, try again
-            log.warning("consumer check of %d workers failed: %s", len(candidates), exc)
-            services = ",".join(sorted(set(candidates.values())))
-            detail = f"{type(exc).__name__}: {exc}; tried again at the next reconcile"
-            return [BackendEvent(services, "consumer-check-failed", detail)]
-        container_of = {nodes[cid]: cid for cid in candidates}
-        with self._lock:
-            self._adopt_pending = False
-            self._suspects -= suspects
-            self._suspects |= {container_of[r.node] for r in restores if not r.confirmed}
-        service_of = {nodes[cid]: svc for cid, svc in candidates.items()}
-        return [
-            BackendEvent(
-                service_of[r.node],
-                "consumers-restored" if r.confirmed else "consumers-restore-failed",
-                r.detail,
+            # On adoption one ping broadcast confirms the names; after that the confirmed name,
+            # else the command line's (a wrong guess never answers: the check skips it).
+            nodes = (
+                self._node_names(list(live))
+                if adopting
+                else {cid: self._nodes.get(cid) or self._guess(cid)[1] for cid in live}
             )
-            for r in restores
-        ]
+        except Exception as exc:  # the engine or the broker: checked again at the next reconcile
+            with self._lock:
+                self._adopt_pending = adopting
+            services = ",".join(sorted({c.service for c in live.values()}))
+            detail = f"{type(exc).__name__}: {exc}; checked again at the next reconcile"
+            return [BackendEvent(services, CHECK_FAILED, detail)]
+        container = {nodes[cid]: c for cid, c in live.items()}
+
+        def still_serving(node: str) -> bool:  # under the lock: a drain registers itself first
+            cid = container[node].id
+            return cid not in self._draining and cid not in self._pool.committed()
+
+        def replace(node: str) -> str:  # under the lock (not reentrant): registered at once
+            c = container[node]
+            thread = threading.Thread(
+                target=self._replace_consumerless, args=(c, node, listing[c.service], fence),
+                name=f"replace-{c.name}", daemon=True,
+            )  # fmt: skip
+            self._draining[c.id] = thread
+            self._snapshot, self._generation = None, self._generation + 1
+            thread.start()
+            return f"replacing {c.name} (drained, stopped, a clone in its place)"
+
+        wanted = {n: (c.service, self._specs[c.service].queues) for n, c in container.items()}
+        return self._consumers.run(wanted, lock=self._lock, still_serving=still_serving,
+                                   replace=replace, fence=fence)  # fmt: skip
+
+    def _replace_consumerless(
+        self, c: ComposeContainer, node: str, containers: list[ComposeContainer], fence: Fence
+    ) -> None:
+        """A worker a heal did not cure: the unresponsive path (``_drain`` with a template)."""
+        try:
+            template = self._template(c.service, containers)
+        except BackendError as exc:
+            self._note(c.service, "replace-failed", f"{c.name} ({node}): {exc}")
+            with self._lock:
+                self._draining.pop(c.id, None)
+                self._snapshot, self._generation = None, self._generation + 1
+            return
+        self._drain(c.service, c, node, False, fence, answers=True, template=template)
 
     # -- replacing dead containers --------------------------------------------------------------
 
@@ -1297,12 +1349,13 @@ class ComposeBackend(CycleListing[dict[str, list[ComposeContainer]]]):
         log.warning("replacing %s", detail)
         try:
             template = self._template(service, containers)
-            self._call(f"remove {dead.name}", lambda cl: cl.api.remove_container(dead.id), fence)
+            # The gate removes the dead one once it has composed the clone (``replaces``): it may
+            # be the service's only container, the clone's template.
+            name = self._clone(service, template, dead.number, fence, replaces=dead.id)
             self._restored.discard(dead.id)
             self._backoff.forget(service, dead.id)
             self._nodes.pop(dead.id, None)
             self._guesses.pop(dead.id, None)
-            name = self._clone(service, template, dead.number, fence)
         except BackendError as exc:
             return BackendEvent(service, "replace-failed", f"{detail}: {exc}")
         except LeadershipLost as exc:
@@ -1314,11 +1367,13 @@ class ComposeBackend(CycleListing[dict[str, list[ComposeContainer]]]):
         if self.restorer is None:
             return []
         try:
-            node = self._nodes.get(dead.id) or self._guess(dead.id)[1]
+            host = self._guess(dead.id)[0]
         except BackendError as exc:
-            return [BackendEvent(service, "restore-failed", f"{dead.name}: node name: {exc}")]
+            return [BackendEvent(service, "restore-failed", f"{dead.name}: hostname: {exc}")]
+        # Whatever its worker was named: every owner on the dead container's hostname.
+        confirmed = [self._nodes[dead.id]] if dead.id in self._nodes else []
         why = f"{dead.name} {dead.state}, exit code {dead.exit_code}"
-        event = restore_dead_workers(self.restorer, service, [node], why)
+        event = restore_dead_workers(self.restorer, service, confirmed, why, hosts=[host])
         if event is None or event.kind != "restore-failed":
             self._restored.add(dead.id)
         return [event] if event is not None else []

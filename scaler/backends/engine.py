@@ -4,13 +4,21 @@ Transient errors (connection refused, timeouts, a 5xx) are retried with a doubli
 then raised as BackendError; client errors (4xx: not found, conflict) are raised at once. A call
 that changes something passes its action's fence, checked before each attempt: an action
 outlives neither its leadership nor its lease generation (scaler.fencing).
+
+With a gate token configured (``SCALER_GATE_TOKEN_FILE``, a file holding it, else
+``SCALER_GATE_TOKEN``) the clients speak to the engine gate (``python -m scaler.gate``,
+docs/gate.md): its pinned API version, and ``Authorization: Bearer <token>`` on every request.
+Without one they speak to the engine (or a proxy) as the environment says.
 """
 
 from __future__ import annotations
 
+import json
+import os
 import time
-from collections.abc import Callable
-from typing import TypeVar
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any, TypeVar
 
 import docker
 import docker.errors
@@ -22,15 +30,40 @@ from scaler.fencing import Fence
 T = TypeVar("T")
 ClientFactory = Callable[[], docker.DockerClient]
 TRANSIENT = (docker.errors.DockerException, requests.exceptions.RequestException, OSError)
+# The gate's API version (scaler.gate.engine.API_VERSION): given, so that the SDK does not ask
+# /version while constructing the client, before the token header is set (the gate: 401).
+GATE_API_VERSION = "1.41"
+TOKEN_FILE_ENV = "SCALER_GATE_TOKEN_FILE"
+TOKEN_ENV = "SCALER_GATE_TOKEN"
 
 
-def default_client_factory(docker_host: str | None = None, timeout_s: int = 30) -> ClientFactory:
-    """Clients for ``docker_host``, else the environment's (DOCKER_HOST, else the socket)."""
+def gate_token(env: Mapping[str, str] = os.environ) -> str | None:
+    """The gate's bearer token from the environment (the file first); None when none is set."""
+    path = env.get(TOKEN_FILE_ENV)
+    if path:
+        token = Path(path).read_text().strip()
+        if not token:
+            raise ValueError(f"{TOKEN_FILE_ENV}={path}: the file is empty")
+        return token
+    return env.get(TOKEN_ENV) or None
+
+
+def default_client_factory(
+    docker_host: str | None = None, timeout_s: int = 30, token: str | None = None
+) -> ClientFactory:
+    """Clients for ``docker_host``, else the environment's (DOCKER_HOST, else the socket); with a
+    gate ``token`` (else the environment's, see ``gate_token``), clients of the engine gate."""
 
     def make() -> docker.DockerClient:
+        bearer = token if token is not None else gate_token()
+        version = GATE_API_VERSION if bearer else None
         if docker_host:
-            return docker.DockerClient(base_url=docker_host, timeout=timeout_s)
-        return docker.from_env(timeout=timeout_s)
+            client = docker.DockerClient(base_url=docker_host, version=version, timeout=timeout_s)
+        else:
+            client = docker.from_env(version=version, timeout=timeout_s)
+        if bearer:
+            client.api.headers["Authorization"] = f"Bearer {bearer}"
+        return client
 
     return make
 
@@ -79,3 +112,25 @@ class Engine:
         if self._client is not None:
             self._client.close()
             self._client = None
+
+
+def gate_call(
+    client: docker.DockerClient, method: str, path: str, body: dict[str, Any] | None = None
+) -> Any:
+    """One of the gate's own operations (unversioned ``/gate/v1/...``): its JSON answer, or
+    docker's APIError for an error status (a 4xx is not retried by ``Engine.call``)."""
+    api = client.api
+    response = api.request(
+        method,
+        f"{api.base_url}{path}",
+        data=None if body is None else json.dumps(body),
+        headers={"Content-Type": "application/json"} if body is not None else None,
+        timeout=api.timeout,
+    )
+    if response.status_code >= 400:
+        try:
+            message = str(response.json().get("message", ""))
+        except (ValueError, AttributeError):
+            message = response.text
+        raise docker.errors.APIError(message, response=response, explanation=message)
+    return response.json()

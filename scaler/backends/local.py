@@ -14,9 +14,10 @@ A worker that dies soon after its start is a crash: consecutive crashes delay th
 start exponentially (``scaler.backends.restart_backoff``, shared with the Compose backend), and
 while the delay runs neither a replacement nor a scale-up starts one.
 
-A scaler that died mid-drain leaves a worker with its consumers cancelled: the first reconcile
-after ``manage()`` asks the running workers which queues they consume and gives the ones that
-consume none of their service's queues those queues back (``scaler.backends.stranded``).
+A worker left consuming nothing (a scaler that died mid-drain, a broker reconnect that lost the
+consumer): every reconcile asks the serving workers which queues they consume and gives the ones
+that consume none of their service's queues those queues back; one still consuming none at the
+next check is replaced like an unresponsive one (``scaler.backends.stranded``).
 
 Each worker touches a heartbeat file of its own (``<service>-<N>.heartbeat`` in the work
 directory, through WORKER_HEARTBEAT_FILE: ``services.heartbeat``) while it consumes. One whose
@@ -64,7 +65,7 @@ from scaler.backends.base import (
     WorkerInfo,
 )
 from scaler.backends.restart_backoff import RestartBackoff
-from scaler.backends.stranded import restore_stranded
+from scaler.backends.stranded import CHECK_FAILED, ConsumerCheck
 from scaler.backends.warm_pool import WARM_ENV, PoolStore, WarmPool, set_consumers
 from scaler.fencing import UNFENCED, Fence, LeadershipLost
 from scaler.observations import Resources
@@ -160,6 +161,7 @@ class LocalBackend:
     _restored: set[int] = field(default_factory=set, init=False)  # dead pids already restored
     # Pool members per service as the last reconcile read them (for the rules it applies).
     _members_known: dict[str, set[str]] = field(default_factory=dict, init=False)
+    _consumers: ConsumerCheck = field(init=False)  # the standing consumer check
 
     def __post_init__(self) -> None:
         if self.concurrency < 1:
@@ -169,6 +171,7 @@ class LocalBackend:
         self.workdir = Path(self.workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
         self._pool = WarmPool(self.app, timeout_s=self.control_timeout_s)
+        self._consumers = ConsumerCheck(self.app, self.control_timeout_s)
         if self.pool_store is not None:
             self._pool.store = self.pool_store
 
@@ -501,17 +504,30 @@ class LocalBackend:
                 if busy is not None and busy.get(worker.name) == 0:
                     break
                 time.sleep(POLL_S)
+
+        def exited(timeout_s: float, then: str) -> bool:
+            """Wait for the exit with the fence checked as we go: a lease lost during the grace
+            period ends the wait here (LeadershipLost), and the escalation never comes."""
+            end = time.monotonic() + timeout_s
+            while worker.alive():
+                fence.check(f"{then} {worker.name} (waiting for it to exit)")
+                if time.monotonic() >= end:
+                    return False
+                time.sleep(POLL_S / 2)
+            return True
+
         fence.check(f"SIGTERM {worker.name}")
         worker.signal(signal.SIGTERM)
         kind, detail = "drained", "warm shutdown"
-        if not worker.wait(max(self.grace_s, deadline - self.clock())):
+        escalation = "SIGQUIT" if answers else "SIGKILL"
+        if not exited(max(self.grace_s, deadline - self.clock()), escalation):
             if answers:
                 fence.check(f"SIGQUIT {worker.name}")
                 worker.signal(signal.SIGQUIT)
                 kind, detail = "drain-timeout", f"still running after {self.grace_s}s: SIGQUIT"
             else:
                 kind, detail = "killed", f"no answer, still running {self.grace_s}s after SIGTERM"
-            if not answers or not worker.wait(5.0):
+            if not answers or not exited(5.0, "SIGKILL"):
                 fence.check(f"SIGKILL {worker.name}")
                 worker.kill_tree()
                 worker.wait(5.0)
@@ -614,8 +630,7 @@ class LocalBackend:
                         )
                     )
             self._events.extend(self.restart_backoff.events())
-            pending = self._adopt_pending
-        restored = self._restore_stranded(fence) if pending else []  # broker round trip: unlocked
+        restored = self._restore_stranded(fence)  # broker round trip: unlocked
         with self._lock:
             events, self._events = [*self._events, *pool_events, *restored], []
         return [*events, *self._pool.events()]
@@ -673,35 +688,36 @@ class LocalBackend:
             self._events.append(event)
 
     def _restore_stranded(self, fence: Fence = UNFENCED) -> list[BackendEvent]:
-        """Give running workers that consume none of their queues those queues back (a drain
-        cut short by a scaler's death); see scaler.backends.stranded for the rule."""
+        """The standing consumer check (scaler.backends.stranded): serving workers consuming
+        none of their queues get them back; one a heal did not cure is replaced like an
+        unresponsive one (drained if it answers, stopped, another started)."""
         try:
             members = {s: self._pool.members(s) for s in self._specs}  # warm on purpose: skipped
         except BackendError as exc:
             detail = f"warm pool unreadable ({exc}); tried again at the next reconcile"
-            return [BackendEvent(",".join(self._specs), "consumer-check-failed", detail)]
-        with self._lock:
-            service_of = {
-                w.name: s for s in self._specs for w in self._running(s) if w.name not in members[s]
-            }
-            wanted = {name: self._specs[s].queues for name, s in service_of.items()}
-        try:
-            fence.check(f"give stranded workers their queues back ({', '.join(sorted(wanted))})")
-            restores = restore_stranded(self.app, wanted, self.control_timeout_s)
-        except Exception as exc:  # the broker or the fence: keep the check pending, try again
-            log.warning("consumer check failed: %s", exc)
-            detail = f"{type(exc).__name__}: {exc}; tried again at the next reconcile"
-            return [BackendEvent(",".join(self._specs), "consumer-check-failed", detail)]
+            return [BackendEvent(",".join(self._specs), CHECK_FAILED, detail)]
+        committed = self._pool.committed()  # their watch gives them their queues
         with self._lock:
             self._adopt_pending = False
-        return [
-            BackendEvent(
-                service_of[r.node],
-                "consumers-restored" if r.confirmed else "consumers-restore-failed",
-                r.detail,
-            )
-            for r in restores
-        ]
+            serving = {
+                w.name: w
+                for s in self._specs
+                for w in self._running(s)
+                if w.name not in members[s] and w.name not in committed
+            }
+
+        def still_serving(name: str) -> bool:  # under the lock: a drain marks its worker first
+            worker = serving[name]
+            group = self._workers.get(worker.service, [])
+            return worker.state == "running" and worker.alive() and worker in group
+
+        def replace(name: str) -> str:
+            self._spawn(self._replace_unresponsive, serving[name], fence)
+            return "replacing it (drained, stopped, another started: replaced-unresponsive)"
+
+        wanted = {n: (w.service, self._specs[w.service].queues) for n, w in serving.items()}
+        return self._consumers.run(wanted, lock=self._lock, still_serving=still_serving,
+                                   replace=replace, fence=fence)  # fmt: skip
 
     def resources(self, service: str) -> Resources:
         """Mean CPU and memory of the service's running worker process trees."""

@@ -14,14 +14,20 @@ vanish first (docs/swarm.md, "How scale-down stays safe"):
 3. ask it to shut down (Celery's ``shutdown`` control command): a warm shutdown, exit code 0;
    the stack's ``restart_policy: condition: on-failure`` makes Swarm leave a task that exited 0
    alone, so its slot stays empty (``complete``) and nothing replaces it;
-4. lower the count to the slots that still have a runnable task: Swarm's reconcile then finds as
-   many running slots as the count and deletes only the empty ones; then check that no other
-   task was told to stop, and report (``swarm-removed-another``) if one was.
+4. lower the count by the released slots, and only when Swarm would remove exactly those
+   (``release_plan``): Swarm still counts a slot whose task exited 0 and will not restart
+   (swarmkit's ``IsTaskUpdatable``), so a lower count makes it pick the slots to remove by node
+   balance, a released one among them only when it sorts last (moby/moby#37383). With a node
+   lost, a replacement with no node yet sorts last of all; so the count waits until every other
+   slot runs on a ready node and no released slot is numbered below a running one, and each
+   reconcile tries again (``released``). Then check that no other task was told to stop, and
+   report (``swarm-removed-another``) if one was.
 
-A worker that exits 0 on its own (a SIGTERM from outside) leaves an empty slot too; the next
-service update (any scale-up) refills it, and the decision core sees one replica fewer until
-then. Failed tasks and tasks of a lost node are Swarm's to restart; what their workers held is
-given back to the queues at once when they do not answer a ping (``scaler.restore``).
+A worker that exits 0 on its own (a SIGTERM from outside) leaves a released slot too: Swarm
+never refills it, a scale-up counts it on top of the replicas asked for, and a reconcile
+releases it as above; the decision core sees one replica fewer meanwhile. Failed tasks and
+tasks of a lost node are Swarm's to restart; what their workers held is given back to the
+queues at once when they do not answer a ping (``scaler.restore``).
 
 - A service is managed when its Swarm labels say ``com.docker.stack.namespace=<stack>`` and
   ``autoscale.managed=true`` (the service's ``deploy.labels``) and the policy names it, as
@@ -36,21 +42,21 @@ given back to the queues at once when they do not answer a ping (``scaler.restor
   a per-task environment): ``warm()`` is 0 and a policy's ``warm`` is reported, not applied.
 - Reads share one task listing per cycle (``begin_cycle``); actions list afresh. Engine errors
   are retried with backoff, then raised as BackendError (the loop holds) and shown in health().
+- The engine is the engine gate's (DOCKER_HOST=tcp://gate:2375 and its token, docs/gate.md):
+  services, tasks and nodes are read as from the engine's API, and a count is changed only
+  with the gate's scale operation (scaler.backends.swarm_gate), never with a spec of our own.
 """
 
 from __future__ import annotations
 
 import logging
-import socket
 import threading
 import time
 from dataclasses import dataclass
 from typing import Any
 
 import docker
-import docker.errors
 from celery import Celery
-from docker.types import ServiceMode
 
 from scaler.backends.base import (
     BackendError,
@@ -61,7 +67,8 @@ from scaler.backends.base import (
 )
 from scaler.backends.engine import ClientFactory, Engine, default_client_factory
 from scaler.backends.listing import CycleListing
-from scaler.backends.stranded import restore_stranded
+from scaler.backends.stranded import ConsumerCheck
+from scaler.backends.swarm_gate import StaleVersion, gate_stack, scale_service
 from scaler.backends.warm_pool import set_consumers
 from scaler.backends.worker_queries import ask_busy, names_by_host
 from scaler.fencing import UNFENCED, Fence, LeadershipLost
@@ -75,6 +82,10 @@ STACK_LABEL = "com.docker.stack.namespace"
 MANAGED_LABEL = "autoscale.managed"
 RUNNABLE = frozenset({"ready", "running"})  # desired states of a slot Swarm keeps filled
 ENDED = frozenset({"complete", "failed", "shutdown", "rejected", "orphaned", "remove"})
+# Desired states up to "running" (swarmkit's TaskState order): such a task keeps its slot counted.
+UP_TO_RUNNING = frozenset(
+    {"new", "pending", "assigned", "accepted", "preparing", "ready", "starting", "running"}
+)
 
 
 @dataclass(frozen=True)
@@ -89,12 +100,15 @@ class SwarmTask:
     container_id: str
     exit_code: int | None
     message: str
+    condition: str = "any"  # its spec's restart condition (Swarm's default: any)
+    max_attempts: int = 0
 
     @classmethod
     def from_api(cls, row: dict[str, Any]) -> SwarmTask:
         status = row.get("Status") or {}
         container = status.get("ContainerStatus") or {}
         code = container.get("ExitCode")
+        restart = (row.get("Spec") or {}).get("RestartPolicy")
         return cls(
             id=str(row.get("ID", "")),
             slot=int(row.get("Slot") or 0),
@@ -104,6 +118,8 @@ class SwarmTask:
             container_id=str(container.get("ContainerID") or ""),
             exit_code=int(code) if isinstance(code, int) else None,
             message=str(status.get("Err") or status.get("Message") or ""),
+            condition="any" if restart is None else str(restart.get("Condition") or ""),
+            max_attempts=int((restart or {}).get("MaxAttempts") or 0),
         )
 
     @property
@@ -121,6 +137,35 @@ class SwarmTask:
         """The container's hostname under Swarm's default: its short id ("" before it exists)."""
         return self.container_id[:12]
 
+    @property
+    def restarts(self) -> bool | None:
+        """swarmkit's ``ShouldRestart`` for this task as it is (manager/orchestrator/restart):
+        None when the answer hangs on a restart history the API does not show (max_attempts)
+        or on a condition unknown here."""
+        if self.condition == "none":
+            return False
+        if self.condition == "on-failure" and self.state == "complete":
+            return False
+        if self.condition not in ("any", "on-failure"):
+            return None
+        return True if self.max_attempts == 0 else None
+
+    @property
+    def counted(self) -> bool | None:
+        """Whether Swarm's replicated orchestrator counts this task's slot towards the service's
+        replicas (swarmkit's ``IsTaskUpdatable``): a task meant to run, or one that stopped and
+        will not be restarted (a drained worker's, which exited 0 under ``on-failure``)."""
+        if self.desired in UP_TO_RUNNING:
+            return True
+        restarts = self.restarts
+        return None if restarts is None else not restarts
+
+
+def _exited(task: SwarmTask, nodes_down: set[str]) -> bool:
+    """The task's node reported its container ended (not a task of a lost node, whose container
+    nobody can see: it may still run)."""
+    return task.state in ENDED - {"orphaned", "remove"} and task.node_id not in nodes_down
+
 
 @dataclass(frozen=True)
 class SwarmService:
@@ -131,19 +176,103 @@ class SwarmService:
     version: int
     replicas: int
     tasks: tuple[SwarmTask, ...]
+    update_state: str = ""  # UpdateStatus.State: "updating" while a rolling update runs
+
+
+# swarmkit sorts the slots to remove with Go's sort.Sort, which keeps equal slots in their order
+# (insertion sort) up to 12 slots since Go 1.19 and up to 6 before; past that, ties are arbitrary.
+STABLE_TIES_GO_1_19 = 12
+STABLE_TIES_BEFORE = 6
+
+
+@dataclass(frozen=True)
+class ReleasePlan:
+    """A count change that makes Swarm remove exactly the released slots, and nothing else."""
+
+    released: tuple[int, ...]  # slot numbers whose tasks all ended for good
+    count: int  # the replicas to set: the current count less the released slots
+
+
+def counted_slots(view: SwarmService) -> dict[int, list[SwarmTask]] | str:
+    """The slots Swarm's orchestrator counts, with their counted tasks (swarmkit's
+    ``updatableAndDeadSlots``); a reason instead when that cannot be told from the API."""
+    slots: dict[int, list[SwarmTask]] = {}
+    for task in view.tasks:
+        counted = task.counted
+        if counted is None:
+            return (f"task {task.id[:12]}: restart condition {task.condition!r}, max_attempts "
+                    f"{task.max_attempts}: whether Swarm counts its slot is unknown")  # fmt: skip
+        if counted:
+            slots.setdefault(task.slot, []).append(task)
+    return slots
+
+
+def released_slots(slots: dict[int, list[SwarmTask]]) -> list[int]:
+    """Counted slots whose tasks all ended and none will be restarted: no worker runs there or
+    will, yet Swarm counts them (it never refills them) until the count drops by them."""
+    return sorted(
+        slot
+        for slot, tasks in slots.items()
+        if all(t.state in ENDED and t.restarts is False for t in tasks)
+    )
+
+
+def release_plan(
+    view: SwarmService, down: set[str], stable_ties: int = STABLE_TIES_BEFORE
+) -> ReleasePlan | str:
+    """The count that makes Swarm remove the released slots and only them; else why not now.
+
+    Asked for fewer replicas than the slots it counts, swarmkit's replicated orchestrator
+    (manager/orchestrator/replicated/services.go, ``reconcile``) sorts the counted slots (running
+    ones first), numbers each slot on its node 1, 2, 3... in that order (-1 for a slot of several
+    tasks or with no node yet), sorts by that number (-1 last) and removes the tail. A released
+    slot counts too (its task exited 0 and will not restart), so lowering the count by the
+    released slots removes exactly them only when they make that tail whatever the order of
+    equals: every other counted slot one settled task (running on a ready node: numbered before
+    any ended slot of its node, never -1), and no released slot numbered below a running one
+    (equal numbers keep running first while Go's sort keeps ties in order, ``stable_ties``).
+    Swarm must count as many slots as the spec's replicas (no reconcile pending), and no rolling
+    update or rollback may be running (it changes what counts)."""
+    if view.update_state in ("updating", "rollback_started"):
+        return f"a rolling update is {view.update_state}"
+    slots = counted_slots(view)
+    if isinstance(slots, str):
+        return slots
+    if len(slots) != view.replicas:
+        return f"Swarm counts {len(slots)} slots for {view.replicas} replicas (not reconciled yet)"
+    released = released_slots(slots)
+    if not released:
+        return "no released slot"
+    per_node: dict[str, int] = {}
+    for slot, tasks in slots.items():
+        if slot in released:
+            continue
+        task = tasks[0]
+        if len(tasks) > 1 or task.desired != "running" or task.state != "running":
+            states = ", ".join(f"{t.id[:12]} {t.desired}/{t.state}" for t in tasks)
+            return f"slot {slot} not settled ({states})"
+        if not task.node_id or task.node_id in down:
+            return f"slot {slot}: task {task.id[:12]} is on a node that is down"
+        per_node[task.node_id] = per_node.get(task.node_id, 0) + 1
+    top = max(per_node.values(), default=0)
+    lowest = min(
+        per_node.get(slots[s][0].node_id, 0) + 1
+        if len(slots[s]) == 1 and slots[s][0].node_id
+        else top + 1  # numbered -1: sorted last, removed first
+        for s in released
+    )
+    if lowest < top or (lowest == top and len(slots) > stable_ties):
+        return (f"Swarm would remove a running slot first (a released slot numbered {lowest} on "
+                f"its node, a running one {top}: node balance comes before state)")  # fmt: skip
+    return ReleasePlan(tuple(released), view.replicas - len(released))
 
 
 def own_stack(client_factory: ClientFactory | None = None) -> str:
-    """The stack this process's container belongs to (its ``com.docker.stack.namespace``)."""
-    client = (client_factory or default_client_factory())()
-    try:
-        labels = client.containers.get(socket.gethostname()).labels or {}
-    finally:
-        client.close()
-    stack = labels.get(STACK_LABEL)
-    if not stack:
-        raise ValueError(f"container {socket.gethostname()} has no {STACK_LABEL} label")
-    return str(stack)
+    """The stack this scaler serves when none is given: the one the engine gate serves (its
+    GATE_STACK, read from ``GET /gate/v1/status``). The scaler's own task is not a managed one,
+    so the gate does not show its labels. ValueError when the gate cannot say (pass the stack:
+    ``--stack`` or SCALER_SWARM_STACK)."""
+    return gate_stack(client_factory)
 
 
 class SwarmBackend(CycleListing[dict[str, SwarmService]]):
@@ -196,6 +325,8 @@ class SwarmBackend(CycleListing[dict[str, SwarmService]]):
         self.restorer = restorer
         self._node_names: dict[str, str] = {}  # Swarm node id -> hostname
         self._node_down: set[str] = set()  # Swarm node ids not "ready" at the last listing
+        self._ties: int | None = None  # slots swarmkit's sort keeps in order (_stable_ties)
+        self._consumers = ConsumerCheck(app, inspect_timeout_s)  # heals only: Swarm replaces
 
     # -- the Backend interface ---------------------------------------------------------------
 
@@ -212,7 +343,8 @@ class SwarmBackend(CycleListing[dict[str, SwarmService]]):
                 state = "dead"
             else:
                 continue  # ended on purpose (drained, removed by a count change): history
-            out.append(WorkerInfo(service, self._node_of(service, task), task.id, state))
+            node = self._node_of(service, task)
+            out.append(WorkerInfo(service, node, task.id, state, host=task.host))
         return out
 
     def replicas(self, service: str) -> int:
@@ -241,8 +373,12 @@ class SwarmBackend(CycleListing[dict[str, SwarmService]]):
             if replicas > before:
                 # Slots still draining keep their place until their worker exits.
                 holding = sum(1 for t in view.tasks if t.runnable and t.id in draining)
-                keep = {t.id for t in serving if t.node_id not in self._node_down}
-                self._set_count(service, replicas + holding, fence)
+                # Released slots (a drained worker's, not released yet) count too: Swarm never
+                # refills them, so without them the count would start fewer than asked.
+                slots = counted_slots(view)
+                ghosts = 0 if isinstance(slots, str) else len(released_slots(slots))
+                keep = {t.id: t.node_id for t in serving if t.node_id not in self._node_down}
+                self._set_count(service, replicas + holding + ghosts, fence)
                 threading.Thread(target=self._stopped_others, name=f"check-{service}",
                                  args=(service, keep, "raising the count"), daemon=True,
                                  ).start()  # fmt: skip
@@ -257,7 +393,7 @@ class SwarmBackend(CycleListing[dict[str, SwarmService]]):
 
     def reconcile(self, fence: Fence = UNFENCED) -> list[BackendEvent]:
         """Report ended tasks and give back what their workers held, name new workers, read the
-        workers' resources, and (after ``manage``) give stranded workers their queues back."""
+        workers' resources, and give workers consuming none of their queues those back."""
         listing = self._list()
         self._read_nodes()
         events: list[BackendEvent] = []
@@ -282,6 +418,7 @@ class SwarmBackend(CycleListing[dict[str, SwarmService]]):
             }
         )
         events += self._adopt(listing, live_hosts, fence)
+        self._release_later(listing, fence)
         with self._lock:
             events, self._events = [*self._events, *events], []
         return events
@@ -362,6 +499,7 @@ class SwarmBackend(CycleListing[dict[str, SwarmService]]):
             version=int((row.get("Version") or {}).get("Index", 0)),
             replicas=int(mode["Replicated"].get("Replicas") or 0),
             tasks=tuple(sorted((SwarmTask.from_api(t) for t in tasks), key=lambda t: t.slot)),
+            update_state=str((row.get("UpdateStatus") or {}).get("State") or ""),
         )
 
     def _view(self, service: str) -> SwarmService:
@@ -413,17 +551,26 @@ class SwarmBackend(CycleListing[dict[str, SwarmService]]):
             return view.replicas, count
 
     def _update(self, view: SwarmService, count: int, fence: Fence) -> None:
-        """One service update to ``count`` at the version read: a concurrent change is a
-        conflict (raised), never overwritten. An update to the same count still makes Swarm
-        reconcile, which refills a slot a worker left by exiting 0 on its own."""
+        """One count change to ``count`` at the version read: a concurrent change is a conflict
+        (raised: the next cycle reads again), never overwritten. Swarm does not refill a slot a
+        worker left by exiting 0 (it still counts it): scale() adds such slots to the count it
+        asks for.
+
+        Through the engine gate's scale operation (scaler.backends.swarm_gate): the gate reads
+        the spec as stored (no ``insertDefaults``) and posts it back with only
+        ``Mode.Replicated.Replicas`` changed, at the listing's version; the scaler sends no spec.
+        Whatever the deploying CLI sent or left out stays as it was, so the task template is
+        unchanged and Swarm replaces no running task (issue 24: a spec read with the engine's
+        defaults gained ``DNSConfig: {}`` and Swarm rolled every running task)."""
 
         def update(client: docker.DockerClient) -> Any:
-            return client.api.update_service(
-                view.id,
-                view.version,
-                mode=ServiceMode("replicated", replicas=count),
-                fetch_current_spec=True,
-            )
+            try:
+                return scale_service(client, view.id, count, view.version)
+            except StaleVersion as exc:
+                raise BackendError(
+                    f"set {view.name} to {count} replicas: the service changed since it was "
+                    f"read (version {view.version}; {exc}); the next cycle reads again"
+                ) from None
 
         self._engine.call(f"set {view.name} to {count} replicas", update, fence)
 
@@ -441,9 +588,14 @@ class SwarmBackend(CycleListing[dict[str, SwarmService]]):
         per_node: dict[str, int] = {}
         for t in serving:
             per_node[t.node_id] = per_node.get(t.node_id, 0) + 1
-        # The most crowded node first (the balance Swarm keeps), then the highest slot.
-        idle.sort(key=lambda t: (per_node[t.node_id], t.slot), reverse=True)
-        chosen = idle[:count]
+        # One at a time from the node with the most workers left, then the highest slot: the
+        # slots Swarm removes first when the count drops (release_plan), so theirs can go.
+        chosen: list[SwarmTask] = []
+        while idle and len(chosen) < count:
+            best = max(idle, key=lambda t: (per_node[t.node_id], t.slot))
+            idle.remove(best)
+            chosen.append(best)
+            per_node[best.node_id] -= 1
         if len(chosen) < count:
             kept = [f"{named[t.id]}={'busy' if busy.get(named[t.id]) else 'no answer'}"
                     for t in serving if t not in chosen]  # fmt: skip
@@ -526,8 +678,9 @@ class SwarmBackend(CycleListing[dict[str, SwarmService]]):
         return None
 
     def _lower_count(self, service: str, drained: str, fence: Fence) -> str:
-        """Set the count to the slots that still have a runnable task, then check that Swarm
-        told no other task to stop; the outcome in words."""
+        """Lower the count by the released slots when Swarm would remove exactly those
+        (``release_plan``), then check that it told no other task to stop; else leave the count
+        for a later reconcile. The outcome in words."""
         deadline = time.monotonic() + 5.0
         with self._count_lock:
             while True:  # Swarm marks an exited task not runnable at its orchestrator's next tick
@@ -536,52 +689,136 @@ class SwarmBackend(CycleListing[dict[str, SwarmService]]):
                 if gone or time.monotonic() > deadline:
                     break
                 time.sleep(self._poll_s)
-            self._read_nodes()  # a lost node's tasks are Swarm's to replace, not ours to keep
-            keep = {t.id for t in view.tasks if t.runnable and t.state not in ENDED
-                    and t.node_id not in self._node_down}  # fmt: skip
-            count = len({t.slot for t in view.tasks if t.runnable})
-            if count >= view.replicas:
-                return f"count stays {view.replicas} (slot already refilled or counted)"
-            self._update(view, count, fence)
-        stopped = self._stopped_others(service, keep, f"lowering the count after {drained[:12]}")
-        if stopped:
-            return f"count {view.replicas} -> {count}; Swarm ALSO stopped {len(stopped)} other(s)"
-        return f"count {view.replicas} -> {count}; no other task stopped"
+            outcome, keep = self._release(service, fence)
+        if keep is None:
+            return f"{outcome}; retried at each reconcile"
+        return self._check_release(service, keep, outcome, f"lowering the count after "
+                                   f"{drained[:12]}")  # fmt: skip
 
-    def _stopped_others(self, service: str, keep: set[str], why: str) -> set[str]:
-        """Tasks of ``keep`` (live before a count change) that Swarm told to stop within a few
-        seconds after it, not counting our own drains; reported as ``swarm-removed-another``.
+    def _release(self, service: str, fence: Fence) -> tuple[str, dict[str, str] | None]:
+        """With the count lock held, from a fresh read: lower the count by the released slots if
+        ``release_plan`` allows it now. The outcome in words, and the live tasks to check
+        afterwards (None when the count stayed)."""
+        self._read_nodes()  # a lost node's tasks are Swarm's to replace, not ours to keep
+        view = self._list()[service]
+        plan = release_plan(view, self._node_down, self._stable_ties())
+        if isinstance(plan, str):
+            return f"count stays {view.replicas} ({plan})", None
+        keep = {t.id: t.node_id for t in view.tasks if t.live and t.node_id not in self._node_down}
+        self._update(view, plan.count, fence)
+        slots = ", ".join(str(s) for s in plan.released)
+        return f"count {view.replicas} -> {plan.count} (released slot {slots})", keep
+
+    def _check_release(self, service: str, keep: dict[str, str], outcome: str, why: str) -> str:
+        stopped = self._stopped_others(service, keep, why)
+        if stopped:
+            return f"{outcome}; Swarm ALSO stopped {len(stopped)} other(s)"
+        return f"{outcome}; no other task stopped"
+
+    def _release_later(self, listing: dict[str, SwarmService], fence: Fence) -> None:
+        """At reconcile: release the slots a drain had to leave counted (``release_plan`` said
+        not then) or a worker left by exiting 0 on its own, once the plan allows it. Skipped
+        while a drain holds the count lock or runs for the service (it releases its own slot and
+        reports it); the check runs in a thread of its own."""
+        with self._lock:
+            draining = set(self._draining.values())
+        for service, view in listing.items():
+            if service in draining:
+                continue
+            if isinstance(release_plan(view, self._node_down, self._stable_ties()), str):
+                continue
+            if not self._count_lock.acquire(blocking=False):
+                return
+            try:
+                outcome, keep = self._release(service, fence)
+            except Exception as exc:  # the next reconcile tries again
+                self._note(service, "release-failed", f"{type(exc).__name__}: {exc}")
+                continue
+            finally:
+                self._count_lock.release()
+            if keep is not None:
+                threading.Thread(target=self._released, args=(service, keep, outcome),
+                                 name=f"release-{service}", daemon=True).start()  # fmt: skip
+
+    def _released(self, service: str, keep: dict[str, str], outcome: str) -> None:
+        try:
+            self._note(service, "released", self._check_release(service, keep, outcome,
+                                                                "releasing slots"))  # fmt: skip
+        except Exception as exc:  # the service went away meanwhile, the manager is unreachable
+            self._note(service, "released", f"{outcome}; check failed: {exc}")
+
+    def _stable_ties(self) -> int:
+        """How many slots swarmkit's sort keeps equals in order: it depends on the Go version
+        the manager's engine was built with (read once; the older bound when unread)."""
+        if self._ties is None:
+            try:
+                info = self._engine.call("read the engine's version", lambda c: c.version())
+                go = str(info.get("GoVersion") or "").removeprefix("go").split(".")
+                newer = tuple(int(p) for p in go[:2]) >= (1, 19)
+            except (BackendError, ValueError):
+                return STABLE_TIES_BEFORE
+            self._ties = STABLE_TIES_GO_1_19 if newer else STABLE_TIES_BEFORE
+        return self._ties
+
+    def _stopped_others(self, service: str, keep: dict[str, str], why: str) -> set[str]:
+        """Tasks of ``keep`` (live before a count change, with their node ids) that Swarm told
+        to stop within a few seconds after it, not counting our own drains; reported as
+        ``swarm-removed-another``.
 
         A count change should stop nothing: Swarm stops a running task either because the
         count went below the running slots (never, by construction) or because the update
-        changed the task spec (a rolling update: e.g. a service created without resources,
-        whose spec reads back with empty ones). Tasks of a lost node are not in ``keep``: Swarm
-        removes those first on a lower count, and their workers are gone already."""
+        changed the task spec (a rolling update, which ``_update`` never asks for: the gate
+        sends back the spec as stored). Tasks of a lost node are not counted: Swarm removes
+        those first on a lower count, and their workers are gone already. A node can be found
+        lost only after ``keep`` was taken (Swarm marks it down after missed heartbeats, seconds
+        after it died), so the nodes are read again at each poll.
+
+        A rolling update is caught when it starts, not only when it stops the old task: with
+        ``order: start-first`` Swarm first starts a new task in the old one's slot and stops the
+        old one only once the new one runs (healthy: a worker's health check takes longer than
+        this check waits); a runnable task of another id in a kept task's slot is that. Both
+        kinds are returned (stopped and being replaced)."""
         stopped: set[str] = set()
+        replaced: set[str] = set()
         deadline = time.monotonic() + 5.0  # the orchestrator acts within its next tick
         while time.monotonic() < deadline:
             now = {t.id: t for t in self._list()[service].tasks}
+            self._read_nodes()
             with self._lock:  # our other drains' workers exit (and go) meanwhile: not Swarm's
                 ours = set(self._draining) | self._drained
+            kept = {tid for tid, node in keep.items() if node not in self._node_down}
             # Swarm deletes the tasks it removes on a count change, and shuts down those a
             # rolling update replaces; one that exited 0 by itself meanwhile is "complete".
             stopped = {
-                tid for tid in keep - ours
+                tid for tid in kept - ours
                 if tid not in now or (not now[tid].runnable and now[tid].state != "complete")
             }  # fmt: skip
-            if stopped:
+            replaced = {
+                tid for tid in kept - ours - stopped
+                if tid in now and any(t.slot == now[tid].slot and t.id != tid and t.runnable
+                                      for t in now.values())
+            }  # fmt: skip
+            if stopped or replaced:
                 break
             time.sleep(self._poll_s)
-        if stopped:
-            names = ", ".join(sorted(t[:12] for t in stopped))
-            self._note(service, "swarm-removed-another", f"{why}, Swarm also stopped {names}")
-        return stopped
+        if stopped or replaced:
+            what = []
+            if stopped:
+                what.append(f"stopped {', '.join(sorted(t[:12] for t in stopped))}")
+            if replaced:
+                what.append(f"started a replacement (a rolling update) for "
+                            f"{', '.join(sorted(t[:12] for t in replaced))}")  # fmt: skip
+            self._note(service, "swarm-removed-another", f"{why}, Swarm also {'; '.join(what)}")
+        return stopped | replaced
 
     # -- tasks that ended without us -----------------------------------------------------------
 
     def _ended(self, service: str, view: SwarmService) -> list[BackendEvent]:
         """Tasks we saw live that Swarm has stopped or lost (not drained by us): reported once,
-        and their workers' messages given back when they do not answer a ping."""
+        and their workers' messages given back: at once when their node reported the container
+        ended (by its hostname: a worker whose name was never confirmed too), and for a task of
+        a lost node (nobody can say its container stopped) when its worker does not answer a
+        ping."""
         events: list[BackendEvent] = []
         with self._lock:
             ours = set(self._draining) | self._drained
@@ -597,10 +834,15 @@ class SwarmBackend(CycleListing[dict[str, SwarmService]]):
             events.append(BackendEvent(service, "task-ended",
                           f"task {task.id[:12]} slot {task.slot}: desired {task.desired}, "
                           f"state {task.state} ({task.message or 'no message'})"))  # fmt: skip
-        known = [node for _, node in gone if not node.startswith("?@")]
-        if known and self.restorer is not None:
-            dead = [n for n in known if n not in self.restorer.answering(known)]
-            event = restore_dead_workers(self.restorer, service, dead, "task ended, no ping")
+        exited = [t.host for t, _ in gone if _exited(t, self._node_down) and t.host]
+        lost = [n for t, n in gone if not _exited(t, self._node_down) and not n.startswith("?@")]
+        if exited and self.restorer is not None:
+            event = restore_dead_workers(self.restorer, service, [], "task ended", hosts=exited)
+            if event is not None:
+                events.append(event)
+        if lost and self.restorer is not None:
+            dead = [n for n in lost if n not in self.restorer.answering(lost)]
+            event = restore_dead_workers(self.restorer, service, dead, "node lost, no ping")
             if event is not None:
                 events.append(event)
         ids = {t.id for t in view.tasks}
@@ -611,33 +853,23 @@ class SwarmBackend(CycleListing[dict[str, SwarmService]]):
     def _adopt(
         self, listing: dict[str, SwarmService], live_hosts: dict[str, str], fence: Fence
     ) -> list[BackendEvent]:
-        """After ``manage`` (a start, a takeover) or a drain cut short: live workers consuming
-        none of their queues get them back (scaler.backends.stranded)."""
-        with self._lock:
-            pending, draining = self._adopt_pending, set(self._draining)
-        if not pending:
-            return []
-        busy_hosts = {t.host for v in listing.values() for t in v.tasks if t.id in draining}
-        wanted = {
-            self._nodes[h]: self._specs[s].queues
-            for h, s in live_hosts.items()
-            if h in self._nodes and h not in busy_hosts
-        }
-        try:
-            fence.check("give stranded workers their queues back")
-            restores = restore_stranded(self.app, wanted, self._timeout_s)
-        except LeadershipLost as exc:
-            return [BackendEvent("*", "fenced", f"adoption check: {exc}")]
-        except Exception as exc:
-            return [BackendEvent("*", "adopt-failed", f"{type(exc).__name__}: {exc}")]
+        """Every reconcile, the standing consumer check (scaler.backends.stranded) over the named
+        live workers not draining. Heal only: a relapse is healed again and reported
+        (``consumer-less-persists``); this backend has no replacement path of its own."""
         with self._lock:
             self._adopt_pending = False
-        service_of = {self._nodes[h]: s for h, s in live_hosts.items() if h in self._nodes}
-        return [
-            BackendEvent(service_of.get(r.node, "*"), "stranded-restored" if r.confirmed
-                         else "stranded-restore-failed", r.detail)
-            for r in restores
-        ]  # fmt: skip
+            draining = set(self._draining)
+        task_of = {t.host: t.id for v in listing.values() for t in v.tasks if t.live and t.host}
+        host_of = {
+            self._nodes[h]: h for h in live_hosts if h in self._nodes and task_of[h] not in draining
+        }
+
+        def still_serving(node: str) -> bool:  # under the lock: a drain registers itself first
+            return task_of[host_of[node]] not in self._draining
+
+        wanted = {n: (live_hosts[h], self._specs[live_hosts[h]].queues) for n, h in host_of.items()}
+        return self._consumers.run(wanted, lock=self._lock, still_serving=still_serving,
+                                   fence=fence)  # fmt: skip
 
     def _note(self, service: str, kind: str, detail: str) -> None:
         log.info("%s %s: %s", service, kind, detail)

@@ -5,21 +5,41 @@ template has, every clone gets, started by the scaler on its own: a worker made 
 capabilities or devices, put in a host namespace or handed a host directory (by mistake, or by
 whoever could change or label a container) would be multiplied. The scaler refuses such a template
 and names the container and each setting; bind mounts are allowed only from host paths the policy
-lists (``clone.allowed_bind_mounts``). The Docker API proxy (compose/docker-proxy) refuses the same
-settings in any container create: this check is what tells the operator why, before the engine is
-asked at all.
+lists (``clone.allowed_bind_mounts``). The engine gate (scaler/gate/clone.py) applies the same
+rules, and more, to every clone it composes; the backend's check (per service, with the policy's
+list) is what tells the operator why before the gate is asked, and keeps an unsafe parked replica
+from being woken (a start the gate does not judge).
 """
 
 from __future__ import annotations
 
+import os
 import posixpath
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 # Namespaces whose "host" mode (or "container:<other>") leaves the container's isolation. Not
 # CgroupnsMode: "host" is the engine's default on cgroup v1 hosts, every container has it there.
 SHARED_NAMESPACES = ("PidMode", "IpcMode", "NetworkMode", "UTSMode", "UsernsMode")
 UNCONFINED = ("unconfined", "label=disable", "label:disable")
+# Host paths allowed for every service beside the policy's clone.allowed_bind_mounts: in the
+# Compose stack, the directory of its secret files (compose/compose.yaml: every worker binds its
+# /run/secrets files from there), which the stack knows and the policy file cannot.
+EXTRA_BIND_MOUNTS_ENV = "SCALER_CLONE_ALLOWED_BIND_MOUNTS"
+
+
+def extra_bind_mounts(env: Mapping[str, str] | None = None) -> tuple[str, ...]:
+    """The comma-separated absolute host paths of SCALER_CLONE_ALLOWED_BIND_MOUNTS; ValueError
+    naming an entry that is relative, has a '..' segment or is '/'."""
+    raw = (os.environ if env is None else env).get(EXTRA_BIND_MOUNTS_ENV, "")
+    paths = tuple(p.strip() for p in raw.split(",") if p.strip())
+    for path in paths:
+        if not path.startswith("/") or ".." in path.split("/") or path.strip("/") == "":
+            raise ValueError(
+                f"{EXTRA_BIND_MOUNTS_ENV}: {path!r} is invalid: expected absolute host paths "
+                "other than '/', without '..', comma-separated"
+            )
+    return paths
 
 
 def bind_sources(inspected: dict[str, Any]) -> list[tuple[str, str]]:

@@ -192,6 +192,12 @@ class WarmPool:
         with self._lock:
             return self._ready.get(member)
 
+    def committed(self) -> set[str]:
+        """Booting members taken as serving whose watch has not given them consumers yet (the
+        consumer check leaves them to their watch)."""
+        with self._lock:
+            return set(self._committed)
+
     def ready(self, members: Sequence[str]) -> list[str]:
         with self._lock:
             return [m for m in members if m in self._ready]

@@ -13,7 +13,7 @@ from services.effects import apply_once
 MAX_DURATION_S = 60.0
 
 
-@shared_task(bind=True, base=RecordingTask, name="tasks.io_intensive.wait")
+@shared_task(bind=True, base=RecordingTask, name="tasks.io_intensive.wait", record_starts=True)
 def wait(self: RecordingTask, duration: float = 0.3, key: str | None = None) -> dict[str, Any]:
     """Wait ``duration`` seconds (the stand-in for a remote call), then record the effect."""
     if (
@@ -37,7 +37,7 @@ MAX_ALLOCATE_MB = 4096
 _CHUNK_MB = 32
 
 
-@shared_task(bind=True, base=RecordingTask, name="tasks.io_intensive.allocate")
+@shared_task(bind=True, base=RecordingTask, name="tasks.io_intensive.allocate", record_starts=True)
 def allocate(
     self: RecordingTask, megabytes: int = 64, hold_s: float = 0.5, key: str | None = None
 ) -> dict[str, Any]:

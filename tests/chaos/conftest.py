@@ -121,6 +121,7 @@ def workers(tmp_path: Path) -> Iterator[Callable[..., WorkerProcess]]:
         concurrency: int = 1,
         ready: bool = True,
         extra_env: dict[str, str] | None = None,
+        pool: str = "prefork",
     ) -> WorkerProcess:
         log_path = tmp_path / f"worker-{len(started)}.log"
         worker = WorkerProcess(
@@ -128,6 +129,7 @@ def workers(tmp_path: Path) -> Iterator[Callable[..., WorkerProcess]]:
             [chaos.queue(q) for q in queues],
             log_path,
             concurrency=concurrency,
+            pool=pool,
         )
         started.append(worker)
         if ready:

@@ -1,8 +1,8 @@
 """A Unix-socket proxy in front of the Docker engine that the test can cut and restore.
 
-The stack's scaler reaches the engine through docker-proxy (the stack's HAProxy allowlist), which
-bind-mounts the socket from $DOCKER_SOCKET; the chaos stack points that at this proxy, so the cut
-is between the allowlist and the engine (HAProxy then answers 502/503, as with a dead dockerd).
+The stack's scaler reaches the engine through the engine gate (scaler/gate), which bind-mounts
+the socket from $DOCKER_SOCKET; the chaos stack points that at this proxy, so the cut is between
+the gate and the engine (the gate then answers 5xx, as with a dead dockerd).
 While cut, every open connection (API calls, streaming stats readers) is closed and new ones are
 accepted and closed at once: to the scaler that is what a restarting or crashed dockerd looks like
 (connection reset / refused), and the engine itself and every other client keep working. `docker
@@ -46,7 +46,7 @@ class DockerSocketProxy:
         server.listen(64)
         server.settimeout(0.5)
         self._server = server
-        threading.Thread(target=self._accept, name="docker-proxy", daemon=True).start()
+        threading.Thread(target=self._accept, name="docker-socket-proxy", daemon=True).start()
 
     def cut(self) -> None:
         """The engine becomes unreachable: drop every connection, refuse new ones."""

@@ -166,6 +166,22 @@ def absorbed_redeliveries(records_url: str, key_prefix: str, task_ids: Iterable[
     return count
 
 
+def starts_per_task(records_url: str, key_prefix: str, task_ids: Iterable[str]) -> dict[str, int]:
+    """How many times each of these ids started (``task_starts``: tasks with ``record_starts``,
+    recorded before the work): more than 1 is a task run twice, whatever its effect absorbed."""
+    counts = dict.fromkeys(task_ids, 0)
+    client = redis.Redis.from_url(records_url)
+    try:
+        raw = cast(list[bytes], client.lrange(f"{key_prefix}task_starts", 0, -1))
+    finally:
+        client.close()
+    for item in raw:
+        task_id = json.loads(item).get("task_id")
+        if task_id in counts:
+            counts[task_id] += 1
+    return counts
+
+
 def runs_per_task(records_url: str, key_prefix: str, task_ids: Iterable[str]) -> dict[str, int]:
     """How many times each of these ids ran to success (a redelivery that found its effect
     already written counts too): exactly 1 each means no task was run twice."""

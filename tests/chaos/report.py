@@ -54,11 +54,12 @@ so they count as waiting at once, never as phantom in-flight work.
 Limits: (1) if Redis itself is lost without its data, the messages are lost with it (AOF
 `everysec` can lose the last second; the owner entries are in the same transactions, so what
 survives is consistent). (2) If no scaler runs when a worker dies, the next scaler to start or
-take over the lease restores, from the owner hash, the messages of every node that is neither
-among its backend's live workers nor answering a Celery ping (and that holds only messages of
-the queues its policy manages); a worker whose event loop cannot answer a ping (a solo pool busy
-on a long task) outside the scaler's management could be taken for dead then: the idempotent
-effect (keyed by task id) absorbs such a second run. (3) Worker node names must be unique
+take over the lease restores, from the owner hash, the messages of every node the engine says
+is dead (and that holds only messages of the queues its policy manages): its container exited,
+or no container of its name or hostname exists and it does not answer a Celery ping. An owner
+whose container runs is never restored, answering or not (a solo pool busy on a long task cannot
+answer); owners are matched to containers by the hostname after the `@` of the node name the
+worker reported, never by a name guessed from a command line. (3) Worker node names must be unique
 (Celery's own rule). (4) kombu's Redis consumer takes a message with `BRPOP` (it leaves the
 list) and only then writes it to `unacked`, with its owner, in one pipeline: a worker killed in
 between (a fraction of a millisecond per message taken, longer on a loaded machine) loses that
@@ -159,6 +160,11 @@ def render(document: dict[str, Any]) -> str:
         "- Stack-level scenarios (scaler or leader killed, Docker API unreachable, worker "
         "container SIGKILL, OOM kill, freeze then kill, Redis/PostgreSQL restart inside the "
         "stack, malformed policy reload) live in tests/chaos/test_stack_*.py.",
+        "- Faults at random moments under load (the nemesis campaign, `make nemesis`, and a short "
+        "one in CI): tests/chaos/nemesis.py; its per-fault tables are in docs/nemesis.md. The "
+        "30-minute run with the shipped settings (seed 23, 2026-12-07): 5005 tasks sent, 5002 "
+        "done, 0 lost, 0 run twice while their worker lived, 3 lost in kombu's BRPOP window "
+        "(apart), 68 restored after their worker died, every one within the kill bound.",
         "",
     ]
     return "\n".join(lines)

@@ -4,7 +4,7 @@ The same compose files an operator runs (compose.yaml + compose.prod.yaml) plus 
 override that publishes Redis and PostgreSQL on ephemeral loopback ports, under a project named
 ``cst-test-chaos-<id>``. The scaler runs a short-window policy from a writable copy (so a scenario
 can write a malformed one and SIGHUP it), and reaches the Docker engine through the stack's
-docker-proxy, whose socket is a proxy the test can cut. Bursts are sent from the test process
+engine gate, whose socket is a proxy the test can cut. Bursts are sent from the test process
 through the application's own Celery app; effects are read from the stack's PostgreSQL; the
 broker is read where kombu keeps its lists.
 """
@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -38,13 +37,15 @@ from services.config import load_settings
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "e2e"))
 from compose_project import (
     COMPOSE_DIR,
-    ROOT,
     ComposeProject,
     docker_socket_gid,
     ensure_wheelhouse,
     free_port,
+    fresh_env_file,
+    read_env,
     wait_until,
 )
+from compose_project import docker_engine_available as docker_engine_available
 
 WORKERS = ("worker-default", "worker-cpu", "worker-io", "worker-priority", "worker-scheduled")
 IO_SERVICE = "worker-io"
@@ -93,30 +94,6 @@ services:
   worker-priority: {queues: [priority]}
   worker-scheduled: {queues: [scheduled]}
 """
-
-
-def docker_engine_available() -> bool:
-    if shutil.which("docker") is None:
-        return False
-    return subprocess.run(["docker", "info"], capture_output=True, timeout=60).returncode == 0
-
-
-def env_file_for(directory: Path, settings: dict[str, str]) -> Path:
-    """A fresh .env from the same script `make up` uses, plus the suite's settings."""
-    env_file = directory / ".env"
-    subprocess.run(
-        ["bash", str(ROOT / "compose/scripts/init-env.sh"), str(ROOT / ".env.example"), env_file],
-        check=True,
-        capture_output=True,
-    )
-    with env_file.open("a") as f:
-        f.writelines(f"{k}={v}\n" for k, v in settings.items())
-    return env_file
-
-
-def read_env(env_file: Path) -> dict[str, str]:
-    pairs = (line.split("=", 1) for line in env_file.read_text().splitlines() if "=" in line)
-    return {k.strip(): v.strip() for k, v in pairs if not k.startswith("#")}
 
 
 @dataclass
@@ -329,9 +306,13 @@ class ChaosStack:
                     lines.append(f"failed: {record}")
             # SCAN, not KEYS: the clients' Redis user (worker) may not run KEYS (a dangerous
             # command), and a report that raises hides the failure it was written to explain.
-            keys = sorted(cast(list[bytes], list(client.scan_iter("*"))))
-            for key in keys:
-                kind = client.type(key).decode()
+            keys = []
+            for key in sorted(cast(list[bytes], list(client.scan_iter("*")))):
+                try:
+                    kind = client.type(key).decode()
+                except redis.exceptions.NoPermissionError:
+                    continue  # the scaler's keys (scaler:*, leader:*): not the worker user's
+                keys.append(key)
                 size = {"list": client.llen, "hash": client.hlen, "zset": client.zcard}.get(kind)
                 lines.append(f"broker key {key!r} ({kind}){f': {size(key)}' if size else ''}")
             for key in keys:
@@ -436,9 +417,9 @@ def chaos_stack(directory: Path) -> Iterator[ChaosStack]:
         "DOCKER_SOCKET": str(proxy.path),
         "SCALER_POLICY_FILE": str(policy_file),
     }
-    env_file = env_file_for(directory, settings)
+    env_file = fresh_env_file(directory, settings)
     project = ComposeProject(
-        name=f"cst-test-chaos-{uuid.uuid4().hex[:8]}",
+        name=f"{os.environ.get('CHAOS_PROJECT_PREFIX', 'cst-test-chaos-')}{uuid.uuid4().hex[:8]}",
         env_file=env_file,
         files=FILES,
         env={**os.environ, **settings},

@@ -9,6 +9,7 @@ scaler sees). The figures go to $CHAOS_REPORT like the worker-level scenarios'.
 
 from __future__ import annotations
 
+import json
 import subprocess
 import threading
 import time
@@ -17,6 +18,7 @@ from collections.abc import Iterator
 import pytest
 from chaos_figures import Figures
 from exactly_once import absorbed_redeliveries, runs_per_task
+from nemesis import KINDS, run_campaign, schedule
 from prometheus_client.parser import text_string_to_metric_families
 from stack_env import (
     IO_QUEUE,
@@ -155,14 +157,42 @@ def test_sigkill_of_a_busy_worker_container(stack: ChaosStack, figures: Figures)
     stack.healthy()
 
 
+def broker_places(stack: ChaosStack, ids: set[str]) -> dict[str, str]:
+    """Where each of ``ids`` is on the broker: a list, unacked (with its owner), or nowhere."""
+    client = stack.broker()
+    try:
+        places = {i: "nowhere" for i in ids}
+        owners = {t.decode(): n.decode() for t, n in client.hgetall("unacked_owner").items()}
+        for tag, raw in client.hgetall("unacked").items():
+            task = json.loads(raw)[0]["headers"]["id"]
+            if task in places:
+                places[task] = f"unacked under {owners.get(tag.decode(), '?')}"
+        for key in client.scan_iter(count=500):
+            if client.type(key) == b"list":
+                for raw in client.lrange(key, 0, -1):
+                    task = json.loads(raw)["headers"]["id"]
+                    if task in places:
+                        places[task] = f"waiting on {key.decode()}"
+        return places
+    finally:
+        client.close()
+
+
 def test_redis_restart_mid_burst(stack: ChaosStack, figures: Figures) -> None:
     ids = stack.burst("redis", N, DURATION)
     wait_until("the burst is being worked on", lambda: 0 < len(stack.effects.counts(ids)) < N,
                deadline_s=30, every_s=0.1)  # fmt: skip
     t_fault = time.time()
     stack.docker("restart", stack.container("redis"))
-    wait_until(f"all {N} tasks have their effect", lambda: len(stack.effects.counts(ids)) == N,
-               deadline_s=120)  # fmt: skip
+    try:
+        wait_until(f"all {N} tasks have their effect", lambda: len(stack.effects.counts(ids)) == N,
+                   deadline_s=120)  # fmt: skip
+    except AssertionError as exc:  # where the missing ones are, and what the workers said
+        missing = set(ids) - set(stack.effects.counts(ids))
+        logs = stack.project.run("logs", "--no-color", "--tail", "300", check=False).stdout
+        raise AssertionError(
+            f"{exc}; missing {sorted(missing)} at {broker_places(stack, missing)}\n{logs}"
+        ) from None
     # What the workers held on the lost connection (stopped late-ack tasks, reserved messages,
     # acks that could not reach Redis) they give back themselves once reconnected: nothing of
     # the burst may be left in `unacked` to wait for the visibility timeout (an hour as shipped).
@@ -668,3 +698,45 @@ def test_a_warm_pool_loses_nothing_when_its_promoted_replica_is_killed(
         deadline_s=60,
     )
     stack.healthy()
+
+
+# The CI campaign (issue 18): two seeds whose schedules together inject every fault kind the
+# Compose stack supports (asserted below, so a change to the generator cannot drop one quietly),
+# 60 s of load and faults each. `make nemesis` runs a long one.
+NEMESIS_SEEDS = (23, 34)
+NEMESIS_DURATION_S = 60.0
+
+
+@pytest.mark.timeout(600)
+def test_nemesis_campaign(stack: ChaosStack, figures: Figures) -> None:
+    planned = {f.kind for seed in NEMESIS_SEEDS for f in schedule(seed, NEMESIS_DURATION_S)}
+    assert planned == set(KINDS), f"the CI seeds leave out {set(KINDS) - planned}"
+    campaigns = []
+    for seed in NEMESIS_SEEDS:
+        stack.healthy(deadline_s=90)
+        campaigns.append(run_campaign(stack, seed, NEMESIS_DURATION_S))
+        print(campaigns[-1].report())
+    figures.broker = "redis (stack)"
+    figures.fault = f"nemesis campaigns, seeds {NEMESIS_SEEDS}, {NEMESIS_DURATION_S:.0f} s each"
+    sent = sum(len(c.findings.sent) for c in campaigns)
+    done = sum(len(c.findings.done_at) for c in campaigns)
+    lost = sum(len(c.findings.lost) for c in campaigns)
+    twice = sum(len(c.findings.twice_alive) for c in campaigns)
+    figures.count(sent, done, lost, twice)
+    figures.recovery_means = "see the per-fault tables (make nemesis)"
+    for c in campaigns:
+        figures.notes.append(
+            f"seed {c.seed}: {len(c.findings.brpop_window)} lost in kombu's BRPOP window "
+            f"(apart), {len(c.findings.restored)} restored after their worker died, "
+            f"{len(c.findings.no_start_record)} done without a start record"
+        )
+    problems = [f"seed {c.seed}: {p}" for c in campaigns for p in c.problems()]
+    # Every broken invariant fails: a loss (kombu's BRPOP window apart), a task run twice while
+    # its worker lived (two runs at once, or again after its first run finished: the open finding
+    # of docs/nemesis.md until the closing channel's give-back was fixed), a dead worker's task
+    # past the kill bound, a fault not healed or not injected.
+    twice_ids = [
+        f"seed {c.seed}: {t.describe(c.origin)}" for c in campaigns for t in c.findings.twice_alive
+    ]
+    assert not problems, "\n".join([*problems, *twice_ids])
+    stack.healthy(deadline_s=90)

@@ -19,7 +19,8 @@ import pytest
 import redis
 from chaos_environment import ChaosEnv
 from chaos_figures import Figures
-from chaos_processes import ROOT, BeatProcess, poll_until
+from chaos_processes import ROOT, BeatProcess
+from support.polling import poll_until
 
 from services.schedule import HEALTH_TASK
 
@@ -74,7 +75,7 @@ def test_beat_killed_and_restarted_does_not_double_dispatch(
         poll_until(
             lambda: len(dispatch_times(chaos, HEALTH_TASK)) >= before + 2,
             "two dispatches after the restart",
-            timeout=3 * PERIOD_S + 10,
+            timeout_s=3 * PERIOD_S + 10,
         )
     finally:
         beat.stop(signal.SIGTERM)

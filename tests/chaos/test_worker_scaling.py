@@ -13,8 +13,8 @@ from typing import Any
 import pytest
 from chaos_environment import ChaosEnv
 from chaos_figures import Figures
-from chaos_processes import poll_until
 from exactly_once import absorbed_redeliveries, send_burst, unique_ids, verdict, wait_all_done
+from support.polling import poll_until
 
 pytestmark = [pytest.mark.chaos, pytest.mark.slow]
 

@@ -61,6 +61,66 @@ def wait_until(
         time.sleep(every_s)
 
 
+def docker_engine_available() -> bool:
+    """A Docker CLI and an engine that answers."""
+    if shutil.which("docker") is None:
+        return False
+    return subprocess.run(["docker", "info"], capture_output=True, timeout=60).returncode == 0
+
+
+def fresh_env_file(directory: Path, settings: dict[str, str], *, check: bool = False) -> Path:
+    """A new ``.env`` made by the script `make up` uses (fresh secrets), plus ``settings``, and
+    its secret files, written as `make up` writes them into ``.env.secrets`` beside it (the env
+    file names that directory, SECRETS_DIR, and their digest, SECRETS_DIGEST, as make hands
+    them to Compose); ``check``: also passed through `make up`'s check (check-env.sh), or the
+    test fails."""
+    env_file = directory / ".env"
+    subprocess.run(
+        ["bash", str(ROOT / "compose/scripts/init-env.sh"), str(ROOT / ".env.example"), env_file],
+        check=True,
+        capture_output=True,
+    )
+    secrets_dir = secrets_dir_of(env_file)
+    with env_file.open("a") as f:
+        f.writelines(f"{k}={v}\n" for k, v in {"SECRETS_DIR": secrets_dir, **settings}.items())
+    if check:
+        result = subprocess.run(
+            ["bash", str(ROOT / "compose/scripts/check-env.sh"), str(env_file)],
+            capture_output=True,
+            text=True,
+        )
+        assert result.returncode == 0, result.stderr
+    write_secrets(env_file)
+    digest = subprocess.run(
+        ["bash", str(ROOT / "compose/scripts/write-secrets.sh"), "--digest", secrets_dir],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout.strip()
+    with env_file.open("a") as f:
+        f.write(f"SECRETS_DIGEST={digest}\n")
+    return env_file
+
+
+def secrets_dir_of(env_file: Path) -> str:
+    """Where `make up` writes ``env_file``'s secret files (the Makefile's SECRETS_DIR)."""
+    return f"{env_file.resolve()}.secrets"
+
+
+def write_secrets(env_file: Path) -> None:
+    """(Re)write the secret files of ``env_file`` as `make up` does (write-secrets.sh)."""
+    script = str(ROOT / "compose/scripts/write-secrets.sh")
+    subprocess.run(
+        ["bash", script, str(env_file), secrets_dir_of(env_file)], check=True, capture_output=True
+    )
+
+
+def read_env(env_file: Path) -> dict[str, str]:
+    """The NAME=value lines of an env file (comments left out; the last of a name wins)."""
+    pairs = (line.split("=", 1) for line in env_file.read_text().splitlines() if "=" in line)
+    return {k.strip(): v.strip() for k, v in pairs if not k.lstrip().startswith("#")}
+
+
 def free_port() -> int:
     """A TCP port free on 127.0.0.1 right now (for a published port of the stack under test)."""
     with socket.socket() as s:
@@ -70,7 +130,7 @@ def free_port() -> int:
 
 
 def docker_socket_gid(path: str = "/var/run/docker.sock") -> str:
-    """The Docker socket's group id, which the scaler's container joins (as `make up` does)."""
+    """The Docker socket's group id, which the gate's container joins (as `make up` does)."""
     explicit = os.environ.get("DOCKER_GID", "").strip()
     if explicit:
         return explicit
@@ -141,8 +201,8 @@ class ComposeProject:
             "postgres",
             "sh",
             "-c",
-            'PGPASSWORD="$POSTGRES_PASSWORD" psql -h 127.0.0.1 -p 5432 -v ON_ERROR_STOP=1'
-            ' -U "$POSTGRES_USER" -d "$POSTGRES_DB" -tA -F "|" -c "$0"',
+            'PGPASSWORD="$(cat "$POSTGRES_PASSWORD_FILE")" psql -h 127.0.0.1 -p 5432'
+            ' -v ON_ERROR_STOP=1 -U "$POSTGRES_USER" -d "$POSTGRES_DB" -tA -F "|" -c "$0"',
             sql,
         ).stdout
         return [line.split("|") for line in out.splitlines() if line]

@@ -8,8 +8,6 @@ fails, `docker compose ps` and the logs are attached to its report (the stack is
 from __future__ import annotations
 
 import os
-import shutil
-import subprocess
 import uuid
 from collections.abc import Generator, Iterator
 from pathlib import Path
@@ -17,11 +15,12 @@ from pathlib import Path
 import pytest
 from compose_project import (
     COMPOSE_DIR,
-    ROOT,
     ComposeProject,
+    docker_engine_available,
     docker_socket_gid,
     ensure_wheelhouse,
     free_port,
+    fresh_env_file,
 )
 
 # Settings the e2e run needs from the stack: a beat health check every few seconds instead of
@@ -39,31 +38,6 @@ E2E_FILES = (
     COMPOSE_DIR / "compose.prod.yaml",
     Path(__file__).with_name("compose.scaler-test.yaml"),
 )
-
-
-def docker_engine_available() -> bool:
-    if shutil.which("docker") is None:
-        return False
-    return subprocess.run(["docker", "info"], capture_output=True, timeout=60).returncode == 0
-
-
-def write_env_file(directory: Path, settings: dict[str, str]) -> Path:
-    """A fresh .env made by the same script `make up` uses, plus the e2e settings."""
-    env_file = directory / ".env"
-    subprocess.run(
-        ["bash", str(ROOT / "compose/scripts/init-env.sh"), str(ROOT / ".env.example"), env_file],
-        check=True,
-        capture_output=True,
-    )
-    with env_file.open("a") as f:
-        f.writelines(f"{k}={v}\n" for k, v in settings.items())
-    check = subprocess.run(
-        ["bash", str(ROOT / "compose/scripts/check-env.sh"), str(env_file)],
-        capture_output=True,
-        text=True,
-    )
-    assert check.returncode == 0, check.stderr
-    return env_file
 
 
 @pytest.fixture(scope="session")
@@ -87,7 +61,7 @@ def stack(
     }
     project = ComposeProject(
         name=f"cst-test-e2e-{uuid.uuid4().hex[:8]}",
-        env_file=write_env_file(tmp_path_factory.mktemp("stack"), settings),
+        env_file=fresh_env_file(tmp_path_factory.mktemp("stack"), settings, check=True),
         files=E2E_FILES,
         env={**os.environ, **settings},
     )

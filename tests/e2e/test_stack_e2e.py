@@ -7,13 +7,15 @@ that nothing of the project is left.
 
 from __future__ import annotations
 
+import base64
 import json
 import subprocess
+from http.client import HTTPConnection
 from pathlib import Path
 from typing import Any
 
 import pytest
-from compose_project import ComposeProject, wait_until
+from compose_project import ComposeProject, read_env, wait_until
 from scaler_http import env_value, http, status
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow, pytest.mark.timeout(900)]
@@ -27,8 +29,8 @@ WORKER_SERVICES = {
     "scheduled": "worker-scheduled",
 }
 APP_SERVICES = ["beat", *WORKER_SERVICES.values(), "scaler"]
-LONG_RUNNING = ["redis", "postgres", "docker-proxy", *APP_SERVICES]
-PROXY_PROBE = Path(__file__).with_name("probe_docker_proxy.py")
+LONG_RUNNING = ["redis", "postgres", "gate", *APP_SERVICES]
+GATE_PROBE = Path(__file__).with_name("probe_gate.py")
 
 
 def ran_on(result: dict[str, Any], hostnames: set[str]) -> bool:
@@ -106,7 +108,9 @@ def test_no_redis_or_postgres_port_is_published(stack: ComposeProject) -> None:
         published = {p: v for p, v in (container["NetworkSettings"]["Ports"] or {}).items() if v}
         assert published == {}, (service, published)
         networks = container["NetworkSettings"]["Networks"]
-        assert list(networks) == [f"{stack.name}_backend"], (service, list(networks))
+        # Redis also serves the scalers, which are not on `backend`, over `scaler-redis`.
+        expected = {"redis": ["backend", "scaler-redis"], "postgres": ["backend"]}[service]
+        assert sorted(networks) == [f"{stack.name}_{n}" for n in expected], (service, networks)
 
 
 def test_app_containers_are_non_root_with_init_and_scaler_labels(stack: ComposeProject) -> None:
@@ -127,15 +131,18 @@ def test_app_containers_are_non_root_with_init_and_scaler_labels(stack: ComposeP
     assert beat["Config"]["Labels"]["autoscale.managed"] == "false"
 
 
-def test_only_the_docker_proxy_holds_the_docker_socket(stack: ComposeProject) -> None:
-    for service in ["redis", "postgres", "docker-proxy", *APP_SERVICES]:
+def test_only_the_gate_holds_the_docker_socket(stack: ComposeProject) -> None:
+    for service in ["redis", "postgres", "gate", *APP_SERVICES]:
         (container,) = stack.inspect(stack.container_ids(service))
         sockets = [m for m in container["Mounts"] if str(m.get("Source")).endswith("docker.sock")]
-        assert bool(sockets) == (service == "docker-proxy"), (service, sockets)
-    (proxy,) = stack.inspect(stack.container_ids("docker-proxy"))
-    assert [m["RW"] for m in proxy["Mounts"]] == [False], proxy["Mounts"]
-    assert proxy["HostConfig"]["GroupAdd"] == [env_value(stack, "DOCKER_GID")]
-    assert stack.run("exec", "-T", "docker-proxy", "id", "-u").stdout.strip() != "0"
+        assert bool(sockets) == (service == "gate"), (service, sockets)
+    (gate,) = stack.inspect(stack.container_ids("gate"))
+    # The socket and the gate's token file (a secret), both read-only; nothing else.
+    mounts = {m["Destination"]: m["RW"] for m in gate["Mounts"]}
+    assert mounts == {"/var/run/docker.sock": False, "/run/secrets/gate_token": False}, mounts
+    assert gate["HostConfig"]["GroupAdd"] == [env_value(stack, "DOCKER_GID")]
+    assert stack.run("exec", "-T", "gate", "id", "-u").stdout.strip() == "10001"
+    assert gate["Config"]["Labels"]["autoscale.managed"] == "false"
     (scaler,) = stack.inspect(stack.container_ids("scaler"))
     assert scaler["Config"]["Labels"]["autoscale.managed"] == "false", "the scaler scales itself"
     assert not scaler["HostConfig"]["GroupAdd"], "the scaler needs no group of the host"
@@ -143,38 +150,82 @@ def test_only_the_docker_proxy_holds_the_docker_socket(stack: ComposeProject) ->
     assert {b["HostIp"] for bs in bindings.values() for b in bs} == {"127.0.0.1"}, bindings
     policy = [m for m in scaler["Mounts"] if m["Destination"] == "/etc/scaler/policy.yaml"]
     assert len(policy) == 1 and policy[0]["RW"] is False, policy
+    # The gate serves this project (the scaler found its project there) and has refused nothing
+    # of the scaler's own work so far.
+    health = stack.run("exec", "-T", "scaler", "python", "-c",
+                       "import json; from scaler.backends.engine import gate_call;"
+                       " from scaler.backends.engine import default_client_factory;"
+                       " print(json.dumps(gate_call(default_client_factory()(), 'GET',"
+                       " '/gate/v1/status')))").stdout  # fmt: skip
+    gate_status = json.loads(health)
+    assert gate_status["scope"]["value"] == stack.name, gate_status
 
 
-def test_docker_proxy_refuses_what_the_scaler_does_not_need(stack: ComposeProject) -> None:
-    """The scaler's own client, through docker-proxy: its calls pass, the rest get a 403 naming
-    the call or the setting, and the engine shows nothing of the refused ones."""
+def test_the_gate_refuses_what_the_scaler_does_not_need(stack: ComposeProject) -> None:
+    """Code running as the scaler, with the scaler's client and token, through the gate: the
+    scaler's reads pass; a privileged create, a bind of /, exec, another project's container,
+    the scaler's own container, an old API version and a caller-written config are refused, and
+    the engine shows nothing of them."""
     (worker,) = stack.container_ids("worker-default")
-    probe_name = f"{stack.name}-proxy-probe"
-    proc = stack.run("exec", "-T", "scaler", "python", "-", worker, probe_name,
-                     stdin=PROXY_PROBE.read_text())  # fmt: skip
-    seen: dict[str, dict[str, Any]] = json.loads(proc.stdout)
-    assert {k: seen[k]["status"] for k in ("ping", "list", "inspect")} == dict.fromkeys(
-        ("ping", "list", "inspect"), "ok"
-    ), seen
-    expected = {
-        "exec": "/exec is not on the scaler's allowlist",
-        "pull": "/images/create is not on the scaler's allowlist",
-        "volume": "/volumes/create is not on the scaler's allowlist",
-        "privileged": "it asks for privileged mode",
-        "host-root": "it asks for a bind mount from the host",
-        "host-pid": "it asks for a host or another container's namespace",
-    }
-    for call, words in expected.items():
-        assert seen[call]["status"] == 403, (call, seen[call])
-        assert "docker-proxy" in seen[call]["message"] and words in seen[call]["message"], seen
-    # Nothing of it reached the engine.
-    for kind in ("container", "volume"):
-        found = subprocess.run(["docker", kind, "inspect", probe_name], capture_output=True)
-        assert found.returncode != 0, f"a {kind} {probe_name} was created"
-    # A worker cannot reach the engine at all: the proxy is on a network only the scaler joins.
+    (worker_info,) = stack.inspect([worker])
+    probe_name = f"{stack.name}-gate-probe"
+    other_project = f"{stack.name}-other"
+    other = subprocess.run(
+        ["docker", "run", "--detach", "--name", f"{other_project}-worker-default-1",
+         "--label", "autoscale.managed=true",
+         "--label", f"com.docker.compose.project={other_project}",
+         "--label", "com.docker.compose.service=worker-default",
+         "--label", "com.docker.compose.container-number=1",
+         "--entrypoint", "sleep", worker_info["Config"]["Image"], "infinity"],
+        capture_output=True, text=True, check=True,
+    ).stdout.strip()  # fmt: skip
+    try:
+        proc = stack.run("exec", "-T", "scaler", "python", "-", worker, probe_name, other,
+                         stdin=GATE_PROBE.read_text())  # fmt: skip
+        seen: dict[str, dict[str, Any]] = json.loads(proc.stdout)
+        assert {k: seen[k]["status"] for k in ("ping", "list", "inspect")} == dict.fromkeys(
+            ("ping", "list", "inspect"), "ok"
+        ), seen
+        expected = {
+            "no-token": (401, "a valid bearer token is required"),
+            "exec": (403, "/exec is not an operation of the gate"),
+            "pull": (403, "/images/create is not an operation of the gate"),
+            "volume": (403, "/volumes/create is not an operation of the gate"),
+            "privileged": (403, "/containers/create is not an operation of the gate"),
+            "host-root": (403, "/containers/create is not an operation of the gate"),
+            "host-pid": (403, "/containers/create is not an operation of the gate"),
+            "other-project-stop": (404, "no managed container"),
+            "other-project-inspect": (404, "no managed container"),
+            "own-container-stop": (404, "no managed container"),
+            "old-api-version": (400, "API version 1.24 is older than 1.41"),
+            "versioned-replicas": (403, "is not an operation of the gate"),
+            "replica-with-config": (400, "HostConfig"),
+            "encoded-path": (403, "is not an operation of the gate"),
+        }
+        for call, (code, words) in expected.items():
+            assert seen[call]["status"] == code, (call, seen[call])
+            assert words in seen[call]["message"], (call, seen[call])
+        # Nothing of it reached the engine: no container or volume made, the other project's
+        # container and the scaler still run.
+        for kind in ("container", "volume"):
+            found = subprocess.run(["docker", kind, "inspect", probe_name], capture_output=True)
+            assert found.returncode != 0, f"a {kind} {probe_name} was created"
+        (other_info,) = stack.inspect([other])
+        assert other_info["State"]["Running"], "the other project's container was stopped"
+        (scaler,) = stack.inspect(stack.container_ids("scaler"))
+        assert scaler["State"]["Running"], "the scaler's own container was stopped"
+        for number in (90, 91):
+            found = subprocess.run(
+                ["docker", "container", "inspect", f"{stack.name}-worker-default-{number}"],
+                capture_output=True,
+            )
+            assert found.returncode != 0, f"worker-default-{number} was created"
+    finally:
+        subprocess.run(["docker", "rm", "-f", other], capture_output=True)
+    # A worker cannot reach the engine at all: the gate is on a network only the scalers join.
     reach = stack.run(
         "exec", "-T", "worker-default", "python", "-c",
-        "import socket; socket.create_connection(('docker-proxy', 2375), timeout=3)",
+        "import socket; socket.create_connection(('gate', 2375), timeout=3)",
         check=False,
     )  # fmt: skip
     assert reach.returncode != 0 and "gaierror" in reach.stderr, reach.stderr
@@ -243,7 +294,7 @@ def test_every_container_is_hardened_and_tasks_use_the_app_role(stack: ComposePr
     assert users == [[env_value(stack, "POSTGRES_APP_USER")]], users
     denied = stack.run(
         "exec", "-T", "worker-default", "python", "-c",
-        "import os, psycopg2; c = psycopg2.connect(os.environ['DATABASE_URL']);"
+        "import os, psycopg2; c = psycopg2.connect(open(os.environ['DATABASE_URL_FILE']).read());"
         " c.cursor().execute('DROP TABLE task_effects')",
         check=False,
     )  # fmt: skip
@@ -273,6 +324,135 @@ def test_redis_refused_no_client_of_the_stack_and_workers_cannot_reach_the_scale
     assert "NOAUTH" in anonymous.stdout + anonymous.stderr
 
 
+# Run inside a worker's container: a TCP connection to each target, "ok" or the error it got.
+CONNECT_PROBE = """
+import json, socket, sys
+results = {}
+for target in json.loads(sys.argv[1]):
+    host, port = target.rsplit(":", 1)
+    try:
+        socket.create_connection((host, int(port)), timeout=3).close()
+        results[target] = "ok"
+    except OSError as exc:
+        results[target] = f"{type(exc).__name__}: {exc}"
+print(json.dumps(results))
+"""
+
+
+def test_no_worker_can_reach_the_scalers_api_which_answers_on_the_hosts_loopback(
+    stack: ComposeProject,
+) -> None:
+    """Workers share no network with the scaler: from inside one, neither the scaler's name nor
+    any of its addresses takes a connection on the API's port (Redis, as a control, does). From
+    the host, over the published loopback port, the API answers, refuses a foreign Host (DNS
+    rebinding) and sends the dashboard's Content-Security-Policy."""
+    (scaler,) = stack.inspect(stack.container_ids("scaler"))
+    addresses = [n["IPAddress"] for n in scaler["NetworkSettings"]["Networks"].values()]
+    assert len(addresses) == 3 and all(addresses), scaler["NetworkSettings"]["Networks"]
+    assert not any(name.endswith("_backend") for name in scaler["NetworkSettings"]["Networks"])
+    targets = ["scaler:9808", *(f"{a}:9808" for a in addresses), "redis:6379"]
+    for worker in ("worker-default", "worker-io"):
+        out = stack.run(
+            "exec", "-T", worker, "python", "-c", CONNECT_PROBE, json.dumps(targets)
+        ).stdout
+        results = json.loads(out)
+        assert results.pop("redis:6379") == "ok", "the probe can connect at all"
+        assert all(r != "ok" for r in results.values()), (worker, results)
+    # The scaler has no database URL: it never talks to PostgreSQL.
+    env = dict(e.split("=", 1) for e in scaler["Config"]["Env"])
+    assert "DATABASE_URL" not in env and "POSTGRES_APP_PASSWORD" not in env, sorted(env)
+
+    port = env_value(stack, "SCALER_HTTP_PORT_HOST")
+    assert http(stack, "GET", "/healthz")[0] == 200
+    for host, expected in ((f"127.0.0.1:{port}", 200), ("evil.example", 421)):
+        conn = HTTPConnection("127.0.0.1", int(port), timeout=5)
+        try:
+            conn.request("GET", "/status", headers={"Host": host})
+            response = conn.getresponse()
+            body = response.read().decode()
+            assert response.status == expected, (host, response.status, body)
+        finally:
+            conn.close()
+    assert "DNS rebinding" in json.loads(body)["error"]
+    conn = HTTPConnection("127.0.0.1", int(port), timeout=5)
+    try:
+        conn.request("GET", "/")
+        response = conn.getresponse()
+        response.read()
+        assert "frame-ancestors 'none'" in (response.getheader("Content-Security-Policy") or "")
+    finally:
+        conn.close()
+
+
+# Every password and token of the env file: none may show in any container's `docker inspect`.
+SECRET_VARIABLES = (
+    "REDIS_WORKER_PASSWORD",
+    "REDIS_SCALER_PASSWORD",
+    "REDIS_ADMIN_PASSWORD",
+    "POSTGRES_PASSWORD",
+    "POSTGRES_APP_PASSWORD",
+    "FLOWER_PASSWORD",
+    "SCALER_TOKEN",
+    "SCALER_GATE_TOKEN",
+)
+
+
+def test_no_container_shows_a_secret_and_each_reads_its_own_from_files(
+    stack: ComposeProject,
+) -> None:
+    """Every container of the project (Flower, the one-shot migrate and any clone of the scaler
+    included): no secret value anywhere in `docker inspect` (environment, command, labels, health
+    log, ...); the secrets are read-only bind mounts at /run/secrets from the stack's directory
+    of secret files, and the services that read them work (the tests above)."""
+    values = read_env(stack.env_file)
+    secrets = {var: values[var] for var in SECRET_VARIABLES}
+    assert all(len(v) >= 16 for v in secrets.values()), "init-env.sh generates every secret"
+    containers = stack.inspect(stack.leftovers()["containers"])
+    services = {c["Config"]["Labels"]["com.docker.compose.service"] for c in containers}
+    assert {"flower", "migrate", *LONG_RUNNING} <= services, services
+    secrets_dir = values["SECRETS_DIR"]
+    for container in containers:
+        name = container["Name"].lstrip("/")
+        assert not secrets_shown(stack, container), f"{name}: `docker inspect` shows secrets"
+        for mount in container["Mounts"]:
+            if mount["Destination"].startswith("/run/secrets/"):
+                assert mount["Type"] == "bind" and mount["RW"] is False, (name, mount)
+                assert Path(mount["Source"]).parent == Path(secrets_dir), (name, mount)
+    # Each reads its own: the app's user in a worker and in the scaler, root's entrypoint in
+    # postgres; Flower asks for its login (the file's), and the scaler's clone (below) starts.
+    for service, path in (
+        ("worker-default", "/run/secrets/broker_url"),
+        ("scaler", "/run/secrets/gate_token"),
+        ("postgres", "/run/secrets/postgres_password"),
+    ):
+        assert stack.run("exec", "-T", service, "test", "-r", path, check=False).returncode == 0
+    flower_port = int(values["FLOWER_HOST_PORT"])
+    user, password = values["FLOWER_USER"], secrets["FLOWER_PASSWORD"]
+    assert flower_status(flower_port, None) == 401
+    assert flower_status(flower_port, f"{user}:{password}") < 400
+    assert flower_status(flower_port, f"{user}:wrong-{password}") == 401
+
+
+def secrets_shown(stack: ComposeProject, container: dict[str, Any]) -> list[str]:
+    """The env file's secret variables whose value is anywhere in an inspected container."""
+    values = read_env(stack.env_file)
+    text = json.dumps(container)
+    return sorted(var for var in SECRET_VARIABLES if values[var] in text)
+
+
+def flower_status(port: int, login: str | None) -> int:
+    """The status of Flower's dashboard on the host's loopback, with basic auth ``login``."""
+    conn = HTTPConnection("127.0.0.1", port, timeout=10)
+    headers = {}
+    if login is not None:
+        headers["Authorization"] = "Basic " + base64.b64encode(login.encode()).decode()
+    try:
+        conn.request("GET", "/", headers=headers)
+        return conn.getresponse().status
+    finally:
+        conn.close()
+
+
 def test_down_with_volumes_leaves_nothing_of_the_project(stack: ComposeProject) -> None:
     # First have the scaler add a container of its own (pinned: no burst needed), so that `down`
     # must also find and remove the scaler's clones.
@@ -294,6 +474,7 @@ def test_down_with_volumes_leaves_nothing_of_the_project(stack: ComposeProject) 
     assert clone and original, sorted(replicas)
     # The scaler's clone keeps the service's hardening: the same settings as Compose's replica.
     assert hardening_problems(clone) == []
+    assert secrets_shown(stack, clone) == [], "the clone's inspect shows no secret either"
     for key in HARDENING_KEYS:
         assert clone["HostConfig"].get(key) == original["HostConfig"].get(key), key
     before = stack.leftovers()

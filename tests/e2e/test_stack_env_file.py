@@ -25,6 +25,7 @@ SECRETS = (
     "POSTGRES_APP_PASSWORD",
     "FLOWER_PASSWORD",
     "SCALER_TOKEN",
+    "SCALER_GATE_TOKEN",
 )
 # Variables the scripts read; cleared so that the developer's shell cannot leak into a test.
 STACK_VARS = (
@@ -44,6 +45,7 @@ STACK_VARS = (
     "POSTGRES_APP_USER",
     "POSTGRES_MAX_CONNECTIONS",
     "CELERY_KEY_PREFIX",
+    "GATE_ALLOWED_BIND_MOUNTS",
 )
 
 
@@ -118,7 +120,12 @@ def test_init_env_appends_only_the_secrets_an_older_file_lacks(tmp_path: Path) -
     """An .env from before the Redis users and the app role: `make up` adds what is missing,
     with the hashes Redis needs, and changes nothing that is there (the volumes use it)."""
     target = init_env(tmp_path)
-    lacking = ("REDIS_SCALER_PASSWORD", "REDIS_SCALER_PASSWORD_SHA256", "POSTGRES_APP_PASSWORD")
+    lacking = (
+        "REDIS_SCALER_PASSWORD",
+        "REDIS_SCALER_PASSWORD_SHA256",
+        "POSTGRES_APP_PASSWORD",
+        "SCALER_GATE_TOKEN",  # an .env from before the engine gate
+    )
     older = [
         line for line in target.read_text().splitlines() if line.split("=", 1)[0] not in lacking
     ]
@@ -155,6 +162,11 @@ def test_init_env_appends_only_the_secrets_an_older_file_lacks(tmp_path: Path) -
         ("POSTGRES_APP_PASSWORD", "", "POSTGRES_APP_PASSWORD is missing or empty"),
         ("POSTGRES_APP_USER", "celery", "POSTGRES_APP_USER='celery' equals POSTGRES_USER"),
         ("POSTGRES_MAX_CONNECTIONS", "5000", "POSTGRES_MAX_CONNECTIONS='5000' is out of range"),
+        ("SCALER_GATE_TOKEN", "", "SCALER_GATE_TOKEN is missing or empty"),
+        ("SCALER_GATE_TOKEN", "short", "SCALER_GATE_TOKEN is malformed"),
+        ("GATE_ALLOWED_BIND_MOUNTS", "/srv/a, /", "GATE_ALLOWED_BIND_MOUNTS has '/'"),
+        ("GATE_ALLOWED_BIND_MOUNTS", "srv/a", "GATE_ALLOWED_BIND_MOUNTS has 'srv/a'"),
+        ("GATE_ALLOWED_BIND_MOUNTS", "/srv/../etc", "GATE_ALLOWED_BIND_MOUNTS has '/srv/../etc'"),
     ],
 )
 def test_check_env_names_the_bad_variable(
@@ -180,3 +192,68 @@ def test_missing_env_file_is_reported(tmp_path: Path) -> None:
     proc = check_env(tmp_path / "nope.env")
     assert proc.returncode == 1
     assert "nope.env not found" in proc.stderr
+
+
+WRITE_SECRETS = ROOT / "compose" / "scripts" / "write-secrets.sh"
+
+
+def write_secrets(env_file: Path, directory: Path) -> str:
+    """write-secrets.sh as `make up` runs it; returns what it printed."""
+    proc = subprocess.run(
+        ["bash", str(WRITE_SECRETS), str(env_file), str(directory)],
+        capture_output=True,
+        text=True,
+        env=clean_env(),
+    )
+    assert proc.returncode == 0, proc.stderr
+    return proc.stdout
+
+
+def secrets_digest(directory: Path) -> str:
+    return subprocess.run(
+        ["bash", str(WRITE_SECRETS), "--digest", str(directory)],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout.strip()
+
+
+def test_write_secrets_derives_each_file_from_the_env_file_and_the_digest_follows(
+    tmp_path: Path,
+) -> None:
+    """The files `make up` writes for compose.yaml's `secrets:`: the URLs of each Redis user and
+    PostgreSQL role, the passwords and tokens, one value each; a password changed in the env
+    file reaches its file and changes the digest (Compose then recreates the readers), an
+    unchanged env file rewrites nothing."""
+    env_file = init_env(tmp_path)
+    directory = tmp_path / ".env.secrets"
+    assert "wrote" in write_secrets(env_file, directory)
+    v = read_env(env_file)
+    files = {p.name: p.read_text() for p in directory.iterdir()}
+    worker, scaler = v["REDIS_WORKER_PASSWORD"], v["REDIS_SCALER_PASSWORD"]
+    assert files == {
+        "broker_url_worker": f"redis://worker:{worker}@redis:6379/0",
+        "result_backend_worker": f"redis://worker:{worker}@redis:6379/1",
+        "broker_url_scaler": f"redis://scaler:{scaler}@redis:6379/0",
+        "result_backend_scaler": f"redis://scaler:{scaler}@redis:6379/1",
+        "database_url_app": (
+            f"postgresql://celery_app:{v['POSTGRES_APP_PASSWORD']}@postgres:5432/celery"
+        ),
+        "database_url_owner": f"postgresql://celery:{v['POSTGRES_PASSWORD']}@postgres:5432/celery",
+        "postgres_password": v["POSTGRES_PASSWORD"],
+        "postgres_app_password": v["POSTGRES_APP_PASSWORD"],
+        "scaler_token": v["SCALER_TOKEN"],
+        "gate_token": v["SCALER_GATE_TOKEN"],
+        "flower_basic_auth": f"admin:{v['FLOWER_PASSWORD']}",
+    }
+    assert v["REDIS_ADMIN_PASSWORD"] not in "".join(files.values()), "no service has admin"
+    first = secrets_digest(directory)
+    assert re.fullmatch(r"[0-9a-f]{16}", first)
+    assert write_secrets(env_file, directory) == "", "nothing changed, nothing rewritten"
+    assert secrets_digest(directory) == first
+
+    set_var(env_file, "FLOWER_PASSWORD", "a-new-flower-password-0123")
+    assert "flower_basic_auth" in write_secrets(env_file, directory)
+    assert (directory / "flower_basic_auth").read_text() == "admin:a-new-flower-password-0123"
+    assert secrets_digest(directory) != first
+    assert not [p.name for p in directory.iterdir() if p.name.startswith(".")], "no temp file"

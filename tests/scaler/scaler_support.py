@@ -6,29 +6,19 @@ import os
 import shutil
 import socket
 import subprocess
-import time
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any, TypeVar
 
 import redis
+from support.polling import poll_until
+
+from scaler.api import ScalerHTTPServer
 
 T = TypeVar("T")
-
-
-def poll_until(
-    probe: Callable[[], T | None], what: str, timeout_s: float = 30.0, every_s: float = 0.1
-) -> T:
-    """Call ``probe`` until it returns something truthy; fail naming ``what`` at the deadline."""
-    deadline = time.monotonic() + timeout_s
-    last: T | None = None
-    while time.monotonic() < deadline:
-        last = probe()
-        if last:
-            return last
-        time.sleep(every_s)
-    raise AssertionError(f"timed out after {timeout_s}s waiting for {what} (last: {last!r})")
+# Starts an API server on a free port with the given arguments (tests/scaler/conftest.py: serve).
+ServerFactory = Callable[..., ScalerHTTPServer]
 
 
 def free_port() -> int:
@@ -121,3 +111,38 @@ def effects(database_url: str, task_ids: list[str]) -> dict[str, int]:
             return {row[0]: int(row[1]) for row in cur.fetchall()}
     finally:
         conn.close()
+
+
+def consumed(app: Any, node: str) -> list[str] | None:
+    """The queues ``node`` consumes, as it says itself (None: no answer within a second)."""
+    replies = app.control.inspect([node], timeout=1.0).active_queues() or {}
+    return None if node not in replies else [q["name"] for q in replies[node]]
+
+
+def local_policy(
+    services: dict[str, list[str]],
+    *,
+    interval_s: float = 0.3,
+    max_replicas: int = 3,
+    up: dict[str, float] | None = None,
+    down: dict[str, float] | None = None,
+) -> dict[str, Any]:
+    """A policy for scaler tests on local workers: fast cycles, five tasks per replica, host
+    limits off (a busy CI host must not block scaling); ``services``: name -> queues;
+    ``up``/``down``: the scale_up/scale_down settings that differ from the defaults."""
+    defaults: dict[str, Any] = {
+        "min_replicas": 1,
+        "max_replicas": max_replicas,
+        "target": {"tasks_per_replica": 5, "tolerance": 0.1},
+    }
+    if up is not None:
+        defaults["scale_up"] = up
+    if down is not None:
+        defaults["scale_down"] = down
+    return {
+        "interval_s": interval_s,
+        "stale_after_s": 5,
+        "host": {"cpu_percent": 100, "memory_percent": 100},
+        "defaults": defaults,
+        "services": {name: {"queues": queues} for name, queues in services.items()},
+    }

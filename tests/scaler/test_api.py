@@ -7,14 +7,15 @@ import json
 import math
 import socket
 import threading
-import time
 import uuid
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import pytest
 import redis
 from prometheus_client.parser import text_string_to_metric_families
+from scaler_support import ServerFactory
+from support.polling import poll_until
 
 from scaler.api import HttpSettings, ScalerHTTPServer
 from scaler.control import ConflictError, ControlError, ControlStore, UnknownServiceError
@@ -51,28 +52,6 @@ def store(rclient: redis.Redis, key_prefix: str) -> Iterator[ControlStore]:
     s.test_limits = limits  # type: ignore[attr-defined]  # mutable, to simulate a policy reload
     yield s
     rclient.delete(s.key)
-
-
-ServerFactory = Callable[..., ScalerHTTPServer]
-
-
-@pytest.fixture
-def serve() -> Iterator[ServerFactory]:
-    started: list[ScalerHTTPServer] = []
-
-    def make(**kwargs: Any) -> ScalerHTTPServer:
-        kwargs.setdefault("metrics", ScalerMetrics())
-        kwargs.setdefault("status", lambda: {"cycle": 7})
-        kwargs.setdefault("control", None)
-        kwargs.setdefault("token", TOKEN)
-        server = ScalerHTTPServer(host="127.0.0.1", port=0, **kwargs)
-        server.start()
-        started.append(server)
-        return server
-
-    yield make
-    for server in started:
-        server.stop()
 
 
 def call(
@@ -550,6 +529,17 @@ def test_the_audit_trail_keeps_the_callers_address_whatever_the_body_or_headers_
     assert store.overrides() == {}
 
 
+def closed_by_server(sock: socket.socket) -> bool:
+    """True once the server has closed ``sock`` (EOF or reset), without waiting for it."""
+    sock.setblocking(False)
+    try:
+        return sock.recv(1) == b""
+    except BlockingIOError:
+        return False
+    except ConnectionResetError:
+        return True
+
+
 def test_connections_are_bounded_served_by_one_thread_and_idle_ones_closed(
     serve: ServerFactory,
 ) -> None:
@@ -558,23 +548,54 @@ def test_connections_are_bounded_served_by_one_thread_and_idle_ones_closed(
     threads_before = threading.active_count()
     idle = [socket.create_connection((host, port), timeout=5) for _ in range(40)]
     try:
-        # No thread per connection: 40 open sockets, the same threads.
+        # No thread per connection: 40 sockets, the same threads.
         assert threading.active_count() == threads_before
-        # Past the limit a request is answered 503 at once, not queued or dropped.
-        reply = raw_request(server, b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
-        assert reply.startswith(b"HTTP/1.1 503"), reply[:80]
-        # A connection that sends nothing is closed after the idle timeout...
-        idle[0].settimeout(5)
-        assert idle[0].recv(1) == b""
+        # Past the limit the oldest idle connections make room for the newer ones: at most 6
+        # stay open, and a request still gets an answer at once.
+        poll_until(
+            lambda: sum(map(closed_by_server, idle)) >= 34, "the server to close 34 of 40", 10
+        )
+        assert sum(not closed_by_server(sock) for sock in idle) <= 6
+        assert call(server, "GET", "/metrics")[0] == 200
+        # A connection that sends nothing is closed after the idle timeout.
+        poll_until(lambda: all(map(closed_by_server, idle)), "the idle connections to close", 10)
     finally:
         for sock in idle:
             sock.close()
-    # ...so the limit frees itself.
-    for _ in range(50):
-        if call(server, "GET", "/metrics")[0] == 200:
-            break
-        time.sleep(0.1)
-    assert call(server, "GET", "/metrics")[0] == 200
+
+
+def test_past_the_limit_with_every_slot_mid_request_a_request_gets_503_at_once(
+    serve: ServerFactory,
+) -> None:
+    release = threading.Event()
+
+    def slow_status() -> dict[str, Any]:
+        release.wait(10)
+        return {"cycle": 1}
+
+    server = serve(limit_concurrency=6, max_streams=2, status=slow_status)
+    host, port = server.address
+    busy = [socket.create_connection((host, port), timeout=10) for _ in range(6)]
+    try:
+        for sock in busy:
+            sock.sendall(b"GET /status HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+        poll_until(
+            lambda: sum(c.reading_since is None for c in server.guard.open) == 6,
+            "six requests in flight",
+            10,
+        )
+        # Nothing to displace: a request in flight is never cut off. Refused, with a reason.
+        reply = raw_request(server, b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+        head, _, body = reply.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 503"), head
+        assert "busy" in json.loads(body)["error"]
+        release.set()
+        for sock in busy:
+            assert sock.recv(4096).startswith(b"HTTP/1.1 200"), "the requests in flight finish"
+    finally:
+        release.set()
+        for sock in busy:
+            sock.close()
 
 
 @pytest.mark.parametrize(
@@ -597,8 +618,8 @@ def test_malformed_bodies_get_a_4xx_with_a_message(
     server = serve(control=store)
     length = headers.get("Content-Length", str(len(raw)))
     request = (
-        f"POST /services/default/pause HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {TOKEN}\r\n"
-        f"Content-Length: {length}\r\nConnection: close\r\n\r\n"
+        "POST /services/default/pause HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+        f"Authorization: Bearer {TOKEN}\r\nContent-Length: {length}\r\nConnection: close\r\n\r\n"
     ).encode() + raw
     reply = raw_request(server, request)
     head, _, body = reply.partition(b"\r\n\r\n")

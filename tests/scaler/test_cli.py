@@ -14,8 +14,10 @@ from typing import Any
 
 import pytest
 import redis
+import yaml
 from scaler_runs import ScalerRun, start_scaler_run, stop_workers
-from scaler_support import free_port, migrate, poll_until, service_app, worker_env
+from scaler_support import free_port, local_policy, migrate, service_app, worker_env
+from support.polling import poll_until
 
 POLICY = """
 interval_s: 0.5
@@ -207,20 +209,13 @@ def test_a_backend_without_what_it_needs_is_refused_naming_the_setting(
     assert no_project.returncode != 0 and "--project" in no_project.stderr
 
 
-STEERED = """
-interval_s: 0.3
-stale_after_s: 5
-host: {cpu_percent: 100, memory_percent: 100}  # a busy CI host must not block scaling
-defaults:
-  min_replicas: 1
-  max_replicas: 3
-  target: {tasks_per_replica: 5, tolerance: 0.1}
-  scale_up: {stabilization_s: 0, cooldown_s: 0.5, max_step: 3}
-  scale_down: {stabilization_s: 30, cooldown_s: 0.5, max_step: 3}
-services:
-  io: {queues: [io_intensive]}
-  calm: {queues: [default]}
-"""
+STEERED = yaml.safe_dump(
+    local_policy(
+        {"io": ["io_intensive"], "calm": ["default"]},
+        up={"stabilization_s": 0, "cooldown_s": 0.5, "max_step": 3},
+        down={"stabilization_s": 30, "cooldown_s": 0.5, "max_step": 3},
+    )
+)
 
 
 @pytest.fixture

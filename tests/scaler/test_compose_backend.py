@@ -3,7 +3,9 @@
 Each test brings up its own small Compose project (cst-test-compose-*, see
 fixtures/compose_worker/compose.yaml): a Redis broker published on 127.0.0.1, one managed worker
 service (`worker`, opted in with autoscale.managed=true) and a `bystander` the backend must never
-touch. The worker image is built once per session from a host-built wheelhouse.
+touch. The worker image is built once per session from a host-built wheelhouse. The backend
+reaches the engine as in the stack: only through an engine gate for the project (scaler.gate,
+served in this process: tests/gate/gate_support.py); the test itself reads the engine directly.
 """
 
 from __future__ import annotations
@@ -29,22 +31,20 @@ import docker
 import pytest
 import redis
 from celery import Celery
-from scaler_support import free_port, poll_until
+from scaler_support import free_port
+from support.polling import poll_until
 
 from scaler.backends.base import Backend, BackendError, ServiceSpec
-from scaler.backends.compose import (
-    ComposeBackend,
-    ComposeContainer,
-    default_client_factory,
-    worker_node_name,
-)
+from scaler.backends.compose import ComposeBackend, ComposeContainer, worker_node_name
 from scaler.backends.restart_backoff import RestartBackoff
 from scaler.backends.warm_pool import RedisPoolStore
 from scaler.loop import PolicySource, Scaler
 from scaler.policy import parse_policy
+from scaler.restore import RESTORED, UnackedRestorer
 from scaler.signals.collector import Collector
 from scaler.signals.containers import resources_from_sample
 from scaler.signals.redis_queues import RedisQueueReader
+from tests.gate.gate_support import GateServer, project_gate
 
 pytestmark = [pytest.mark.docker, pytest.mark.slow]
 
@@ -54,6 +54,7 @@ IMAGE_FILES = {
     "Dockerfile": FIXTURE / "Dockerfile",
     "worker_app.py": FIXTURE / "worker_app.py",
     "warm_start.py": FIXTURE.parents[3] / "services" / "warm_start.py",
+    "ownership.py": FIXTURE.parents[3] / "services" / "ownership.py",
 }
 SPEC = ServiceSpec("worker", ("work",))
 
@@ -119,6 +120,12 @@ class Stack:
     project: str
     env: dict[str, str]
     app: Celery
+    gate: GateServer | None = None  # the project's engine gate: the backend's only way in
+
+    def clients(self, timeout_s: int = 30) -> Any:
+        """The backend's engine clients: through the project's gate."""
+        assert self.gate is not None, "the stack's gate is not running"
+        return self.gate.clients(timeout_s)
 
     def compose(self, *args: str, check: bool = True) -> str:
         cmd = ["docker", "compose", "-p", self.project, "-f", str(FIXTURE / "compose.yaml"), *args]
@@ -138,35 +145,40 @@ class Stack:
 
 
 @pytest.fixture
-def stack(worker_image: str) -> Iterator[Stack]:
+def stack(worker_image: str, request: pytest.FixtureRequest) -> Iterator[Stack]:
+    """The project; a test parametrizes it indirectly with extra environment (CST_WORKER_POOL)."""
     project = f"cst-test-compose-{uuid.uuid4().hex[:8]}"
-    env = {**os.environ, "CST_WORKER_IMAGE": worker_image}
+    env = {**os.environ, "CST_WORKER_IMAGE": worker_image, **getattr(request, "param", {})}
     env.setdefault("REDIS_IMAGE", "redis:7")
     app = Celery("cst-test-client")
     s = Stack(project, env, app)
-    try:
-        s.compose("up", "-d", "--wait", "--wait-timeout", "120")
-        port = s.compose("port", "redis", "6379").strip().rsplit(":", 1)[1]
-        url = f"redis://127.0.0.1:{port}/0"
-        app.conf.update(
-            broker_url=url,
-            result_backend=url,
-            task_serializer="json",
-            accept_content=["json"],
-            result_accept_content=["json"],
-        )
-        poll_until(lambda: app.control.ping(timeout=0.5), "worker-1 to answer a ping", 60)
-        yield s
-    finally:
-        if sys.exc_info()[0] is not None:
-            print(s.compose("ps", "-a", check=False), s.compose("logs", check=False))
-        s.compose("down", "-v", "-t", "0", "--remove-orphans", check=False)
-        app.close()
+    with project_gate(project) as s.gate:
+        try:
+            s.compose("up", "-d", "--wait", "--wait-timeout", "120")
+            port = s.compose("port", "redis", "6379").strip().rsplit(":", 1)[1]
+            url = f"redis://127.0.0.1:{port}/0"
+            app.conf.update(
+                broker_url=url,
+                result_backend=url,
+                task_serializer="json",
+                accept_content=["json"],
+                result_accept_content=["json"],
+            )
+            poll_until(lambda: app.control.ping(timeout=0.5), "worker-1 to answer a ping", 60)
+            yield s
+        finally:
+            if sys.exc_info()[0] is not None:
+                print(s.compose("ps", "-a", check=False), s.compose("logs", check=False))
+            s.compose("down", "-v", "-t", "0", "--remove-orphans", check=False)
+            app.close()
 
 
 @pytest.fixture
 def backend(stack: Stack) -> Iterator[ComposeBackend]:
-    b = ComposeBackend(stack.project, stack.app, drain_timeout_s=60, stats_stale_after_s=3)
+    b = ComposeBackend(
+        stack.project, stack.app, client_factory=stack.clients(), drain_timeout_s=60,
+        stats_stale_after_s=3,
+    )  # fmt: skip
     b.manage([SPEC])
     try:
         yield b
@@ -308,7 +320,10 @@ def test_scale_to_zero_parks_the_last_worker_and_wakes_it(
 
 def test_warm_pool_promotes_refills_returns_to_the_pool_and_trims(stack: Stack) -> None:
     store = RedisPoolStore.from_url(stack.app.conf.broker_url)
-    b = ComposeBackend(stack.project, stack.app, drain_timeout_s=60, pool_store=store)
+    b = ComposeBackend(
+        stack.project, stack.app, client_factory=stack.clients(), drain_timeout_s=60,
+        pool_store=store,
+    )  # fmt: skip
     b.manage([SPEC])
     client = docker.from_env()
     one, two, three = (f"{stack.project}-worker-{n}" for n in (1, 2, 3))
@@ -363,7 +378,10 @@ def test_a_scale_up_to_max_takes_a_booting_warm_member_never_a_container_over_ma
     the pool (warm 0): the booting member is taken as serving (committed) instead of a cold
     clone started beside it while it is stopped (one container over max for seconds)."""
     store = RedisPoolStore.from_url(stack.app.conf.broker_url)
-    b = ComposeBackend(stack.project, stack.app, drain_timeout_s=60, pool_store=store)
+    b = ComposeBackend(
+        stack.project, stack.app, client_factory=stack.clients(), drain_timeout_s=60,
+        pool_store=store,
+    )  # fmt: skip
     b.manage([SPEC])
     two = f"{stack.project}-worker-2"
     try:
@@ -394,7 +412,10 @@ def test_busy_replicas_a_scale_down_cannot_remove_take_the_pool_s_room(stack: St
     """Two serving replicas, both busy, and a decision for 1 serving + 1 warm: only idle ones
     are drained, none is, so the pool is not refilled beside them (3 containers, past max)."""
     store = RedisPoolStore.from_url(stack.app.conf.broker_url)
-    b = ComposeBackend(stack.project, stack.app, drain_timeout_s=60, pool_store=store)
+    b = ComposeBackend(
+        stack.project, stack.app, client_factory=stack.clients(), drain_timeout_s=60,
+        pool_store=store,
+    )  # fmt: skip
     b.manage([SPEC])
     release = f"release-{uuid.uuid4().hex}"
     try:
@@ -444,7 +465,7 @@ def test_a_container_crashing_on_start_is_replaced_with_backoff(stack: Stack) ->
     """The same rule as the local backend's (scaler.backends.restart_backoff), on the engine."""
     delays = (2.0, 4.0)  # base and cap, short to keep the test short
     b = ComposeBackend(
-        stack.project, stack.app, stats_stale_after_s=3,
+        stack.project, stack.app, client_factory=stack.clients(), stats_stale_after_s=3,
         restart_backoff=RestartBackoff(
             crash_window_s=30.0, base_delay_s=delays[0], max_delay_s=delays[1]
         ),
@@ -563,13 +584,21 @@ def proxy() -> Iterator[SwitchableDockerProxy]:
         p.down()
 
 
+@pytest.fixture
+def proxied_gate(stack: Stack, proxy: SwitchableDockerProxy) -> Iterator[GateServer]:
+    """The project's gate reaching the engine through the switchable front: the outage is the
+    engine's, behind the gate (the backend's connection to the gate stays up)."""
+    with project_gate(stack.project, docker_host=proxy.url) as gate:
+        yield gate
+
+
 def test_engine_unreachable_holds_reports_and_recovers(
-    stack: Stack, proxy: SwitchableDockerProxy
+    stack: Stack, proxy: SwitchableDockerProxy, proxied_gate: GateServer
 ) -> None:
     b = ComposeBackend(
         stack.project,
         stack.app,
-        client_factory=default_client_factory(proxy.url, timeout_s=5),
+        client_factory=proxied_gate.clients(timeout_s=5),
         attempts=2,
         backoff_s=0.1,
         stats_stale_after_s=3,
@@ -617,11 +646,13 @@ def test_engine_unreachable_holds_reports_and_recovers(
 class CountingClients:
     """Real engine clients whose container-list and container-inspect calls are counted.
 
-    Instrumentation, not a mock: every call still goes to the real engine and returns its answer.
+    Instrumentation, not a mock: every call still goes to the real engine (through the gate) and
+    returns its answer.
     """
 
-    def __init__(self, docker_host: str | None = None) -> None:
-        self._make = default_client_factory(docker_host, timeout_s=5)
+    def __init__(self, gate: GateServer | None) -> None:
+        assert gate is not None
+        self._make = gate.clients(timeout_s=5)
         self.lists = 0
         self.inspects = 0
 
@@ -643,7 +674,7 @@ class CountingClients:
 
 
 def test_one_loop_cycle_lists_the_containers_once(stack: Stack) -> None:
-    counter = CountingClients()
+    counter = CountingClients(stack.gate)
     b = ComposeBackend(stack.project, stack.app, client_factory=counter, stats_stale_after_s=3)
     # Two services (the bystander is not opted in: it reads 0) make three reads of the listing
     # per cycle: reconcile's and one replica count each. All hold, so nothing acts.
@@ -677,9 +708,9 @@ def test_one_loop_cycle_lists_the_containers_once(stack: Stack) -> None:
 
 
 def test_actions_never_use_the_cycles_listing_and_a_failed_one_holds_the_cycle(
-    stack: Stack, proxy: SwitchableDockerProxy
+    stack: Stack, proxy: SwitchableDockerProxy, proxied_gate: GateServer
 ) -> None:
-    counter = CountingClients(proxy.url)
+    counter = CountingClients(proxied_gate)
     b = ComposeBackend(
         stack.project, stack.app, client_factory=counter, attempts=2, backoff_s=0.1,
         drain_timeout_s=60, stats_stale_after_s=3,
@@ -747,12 +778,42 @@ def test_adoption_gives_a_worker_without_consumers_its_queues_back(
     assert [(e.service, e.kind) for e in events] == [("worker", "consumers-restored")], events
     assert node in events[0].detail
     poll_until(lambda: _queues(stack, node) == ["work"], "the worker consuming again", 10)
-    assert backend.reconcile() == []  # checked once, on adoption
+    assert backend.reconcile() == []  # checked every reconcile: consuming, left alone
     release = f"release-{uuid.uuid4().hex}"
     redis.Redis.from_url(stack.app.conf.broker_url).rpush(release, 1)
     task = stack.app.send_task("cst.hold", args=[release, 30], queue="work")
     hostname = docker.from_env().api.inspect_container(one)["Config"]["Hostname"]
     assert task.get(timeout=30) == hostname
+
+
+def test_a_worker_losing_its_consumer_while_managed_is_healed_then_replaced(
+    stack: Stack, backend: ComposeBackend
+) -> None:
+    """The standing check (not only adoption): a consumer lost behind the scaler's back (as a
+    broker reconnect can) is re-added at the next reconcile; lost again before the check after,
+    the container is drained, removed and cloned under its number."""
+    one = f"{stack.project}-worker-1"
+    node = _node(one)
+    assert backend.reconcile() == []  # adoption: consuming, left alone
+    stack.app.control.cancel_consumer("work", destination=[node], reply=True)
+    poll_until(lambda: _queues(stack, node) == [], "the cancel to take effect", 10)
+
+    events = backend.reconcile()
+    assert [(e.service, e.kind) for e in events] == [("worker", "consumers-restored")], events
+    poll_until(lambda: _queues(stack, node) == ["work"], "the worker consuming again", 10)
+
+    stack.app.control.cancel_consumer("work", destination=[node], reply=True)
+    poll_until(lambda: _queues(stack, node) == [], "the second cancel to take effect", 10)
+    before = docker.from_env().api.inspect_container(one)["Id"]
+    events = backend.reconcile()
+    assert [(e.service, e.kind) for e in events] == [("worker", "consumer-less-replaced")], events
+    assert backend.replicas("worker") == 0  # being replaced: not counted as capacity
+    seen: list[Any] = []
+    poll_until(lambda: _drained(backend, seen), "the replacement to finish", 90)
+    assert [e.kind for e in seen] == ["replaced-unresponsive"], seen
+    fresh = docker.from_env().api.inspect_container(one)
+    assert fresh["Id"] != before
+    poll_until(lambda: _queues(stack, _node(one)) == ["work"], "the clone consuming", 60)
 
 
 # -- container resources off the critical path ----------------------------------------------------
@@ -777,7 +838,7 @@ def test_resources_come_from_streamed_samples(stack: Stack, backend: ComposeBack
 def test_worker_cpu_reads_in_percent_of_the_containers_cpu_limit(stack: Stack) -> None:
     """A container capped at 0.5 CPU burning a core is saturated: near 100 %, not a quarter of
     this 2-core host; an uncapped one reads as its share of the host."""
-    counter = CountingClients()
+    counter = CountingClients(stack.gate)
     b = ComposeBackend(stack.project, stack.app, client_factory=counter, stats_stale_after_s=3)
     b.manage([ServiceSpec("burner-capped", ("cpu-capped",)), ServiceSpec("burner", ("cpu",))])
     try:
@@ -851,7 +912,14 @@ def test_unsafe_templates_are_refused_naming_the_container_and_the_setting(
         Celery("cst-test-unsafe", broker="memory://"),
     )
     unsafe = ("--profile", "unsafe")
-    b = ComposeBackend(stack.project, stack.app, stats_stale_after_s=3, inspect_timeout_s=0.3)
+    gates = contextlib.ExitStack()
+    # The stack's gate allows no bind mount; a second one is given the fixture's directory.
+    strict = gates.enter_context(project_gate(stack.project))
+    lenient = gates.enter_context(project_gate(stack.project, allowed_bind_mounts=(str(FIXTURE),)))
+    b = ComposeBackend(
+        stack.project, stack.app, client_factory=strict.clients(), stats_stale_after_s=3,
+        inspect_timeout_s=0.3,
+    )  # fmt: skip
     b.manage([ServiceSpec("privileged", ("p",)), ServiceSpec("bound", ("b",))])
     try:
         stack.compose(*unsafe, "create", "privileged")
@@ -874,12 +942,29 @@ def test_unsafe_templates_are_refused_naming_the_container_and_the_setting(
         refused = [e for e in b.reconcile() if e.kind == "clone-refused"]
         assert sorted(e.service for e in refused) == ["bound", "privileged"], refused
 
-        # Listed in the policy, the same bind mount is cloned.
+        # Listed in the policy but not in the gate's GATE_ALLOWED_BIND_MOUNTS: the gate refuses
+        # the clone (403), reported the same way, naming the container and the setting.
+        b.manage([ServiceSpec("bound", ("b",), allowed_bind_mounts=(str(FIXTURE),))])
+        with pytest.raises(BackendError) as err:
+            b.scale("bound", 2)
+        assert f"refusing to clone {stack.project}-bound-1" in str(err.value)
+        assert f"bind mount of host path {str(FIXTURE)!r}" in str(err.value)
+        (event,) = [e for e in b.reconcile() if e.kind == "clone-refused"]
+        assert event.service == "bound" and str(FIXTURE) in event.detail, event
+        assert stack.names("bound") == [f"{stack.project}-bound-1"]
+
+        # Listed in both, the same bind mount is cloned.
+        b.close()
+        b = ComposeBackend(
+            stack.project, stack.app, client_factory=lenient.clients(), stats_stale_after_s=3,
+            inspect_timeout_s=0.3,
+        )  # fmt: skip
         b.manage([ServiceSpec("bound", ("b",), allowed_bind_mounts=(str(FIXTURE),))])
         assert b.scale("bound", 2).after == 2
         assert len(stack.names("bound")) == 2
     finally:
         b.close()
+        gates.close()
         stack.compose(*unsafe, "down", "-v", "-t", "0", "--remove-orphans", check=False)
         stack.app.close()
 
@@ -913,3 +998,89 @@ def test_worker_node_names_follow_celery_rules() -> None:
     died = ComposeContainer("i", "n", "worker", 2, "exited", 137)
     parked = ComposeContainer("i", "n", "worker", 1, "exited", 0)
     assert died.died and not parked.died and not parked.live
+
+
+# -- a dead worker's messages back, a live one's never (issue 18, defect 1) ------------------------
+
+
+def _owner_restorer(stack: Stack) -> tuple[UnackedRestorer, redis.Redis]:
+    """A restorer on the project's broker, which the fixture's workers record owners on."""
+    stack.app.conf.broker_transport_options = {"unacked_owner_key": "unacked_owner"}
+    restorer = UnackedRestorer.for_app(stack.app)
+    assert restorer is not None
+    return restorer, redis.Redis.from_url(stack.app.conf.broker_url)
+
+
+def test_a_worker_killed_before_its_name_was_confirmed_has_its_task_back_at_once(
+    stack: Stack,
+) -> None:
+    """A replica killed while busy, before the backend ever confirmed its worker's name (the
+    start script names it ``work@<hostname>``, not what the command line suggests): its message
+    goes back by the dead container's hostname, and its replacement runs the task (it used to
+    wait for the one-hour visibility timeout, owned by a name nobody restored)."""
+    restorer, client = _owner_restorer(stack)
+    b = ComposeBackend(
+        stack.project, stack.app, client_factory=stack.clients(), drain_timeout_s=60,
+        restorer=restorer,
+    )  # fmt: skip
+    b.manage([SPEC])
+    one = f"{stack.project}-worker-1"
+    release = f"release-{uuid.uuid4().hex}"
+    try:
+        task = stack.app.send_task("cst.hold", args=[release, 120], queue="work")
+        owners = poll_until(restorer.owners, "the worker to hold the task", 30)
+        assert owners == {_node(one): 1}
+        docker.from_env().api.kill(one)  # SIGKILL: no warm shutdown, nothing acked
+        poll_until(lambda: b.workers("worker")[0].state == "dead", "the container to die", 30)
+
+        events = b.reconcile()  # restores by the container's hostname, then replaces it
+
+        restored = [e for e in events if e.kind == RESTORED]
+        assert [e.count for e in restored] == [1], events
+        assert restorer.owners() == {}
+        client.rpush(release, "go")
+        assert task.get(timeout=60) != one  # run by the replacement
+    finally:
+        b.close()
+        restorer.close()
+        client.close()
+
+
+@pytest.mark.parametrize("stack", [{"CST_WORKER_POOL": "solo"}], indirect=True)
+def test_the_start_sweep_never_takes_the_task_of_a_live_worker_that_cannot_answer(
+    stack: Stack,
+) -> None:
+    """A ``solo`` worker running a task cannot answer a ping. A scaler that starts (or takes
+    over) then sweeps the owners of unacked messages: this worker's container runs, so its task
+    stays where it is, whatever the ping says (it used to be put back and run a second time)."""
+    restorer, client = _owner_restorer(stack)
+    policy = parse_policy(
+        {"services": {"worker": {"queues": ["work"], "min_replicas": 1, "max_replicas": 1}}},
+        env={},
+    )
+    b = ComposeBackend(
+        stack.project, stack.app, client_factory=stack.clients(), drain_timeout_s=60,
+        restorer=restorer,
+    )  # fmt: skip
+    reader = RedisQueueReader.from_url(stack.app.conf.broker_url)
+    scaler = Scaler(PolicySource(policy), b, Collector(queues=reader), restorer=restorer)
+    release = f"release-{uuid.uuid4().hex}"
+    try:
+        task = stack.app.send_task("cst.hold", args=[release, 120], queue="work")
+        (node,) = poll_until(restorer.owners, "the worker to hold the task", 30)
+        assert not stack.app.control.ping([node], timeout=1.0), "a busy solo worker answered"
+
+        report = scaler.cycle()  # a start: the sweep runs
+
+        assert not any("restored" in e for e in scaler.events), scaler.events
+        assert restorer.owners() == {node: 1}
+        assert client.llen("work") == 0, "the live worker's task was put back on its queue"
+        assert report.observations.services["worker"].replicas == 1
+        client.rpush(release, "go")
+        task.get(timeout=60)
+        poll_until(lambda: not restorer.owners(), "the ack", 10)
+    finally:
+        b.close()
+        reader.client.close()
+        restorer.close()
+        client.close()

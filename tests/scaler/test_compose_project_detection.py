@@ -1,89 +1,75 @@
-"""How the stack's scaler finds its Compose project: its own container's project label.
+"""How the stack's scaler finds its Compose project: the scope of the engine gate it goes through.
 
-The label is read from the real Docker engine; only /proc/self/mountinfo is written by the test
-(this test process does not run inside a container, so it names one it created).
+The scaler's own container is not a managed one, so the gate does not let it read its labels; the
+gate is told the project (GATE_PROJECT) and reports it in ``GET /gate/v1/status``. A real gate
+(served in this process) on the real engine; a gate for a Swarm stack, and a Docker API that is
+not a gate, give an error saying what to pass.
 """
 
 from __future__ import annotations
 
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 
 import docker
-import docker.errors
 import pytest
 
-from scaler.backends.compose import own_compose_project, own_container_ids
+from scaler.backends.compose import gate_project
+from scaler.backends.engine import GATE_API_VERSION, default_client_factory, gate_token
+from scaler.gate.app import Settings
+from scaler.gate.rules import STACK_LABEL, Scope
+from tests.gate.gate_support import TOKEN, GateServer, project_gate
 
-CONTAINER_ID = "52f3f3cc737cce20d6d234d413c47a9da0f75e5d7706c069a32b98b42471693e"
-OTHER_ID = "a" * 64
-
-
-def mountinfo_line(container_id: str, what: str, target: str) -> str:
-    return (
-        f"90 72 254:0 /var/lib/docker/containers/{container_id}/{what} {target} "
-        "rw,relatime - ext4 /dev/vda rw\n"
-    )
+pytestmark = pytest.mark.docker
 
 
-def test_id_comes_from_the_hostname_mount_only() -> None:
-    text = (
-        mountinfo_line(OTHER_ID, "mounts/shm", f"/var/lib/docker/containers/{OTHER_ID}/mounts/shm")
-        + mountinfo_line(CONTAINER_ID, "resolv.conf", "/etc/resolv.conf")
-        + mountinfo_line(CONTAINER_ID, "hostname", "/etc/hostname")
-    )
-    assert own_container_ids(text, "") == [CONTAINER_ID]
-
-
-def test_hostname_is_a_fallback_only_when_it_looks_like_an_id() -> None:
-    assert own_container_ids("", CONTAINER_ID[:12]) == [CONTAINER_ID[:12]]
-    assert own_container_ids("", "worker-1") == [], "a name could match another container"
-
-
-def docker_client() -> docker.DockerClient:
+@pytest.fixture(autouse=True)
+def engine() -> None:
     try:
-        client = docker.from_env(timeout=30)
-        client.ping()
-    except Exception as exc:  # no engine: the pure tests above still ran
+        docker.from_env(timeout=30).ping()
+    except Exception as exc:
         pytest.skip(f"DOCKER TESTS SKIPPED: no Docker engine reachable ({exc})")
-    return client
 
 
-@pytest.fixture
-def labelled_container() -> Iterator[tuple[str, str]]:
-    """A created (never started) container labelled as part of a Compose project."""
-    client = docker_client()
-    images = [t for i in client.images.list() for t in i.tags if t.startswith("local/python")]
-    if not images:
-        pytest.skip(
-            "DOCKER TESTS SKIPPED: no local/python image (../shared/tools/build-base-images.sh)"
-        )
+def test_project_read_from_the_gate_s_scope() -> None:
     project = f"cst-test-detect-{uuid.uuid4().hex[:8]}"
-    container = client.containers.create(
-        images[0], command=["true"], labels={"com.docker.compose.project": project}
-    )
+    with project_gate(project) as gate:
+        assert gate_project(gate.clients(timeout_s=10)) == project
+
+
+def test_a_gate_for_a_stack_or_without_the_token_is_not_a_project() -> None:
+    settings = Settings(scope=Scope(STACK_LABEL, "cst-test-stack"), token=TOKEN)
+    with GateServer(settings) as gate:
+        with pytest.raises(ValueError, match=r"stack.*not a Compose project"):
+            gate_project(gate.clients(timeout_s=10))
+        wrong = default_client_factory(gate.url, timeout_s=10, token="not-the-gate-token-at-all")
+        with pytest.raises(ValueError, match="bearer token"):
+            gate_project(wrong)
+
+
+def test_outside_the_gate_the_error_says_what_was_asked() -> None:
+    """The engine itself (no gate): no /gate/v1/status there."""
+    with pytest.raises(ValueError, match=r"the engine gate's status could not be read"):
+        gate_project(default_client_factory(timeout_s=10))
+
+
+def test_the_token_comes_from_its_file_first_then_the_environment(tmp_path: Path) -> None:
+    token = tmp_path / "token"
+    token.write_text("from-the-file-0123456789\n")
+    both = {"SCALER_GATE_TOKEN_FILE": str(token), "SCALER_GATE_TOKEN": "from-the-environment"}
+    assert gate_token(both) == "from-the-file-0123456789"
+    assert gate_token({"SCALER_GATE_TOKEN": "from-the-environment"}) == "from-the-environment"
+    assert gate_token({}) is None
+    (tmp_path / "empty").write_text("\n")
+    with pytest.raises(ValueError, match="empty"):
+        gate_token({"SCALER_GATE_TOKEN_FILE": str(tmp_path / "empty")})
+
+
+def test_a_gate_client_pins_the_version_and_sends_the_token() -> None:
+    """No /version probe while constructing (the gate would answer 401 before the header)."""
+    client = default_client_factory("tcp://127.0.0.1:9", token="t-0123456789abcdef")()
     try:
-        yield str(container.id), project
+        assert client.api.api_version == GATE_API_VERSION
+        assert client.api.headers["Authorization"] == "Bearer t-0123456789abcdef"
     finally:
-        container.remove(force=True)
         client.close()
-
-
-@pytest.mark.docker
-def test_project_read_from_the_own_container_label(
-    tmp_path: Path, labelled_container: tuple[str, str]
-) -> None:
-    container_id, project = labelled_container
-    mountinfo = tmp_path / "mountinfo"
-    mountinfo.write_text(mountinfo_line(container_id, "hostname", "/etc/hostname"))
-    assert own_compose_project(mountinfo=mountinfo, hostname="") == project
-
-
-@pytest.mark.docker
-def test_outside_a_compose_container_the_error_says_what_to_pass(tmp_path: Path) -> None:
-    docker_client().close()
-    mountinfo = tmp_path / "mountinfo"
-    mountinfo.write_text(mountinfo_line(OTHER_ID, "hostname", "/etc/hostname"))
-    with pytest.raises(ValueError, match=r"com\.docker\.compose\.project .*pass the project name"):
-        own_compose_project(mountinfo=mountinfo, hostname="")

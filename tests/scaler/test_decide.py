@@ -382,6 +382,31 @@ def test_missing_data_breaks_the_idle_streak() -> None:
     assert h.get(SVC).idle_since is None
 
 
+@pytest.mark.parametrize(
+    "blind",
+    [
+        pytest.param({"obs": make_obs(None)}, id="replica count unknown"),
+        pytest.param({"controls": {SVC: ServiceControl(paused=True)}}, id="paused"),
+        pytest.param({"controls": {SVC: ServiceControl(pinned=1)}}, id="pinned"),
+    ],
+)
+def test_time_the_core_could_not_see_is_not_idle_time(blind: dict[str, Any]) -> None:
+    """Idle 100 s, then 400 s the core could not judge (unknown count, paused, pinned), then one
+    empty reading: the quiet period starts again there, no step to zero on idle time that was
+    never seen (issue 18, defect 3: "idle 502 s >= quiet period 300 s")."""
+    policy = zero_policy(idle_s=300)
+    history = seasoned(idle_since=NOW - 100, recommendations=((NOW - 5, 0),))
+    for t in range(10, 410, 10):
+        _, history = decide(
+            policy, blind.get("obs", make_obs(1, now=NOW + t)), history, NOW + t,
+            blind.get("controls"),
+        )  # fmt: skip
+    later = NOW + 420
+    decisions, history = decide(policy, make_obs(1, now=later), history, later)
+    assert decisions[SVC].desired == 1, decisions[SVC].reasons
+    assert history.get(SVC).idle_since == later
+
+
 # --- host guard --------------------------------------------------------------------------------
 
 

@@ -19,8 +19,10 @@ from typing import Any
 import psutil
 import pytest
 import redis
+import yaml
 from scaler_runs import ScalerRun, start_scaler_run, stop_workers, worker_pids
-from scaler_support import effects, migrate, poll_until, service_app, worker_env
+from scaler_support import effects, local_policy, migrate, service_app, worker_env
+from support.polling import poll_until
 
 from scaler.control import ControlStore
 
@@ -29,22 +31,15 @@ pytestmark = pytest.mark.slow
 LEASE_S = 2.0
 BURST = 40
 
-POLICY = """
-interval_s: 0.3
-stale_after_s: 5
-host: {cpu_percent: 100, memory_percent: 100}  # a busy CI host must not block scaling
-defaults:
-  min_replicas: 1
-  max_replicas: 3
-  target: {tasks_per_replica: 5, tolerance: 0.1}
-  # One step up per second: the standby, seeing the same backlog, wants more than the workers it
-  # sees for several cycles (and must not act on it).
-  scale_up: {stabilization_s: 0, cooldown_s: 1, max_step: 1}
-  scale_down: {stabilization_s: 2, cooldown_s: 0.5, max_step: 3}
-services:
-  io:
-    queues: [io_intensive]
-"""
+# One step up per second: the standby, seeing the same backlog, wants more than the workers it
+# sees for several cycles (and must not act on it).
+POLICY = yaml.safe_dump(
+    local_policy(
+        {"io": ["io_intensive"]},
+        up={"stabilization_s": 0, "cooldown_s": 1, "max_step": 1},
+        down={"stabilization_s": 2, "cooldown_s": 0.5, "max_step": 3},
+    )
+)
 
 
 @pytest.fixture

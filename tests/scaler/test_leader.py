@@ -165,11 +165,22 @@ def test_clean_stop_releases_so_the_follower_need_not_wait_for_expiry(
 def test_leadership_ends_by_local_clock_before_redis_expires_the_key(
     redis_url: str, key_prefix: str, name: str, client: redis.Redis
 ) -> None:
-    a = elector(redis_url, key_prefix, name, "a")
+    # A 5 s lease: its safety margin (1 s) is what the key outlives the step-down by, far more
+    # than a loaded machine's pause between the step-down and the PTTL read (CI read -2 with a
+    # short lease).
+    a = elector(redis_url, key_prefix, name, "a", lease_s=5.0)
     assert a.step()  # acquired once and never renewed
-    wait_for("a to stop counting itself leader", lambda: not a.is_leader(), 5)
+    ttl_ms = 0
+
+    def stepped_down() -> bool:
+        nonlocal ttl_ms
+        if a.is_leader():
+            return False
+        ttl_ms = client.pttl(a.key)  # type: ignore[assignment]  # sync client
+        return True
+
+    wait_for("a to stop counting itself leader", stepped_down, 10)
     # The key is still alive: a stepped down before anyone else could have been given it.
-    ttl_ms: int = client.pttl(a.key)  # type: ignore[assignment]  # sync client
     assert ttl_ms > 0
 
 
@@ -322,3 +333,115 @@ def test_each_acquisition_is_a_new_generation_and_older_fences_refuse(
     with pytest.raises(LeadershipLost):
         b.fence().check("b is not leader: a fence taken now refuses at once")
     a.release()
+
+
+# -- issue 18: the lease's slack is used; a hung loop loses the lease in bounded time -------------
+
+
+def test_a_failed_renewal_is_retried_and_leadership_ends_only_when_the_lease_may_lapse(
+    own_redis: OwnRedis, name: str
+) -> None:
+    """A Redis error during a renewal (here Redis refusing the renewal script) keeps leadership,
+    under the same generation, so no action begun before it is aborted. Only when the last
+    successful renewal can no longer be valid does the replica step down: before Redis could
+    expire the key and hand it to anyone else."""
+    a = elector(own_redis.url, "", name, "a", lease_s=3)
+    admin = redis.Redis.from_url(own_redis.url, decode_responses=True, socket_timeout=2)
+    assert a.step()
+    fence = a.fence()
+    admin.execute_command("ACL", "SETUSER", "default", "-eval", "-evalsha")
+    try:
+        assert a.step(), f"one failed renewal ended leadership ({a.last_error})"
+        assert "redis error" in (a.last_error or "")
+        fence.check("a drain begun before the failed renewal")  # does not raise
+        assert a.state().transitions == 1
+        # Every renewal fails from now on: a steps down by its own clock, the key still alive.
+        wait_for("a to step down", lambda: not a.step(), 10)
+        ttl_ms: int = admin.pttl(a.key)  # type: ignore[assignment]  # sync client
+        assert ttl_ms > 0, "a counted itself leader after Redis could have expired the key"
+        with pytest.raises(LeadershipLost):
+            fence.check("an action after the lease may have lapsed")
+    finally:
+        admin.execute_command("ACL", "SETUSER", "default", "+eval", "+evalsha")
+        admin.close()
+    assert a.step() and a.last_error is None  # the key was still a's: renewed, same generation
+    a.fence().check("after Redis recovered")
+
+
+def test_a_renewal_slower_than_the_client_timeout_does_not_end_leadership(
+    own_redis: OwnRedis, name: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Right after a renewal, Redis holds every write (CLIENT PAUSE) for 0.65 of a lease: the
+    next renewal, due a third of a lease on, hangs past the client's timeout. The lease sent
+    before the pause is valid for 0.8 of a lease, so the renewer retries and the leader never
+    stops leading; its drains' fences stay valid."""
+    lease_s = 4.0
+    a = elector(own_redis.url, "", name, "a", lease_s=lease_s)
+    admin = redis.Redis.from_url(own_redis.url, decode_responses=True, socket_timeout=2)
+    caplog.set_level("WARNING", logger="scaler.leader")
+    a.start()
+    try:
+        wait_for("a to lead", a.is_leader)
+        fence, generation = a.fence(), a.current_generation()
+
+        def fresh() -> bool:  # a renewal landed within the last 50 ms
+            return int(admin.pttl(a.key)) > (lease_s - 0.05) * 1000  # type: ignore[arg-type]
+
+        wait_for("a fresh renewal", fresh)
+        pause_s = 0.65 * lease_s
+        paused_at = time.monotonic()
+        admin.execute_command("CLIENT", "PAUSE", int(pause_s * 1000), "WRITE")
+        samples = lapses = 0
+        # Sample leadership through the pause until a renewal after it has landed.
+        while not (time.monotonic() - paused_at > pause_s and fresh()):
+            assert time.monotonic() - paused_at < 3 * lease_s, "no renewal after the pause"
+            samples += 1
+            lapses += not a.is_leader()
+            time.sleep(0.005)
+        slow = [r.getMessage() for r in caplog.records if "redis error" in r.getMessage()]
+        assert slow, "no renewal failed during the pause: the test did not test anything"
+        assert samples > 100 and lapses == 0, f"not leader in {lapses} of {samples} samples"
+        assert "still leader" in slow[0], slow[0]
+        assert a.state().transitions == 1
+        assert a.current_generation() == generation
+        fence.check("a drain begun before the slow renewal")  # does not raise
+    finally:
+        a.stop()
+        admin.close()
+
+
+def test_a_hung_loop_loses_the_lease_within_its_budget_plus_the_safety_margin(
+    redis_url: str, key_prefix: str, name: str, client: redis.Redis
+) -> None:
+    """The loop says a cycle starts and must end within ``budget``, then hangs. By the deadline
+    the replica no longer counts itself leader, and the key is gone from Redis within the
+    safety margin after it (the TTLs set near the deadline end there; the renewer wakes at it),
+    so the standby takes over within a third of a lease more (docs/scaler-operations.md)."""
+    lease_s, budget_s = 2.0, 1.0
+    a = elector(redis_url, key_prefix, name, "a", lease_s=lease_s)
+    b = elector(redis_url, key_prefix, name, "b", lease_s=lease_s)
+    a.start()
+    try:
+        wait_for("a to lead", a.is_leader)
+        b.start()
+        a.expect_progress(budget_s)  # a cycle starts...
+        hung_at = time.monotonic()  # ...and never ends
+        led_past_deadline = 0
+        while client.get(a.key) == "a":
+            elapsed = time.monotonic() - hung_at
+            assert elapsed < 5 * lease_s, "a kept the key"
+            led_past_deadline += elapsed > budget_s and a.is_leader()
+            time.sleep(0.002)
+        lost = time.monotonic() - hung_at
+        bound = budget_s + a.safety_s
+        print(f"hung loop: key gone {lost:.3f} s after the cycle began (bound {bound:.2f} s)")
+        assert led_past_deadline == 0, "a counted itself leader after its loop's deadline"
+        assert lost <= bound + 0.25, f"key gone {lost:.2f} s after the hang, bound {bound:.2f} s"
+        assert not a.is_leader() and "loop stalled" in (a.last_error or "")
+        wait_for("b to take over", b.is_leader, 2 * lease_s)
+        took = time.monotonic() - hung_at
+        print(f"hung loop: standby led {took:.3f} s after (bound {bound + lease_s / 3:.2f} s)")
+        assert took <= bound + lease_s / 3 + 0.25
+    finally:
+        a.stop()
+        b.stop()

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import threading
 import time
-import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -19,7 +18,8 @@ from typing import Any
 
 import pytest
 import redis
-from scaler_support import effects, migrate, poll_until, service_app, worker_env
+from scaler_support import effects, local_policy
+from support.polling import poll_until
 
 from scaler.backends.base import ScaleResult
 from scaler.backends.local import LocalBackend
@@ -34,32 +34,13 @@ pytestmark = pytest.mark.slow
 BURST = 60
 DOWN_WINDOW_S = 3.0
 
-POLICY = {
-    "interval_s": 0.5,
-    "stale_after_s": 5,
-    "host": {"cpu_percent": 100, "memory_percent": 100},  # a busy CI host must not block this
-    "defaults": {
-        "min_replicas": 1,
-        "max_replicas": 4,
-        "target": {"tasks_per_replica": 5, "tolerance": 0.1},
-        "scale_up": {"stabilization_s": 0, "cooldown_s": 1, "max_step": 4},
-        "scale_down": {"stabilization_s": DOWN_WINDOW_S, "cooldown_s": 1, "max_step": 4},
-    },
-    "services": {"io": {"queues": ["io_intensive"]}, "calm": {"queues": ["default"]}},
-}
-
-
-@pytest.fixture(scope="module")
-def env(redis_url: str, database_url: str, key_prefix: str) -> dict[str, str]:
-    migrate(database_url)
-    return worker_env(redis_url, database_url, f"{key_prefix}wl{uuid.uuid4().hex[:6]}:")
-
-
-@pytest.fixture(scope="module")
-def app(env: dict[str, str]) -> Iterator[Any]:
-    app = service_app(env)
-    yield app
-    app.close()
+POLICY = local_policy(
+    {"io": ["io_intensive"], "calm": ["default"]},
+    interval_s=0.5,
+    max_replicas=4,
+    up={"stabilization_s": 0, "cooldown_s": 1, "max_step": 4},
+    down={"stabilization_s": DOWN_WINDOW_S, "cooldown_s": 1, "max_step": 4},
+)
 
 
 @contextmanager

@@ -23,7 +23,8 @@ import pytest
 import redis
 from kombu import Connection
 from scaler_runs import start_scaler_run
-from scaler_support import free_port, own_redis_server, poll_until, service_app, worker_env
+from scaler_support import free_port, own_redis_server, service_app, worker_env
+from support.polling import poll_until
 
 from scaler.cli import main
 from scaler.recorder import FlightRecorder, RecorderError, RecorderSettings, TraceFile, export_trace

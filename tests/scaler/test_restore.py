@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
+import subprocess
 import threading
 import uuid
 from collections.abc import Iterator
@@ -16,7 +18,8 @@ import pytest
 import redis
 from kombu import Connection, Exchange, Queue
 from kombu.transport import redis as kombu_redis
-from scaler_support import effects, migrate, poll_until, service_app, worker_env
+from scaler_support import effects, free_port, migrate, service_app, worker_env
+from support.polling import poll_until
 
 from scaler.backends.base import ServiceSpec
 from scaler.backends.local import LocalBackend
@@ -258,7 +261,7 @@ def test_a_live_workers_messages_are_never_restored(
         os.killpg(int(dead.ident), signal.SIGKILL)
         poll_until(lambda: backend.replicas("io") == 1, "the worker to die")
 
-        swept = restorer.sweep([], queues=[IO])  # nobody "alive": the ping decides
+        swept = restorer.sweep(lambda: ((), (), ()), queues=[IO])  # engine knows nobody: ping
         assert swept.by_node.keys() <= {dead.name}
         assert restorer.owned_by(live.name) == live_tags  # untouched
 
@@ -275,3 +278,69 @@ def test_a_live_workers_messages_are_never_restored(
         backend.stop_all(timeout_s=10)
         restorer.close()
         app.close()
+
+
+def test_an_ack_lost_with_the_connection_is_settled_not_run_again(
+    tmp_path: Path, database_url: str
+) -> None:
+    """The nemesis campaign's Redis restarts ran finished tasks twice: a worker's ack went with
+    the connection, and its give-back after the reconnect put the message back, for it no longer
+    held it. A real redis-server (AOF, fsync always) is SIGKILLed under a worker's ack and
+    started again from its files: the acked message is settled (its entries removed, as the ack
+    would have), the one still held stays, nothing goes back to a queue."""
+    binary = shutil.which("redis-server")
+    if binary is None:
+        pytest.skip("redis-server is not on PATH")
+    port = free_port()
+    args = [binary, "--port", str(port), "--bind", "127.0.0.1", "--dir", str(tmp_path),
+            "--appendonly", "yes", "--appendfsync", "always", "--save", ""]  # fmt: skip
+    url = f"redis://127.0.0.1:{port}/0"
+    client = redis.Redis.from_url(url)
+
+    def serve() -> subprocess.Popen[bytes]:
+        proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        poll_until(lambda: _answers(client), f"redis-server on {port}", 10)
+        return proc
+
+    server = serve()
+    app = service_app(worker_env(url, database_url, f"ack{uuid.uuid4().hex[:6]}:"))
+    prefix = app.conf.broker_transport_options["global_keyprefix"]
+    node = "io_intensive@acked"
+    conn = app.connection_for_write()
+    try:
+        for n in range(2):
+            app.send_task("tasks.io_intensive.wait", kwargs={"duration": 0, "n": n})
+        queue = Queue(IO, routing_key=IO)
+        ownership.set_node(node)
+        try:
+            done, running = (queue(conn.default_channel).get(no_ack=False) for _ in range(2))
+        finally:
+            ownership.set_node(None)
+        assert done is not None and running is not None
+        server.kill()  # SIGKILL: whatever Redis has is in its AOF (fsync always)
+        server.wait(10)
+        with pytest.raises(redis.ConnectionError):
+            done.ack()  # the task ran; its ack goes with the connection
+        assert str(done.delivery_tag) in ownership.settling()
+        server = serve()
+        restored = ownership.restore_after_reconnect(app, node, {str(running.delivery_tag)})
+        assert restored == 0, "a task that ran was put back to run again"
+        assert _hash(client, prefix + "unacked_owner") == {
+            str(running.delivery_tag).encode(): node.encode()
+        }
+        assert set(_hash(client, prefix + "unacked")) == {str(running.delivery_tag).encode()}
+        assert _lists(client, prefix) == {}, "nothing goes back to the queue"
+        assert str(done.delivery_tag) not in ownership.settling()
+    finally:
+        conn.collect()
+        app.close()
+        client.close()
+        server.kill()
+        server.wait(10)
+
+
+def _answers(client: redis.Redis) -> bool:
+    try:
+        return bool(client.ping())
+    except redis.ConnectionError:
+        return False

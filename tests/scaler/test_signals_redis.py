@@ -20,10 +20,10 @@ from scaler_support import (
     effects,
     migrate,
     own_redis_server,
-    poll_until,
     service_app,
     worker_env,
 )
+from support.polling import poll_until
 
 from scaler.backends.base import ServiceSpec
 from scaler.backends.local import LocalBackend

@@ -7,7 +7,11 @@ from typing import Any
 
 import pytest
 
-from scaler.backends.template_safety import unsafe_settings
+from scaler.backends.template_safety import (
+    EXTRA_BIND_MOUNTS_ENV,
+    extra_bind_mounts,
+    unsafe_settings,
+)
 from scaler.policy import PolicyError, parse_policy
 
 # What a Compose worker looks like on a cgroup v1 host (CgroupnsMode "host" is the default there).
@@ -86,3 +90,21 @@ def test_policy_clone_allowlist_is_validated() -> None:
         in (err.value.problems[0])
     )
     assert "'/' would allow every host path" in err.value.problems[1]
+
+
+def test_the_stacks_secret_files_are_allowed_from_the_environment_only_as_absolute_paths() -> None:
+    """SCALER_CLONE_ALLOWED_BIND_MOUNTS (compose.yaml: the directory of the secret files, which
+    every worker binds at /run/secrets) adds to the policy's list; a bad entry stops start-up."""
+    secrets = {"Type": "bind", "Source": "/srv/stack/.env.secrets/broker_url_worker",
+               "Destination": "/run/secrets/broker_url", "RW": False}  # fmt: skip
+    template = {**SAFE, "Mounts": [*SAFE["Mounts"], secrets]}
+    allowed = extra_bind_mounts({EXTRA_BIND_MOUNTS_ENV: " /srv/stack/.env.secrets, "})
+    assert allowed == ("/srv/stack/.env.secrets",)
+    assert unsafe_settings(template, allowed) == []
+    assert unsafe_settings(template, ()) != [], "not allowed without it"
+    # A sibling whose name merely starts the same is not inside it.
+    assert unsafe_settings(template, extra_bind_mounts({EXTRA_BIND_MOUNTS_ENV: "/srv/stack/.env"}))
+    assert extra_bind_mounts({}) == ()
+    for bad in ("relative/dir", "/", "/srv/../etc"):
+        with pytest.raises(ValueError, match=EXTRA_BIND_MOUNTS_ENV):
+            extra_bind_mounts({EXTRA_BIND_MOUNTS_ENV: bad})

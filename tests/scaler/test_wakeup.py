@@ -22,7 +22,8 @@ import pytest
 import redis
 from celery import Celery
 from prometheus_client.parser import text_string_to_metric_families
-from scaler_support import free_port, poll_until
+from scaler_support import free_port
+from support.polling import poll_until
 
 from scaler.backends.base import ScaleResult, ServiceSpec
 from scaler.backends.local import LocalBackend
@@ -406,5 +407,41 @@ def test_arrivals_while_the_loop_decides_are_judged_against_its_new_arming_at_on
         debouncer.arrival("cpu")
         debouncer.resume()  # a cycle that failed before arming
         assert rang == [{"io"}]
+    finally:
+        debouncer.stop()
+
+
+def test_a_burst_held_while_the_first_cycle_decides_rings_without_waiting_for_a_window() -> None:
+    """A service that never rang, armed at 0, whose first arrivals came while a cycle decided:
+    when the cycle arms again they ring at once (its first arrival would have), not at the next
+    tick (issue 18, defect 2: the held arrival waited for a fire time it never had)."""
+    rang: list[set[str]] = []
+    debouncer = Debouncer(rang.append, armed=lambda s: True, window_s=lambda: 60.0)
+    debouncer.start()
+    try:
+        debouncer.pause()  # the scaler's first cycle decides
+        debouncer.arrival("io")
+        debouncer.rearm()
+        poll_until(lambda: rang, "the held arrival's ring", timeout_s=10)
+        assert rang == [{"io"}]
+        debouncer.pause()  # within the window now: folded into the ring at its end
+        debouncer.arrival("io")
+        debouncer.rearm()
+        assert rang == [{"io"}] and debouncer.coalesced >= 1
+    finally:
+        debouncer.stop()
+
+
+def test_a_pending_service_that_never_rang_comes_due() -> None:
+    """The trailing ring of a service with no fire time is due at once, not never."""
+    rang: list[set[str]] = []
+    debouncer = Debouncer(rang.append, armed=lambda s: True, window_s=lambda: 60.0)
+    debouncer.start()
+    try:
+        with debouncer._cond:  # a pending service that never fired (how rearm used to leave it)
+            debouncer._pending.add("cpu")
+            debouncer._cond.notify_all()
+        poll_until(lambda: rang, "the pending service's ring", timeout_s=10)
+        assert rang == [{"cpu"}]
     finally:
         debouncer.stop()

@@ -9,14 +9,14 @@ a member whose consumer came back.
 
 from __future__ import annotations
 
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 import redis
-from scaler_support import migrate, poll_until, service_app, worker_env
+from scaler_support import consumed
+from support.polling import poll_until
 
 from scaler.backends.base import ServiceSpec
 from scaler.backends.local import LocalBackend
@@ -31,19 +31,6 @@ pytestmark = pytest.mark.slow
 SERVICE = "io"
 QUEUE = "io_intensive"
 SPEC = ServiceSpec(SERVICE, (QUEUE,))
-
-
-@pytest.fixture(scope="module")
-def env(redis_url: str, database_url: str, key_prefix: str) -> dict[str, str]:
-    migrate(database_url)
-    return worker_env(redis_url, database_url, f"{key_prefix}wp{uuid.uuid4().hex[:6]}:")
-
-
-@pytest.fixture(scope="module")
-def app(env: dict[str, str]) -> Iterator[Any]:
-    app = service_app(env)
-    yield app
-    app.close()
 
 
 @pytest.fixture
@@ -70,11 +57,6 @@ def backend(
         yield backend
     finally:
         backend.stop_all(timeout_s=10.0)
-
-
-def consumed(app: Any, node: str) -> list[str] | None:
-    replies = app.control.inspect([node], timeout=1.0).active_queues() or {}
-    return None if node not in replies else [q["name"] for q in replies[node]]
 
 
 def ran_on(task: Any) -> str:
@@ -172,7 +154,9 @@ def test_a_restarted_scaler_adopts_the_pool_and_corrects_a_member_consuming_agai
     poll_until(lambda: consumed(app, member) == [QUEUE], "the stray consumer in place")
     events = fresh.reconcile()
     assert [e.kind for e in events] == ["warm-consumer-corrected"], events
-    assert consumed(app, member) == []
+    # The cancel is a broadcast the member carries out on its own: polled, not read once (CI
+    # read the queue still listed right after the correction, on a loaded machine).
+    poll_until(lambda: consumed(app, member) == [], "the member consuming nothing again", 15)
     assert store.members(SERVICE) == {member}
 
 

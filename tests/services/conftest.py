@@ -12,7 +12,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -23,6 +22,7 @@ import psycopg2
 import pytest
 import redis
 from kombu import Connection
+from support.polling import poll_until
 
 from services.application import ServiceApp, create_app
 from services.config import QUEUE_NAMES, load_settings
@@ -30,20 +30,6 @@ from services.migrate import migrate
 
 ROOT = Path(__file__).resolve().parents[2]
 T = TypeVar("T")
-
-
-def poll_until(
-    probe: Callable[[], T | None], what: str, timeout: float = 30.0, interval: float = 0.1
-) -> T:
-    """Call probe until it returns something truthy; fail naming what was awaited."""
-    deadline = time.monotonic() + timeout
-    last: Any = None
-    while time.monotonic() < deadline:
-        last = probe()
-        if last:
-            return last
-        time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what} (last: {last!r})")
 
 
 @pytest.fixture(scope="session")

@@ -60,7 +60,7 @@ def test_sigkill_mid_task_is_redelivered_and_completed_once(
         scores = client.zrange(f"{prefix}unacked_index", 0, -1, withscores=True)
         return bool(scores) and all(time.time() - s > 4.5 for _, s in scores)
 
-    poll(overdue, "the unacked message to pass the visibility timeout", timeout=20)
+    poll(overdue, "the unacked message to pass the visibility timeout", timeout_s=20)
     second = start_worker(redis_env, ["io_intensive"])
     done = result.get(timeout=30)
     assert done["key"] == "kill"

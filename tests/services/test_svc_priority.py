@@ -42,7 +42,7 @@ def run_priority_order(
     order = poll(
         lambda: (o := execution_order(db, list(ids))) and len(o) == len(ids) and o,
         "all priority tasks done",
-        timeout=60,
+        timeout_s=60,
     )
     priorities_in_order = [ids[task_id] for task_id in order]
     assert priorities_in_order == sorted(SENT, reverse=True)

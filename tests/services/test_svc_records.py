@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 import redis
 
-from services.records import FAILURES, SUCCESSES, TaskRecorder
+from services.records import FAILURES, STARTS, SUCCESSES, TaskRecorder
 
 
 def test_lists_keep_the_latest_1000(redis_url: str, key_prefix: str) -> None:
@@ -90,3 +90,40 @@ def test_recording_failure_does_not_fail_the_task(
     # on_success runs just after the result is stored: wait for its log line.
     poll(lambda: "could not record task_successes" in worker.log(), "the recording error logged")
     assert "Traceback" in worker.log()
+
+
+@pytest.mark.slow
+def test_worker_records_each_start_before_the_work(
+    redis_env: Any, start_worker: Any, redis_url: str, poll: Any
+) -> None:
+    """io tasks (record_starts) record their start first: node, hostname, pid, wall time;
+    tasks that do not ask for it record none."""
+    app = redis_env.app()
+    start_worker(redis_env, ["io_intensive", "default"])
+    app.send_task("tasks.io_intensive.wait", kwargs={"duration": 0.2}, task_id="start-1").get(
+        timeout=30
+    )
+    app.send_task("tasks.default.record", kwargs={"key": "k"}, task_id="start-2").get(timeout=30)
+    prefix = redis_env.env["CELERY_KEY_PREFIX"]
+    client = redis.Redis.from_url(redis_url)
+    try:
+        starts = [json.loads(r) for r in client.lrange(f"{prefix}{STARTS}", 0, -1)]
+        success = poll(
+            lambda: next(
+                (
+                    record
+                    for raw in client.lrange(f"{prefix}{SUCCESSES}", 0, -1)
+                    if (record := json.loads(raw))["task_id"] == "start-1"
+                ),
+                None,
+            ),
+            "the success record",
+        )
+    finally:
+        client.close()
+    (start,) = starts
+    assert start["task_id"] == "start-1" and start["task"] == "tasks.io_intensive.wait"
+    assert "@" in start["node"]
+    assert start["hostname"] and start["pid"] > 0 and start["retries"] == 0
+    assert start["redelivered"] is False
+    assert start["timestamp"] <= success["timestamp"] - 0.2

@@ -26,6 +26,7 @@ from compose_project import (
     COMPOSE_DIR,
     ROOT,
     ComposeProject,
+    docker_engine_available,
     docker_socket_gid,
     ensure_wheelhouse,
 )
@@ -34,11 +35,6 @@ from compose_project import (
 APP_IMAGE = os.environ.get("SWARM_APP_IMAGE", "celery-stack/app:swarm")
 # The whole session's setup (image build, cluster, pushes, pulls) lands on the first swarm test.
 SETUP_TIMEOUT_S = 900
-
-
-def docker_engine_available() -> bool:
-    proc = subprocess.run(["docker", "info"], capture_output=True, timeout=60, check=False)
-    return proc.returncode == 0
 
 
 def build_app_image(directory: Path, tag: str = APP_IMAGE) -> str:
@@ -50,7 +46,12 @@ def build_app_image(directory: Path, tag: str = APP_IMAGE) -> str:
         check=True,
         capture_output=True,
     )
-    settings = {"APP_IMAGE": tag, "DOCKER_GID": docker_socket_gid()}
+    # SECRETS_DIR: compose.yaml names the secret files' directory; a build needs only the name.
+    settings = {
+        "APP_IMAGE": tag,
+        "DOCKER_GID": docker_socket_gid(),
+        "SECRETS_DIR": str(directory / ".env.secrets"),
+    }
     project = ComposeProject(
         name=f"cst-test-swarm-build-{uuid.uuid4().hex[:8]}",
         env_file=env_file,

@@ -148,3 +148,62 @@ def test_one_policy_file_drives_compose_and_swarm_alike() -> None:
         assert in_stack["deploy"]["labels"]["autoscale.managed"] == "true", name
         assert in_compose["environment"]["WORKER_QUEUE"] == queue, name
         assert in_stack["environment"]["WORKER_QUEUE"] == queue, name
+
+
+def test_the_engine_gate_is_the_only_holder_of_the_managers_sockets() -> None:
+    """The gate on every manager (docs/gate.md), hardened as the other services, scoped to the
+    stack the scaler serves, with its token from a Swarm secret the scalers read too, on the
+    docker-api network only; no other service mounts the socket, docker-proxy is gone, and the
+    scalers reach the engine at the gate."""
+    stack: dict[str, Any] = yaml.safe_load((COMPOSE / "stack.yaml").read_text())
+    services = stack["services"]
+    assert "docker-proxy" not in services and not (COMPOSE / "docker-proxy").exists()
+    gate, scaler = services["gate"], services["scaler"]
+    assert gate["image"] == services["migrate"]["image"]  # the app image
+    assert gate["command"] == ["python", "-m", "scaler.gate"]
+    deploy = gate["deploy"]
+    assert deploy["mode"] == "global" and deploy["endpoint_mode"] == "dnsrr"
+    assert deploy["placement"]["constraints"] == ["node.role == manager"]
+    assert deploy["labels"]["autoscale.managed"] == "false"
+    assert deploy["resources"]["limits"]["memory"] and deploy["resources"]["limits"]["cpus"]
+    assert gate["cap_drop"] == ["ALL"] and "cap_add" not in gate and gate["read_only"] is True
+    assert re.fullmatch(r"10001:\$\{DOCKER_GID:\?[^}]+\}", gate["user"]), gate["user"]
+    sockets = {
+        name: [v for v in spec.get("volumes", []) if "docker.sock" in str(v.get("source"))]
+        for name, spec in services.items()
+    }
+    assert {name for name, mounts in sockets.items() if mounts} == {"gate"}
+    assert sockets["gate"] == [{"type": "bind", "source": "/var/run/docker.sock",
+                                "target": "/var/run/docker.sock", "read_only": True}]  # fmt: skip
+    assert gate["networks"] == ["docker-api"]
+    env = gate["environment"]
+    stack_name = "${SWARM_STACK:-celery}"
+    assert env["GATE_STACK"] == scaler["environment"]["SCALER_SWARM_STACK"] == stack_name
+    assert "GATE_TOKEN" not in env and "GATE_PROJECT" not in env
+    assert scaler["environment"]["DOCKER_HOST"] == "tcp://gate:2375"
+    # One secret, the same file name in both: the gate's token is the scalers' token.
+    for spec, variable in ((gate, "GATE_TOKEN_FILE"), (scaler, "SCALER_GATE_TOKEN_FILE")):
+        (secret,) = [s for s in spec["secrets"] if s["source"] == "gate_token"]
+        assert spec["environment"][variable] == f"/run/secrets/{secret['target']}"
+        assert (secret["uid"], secret["mode"]) == ("10001", 0o400), secret
+    health = " ".join(gate["healthcheck"]["test"])
+    assert "/_ping" in health and "GATE_TOKEN_FILE" in health and "Bearer" in health
+    on_docker_api = {n for n, spec in services.items() if "docker-api" in spec.get("networks", [])}
+    assert on_docker_api == {"gate", "scaler"}
+    assert stack["networks"]["docker-api"]["internal"] is True
+    assert stack["networks"]["docker-api"]["attachable"] is False
+    assert "DOCKER_PROXY_IMAGE" not in (ROOT / ".env.example").read_text()
+
+
+def test_swarm_sh_creates_every_secret_the_stack_names() -> None:
+    """Each external secret of stack.yaml (<stack>_<name>) is one `create_secret <name>` of
+    swarm.sh's `secrets` command, the gate's token from .env's SCALER_GATE_TOKEN among them."""
+    stack: dict[str, Any] = yaml.safe_load((COMPOSE / "stack.yaml").read_text())
+    script = (COMPOSE / "scripts/swarm.sh").read_text()
+    created = set(re.findall(r"^\s*create_secret (\w+) ", script, flags=re.M))
+    named = set(stack["secrets"])
+    assert created == named
+    for name, secret in stack["secrets"].items():
+        assert secret == {"external": True, "name": f"${{SWARM_STACK:-celery}}_{name}"}, name
+    assert re.search(r"gate_token=\$\(require SCALER_GATE_TOKEN\)", script)
+    assert re.search(r'create_secret gate_token "\$gate_token"', script)
