@@ -102,6 +102,24 @@ end
 return n
 """
 
+# KEYS: 1 unacked, 2.. target lists. ARGV per message: tag, payload, first key, key count.
+# Pushes each message whose tag has no ``unacked`` entry; returns how many.
+_RETURN = """
+local n, i = 0, 1
+while i <= #ARGV do
+  local tag, payload = ARGV[i], ARGV[i + 1]
+  local first, count = tonumber(ARGV[i + 2]), tonumber(ARGV[i + 3])
+  i = i + 4
+  if redis.call('HEXISTS', KEYS[1], tag) == 0 and count > 0 then
+    for k = first, first + count - 1 do
+      redis.call('RPUSH', KEYS[k], payload)
+    end
+    n = n + 1
+  end
+end
+return n
+"""
+
 BATCH = 200  # messages per script call (a script blocks Redis while it runs)
 
 
@@ -157,6 +175,7 @@ class UnackedRestorer:
         self._close = close
         self._move = client.register_script(_MOVE)
         self._settle = client.register_script(_SETTLE)
+        self._return = client.register_script(_RETURN)
 
     @classmethod
     def for_app(cls, app: Any, *, ping_timeout_s: float = 1.0) -> UnackedRestorer | None:
@@ -280,6 +299,26 @@ class UnackedRestorer:
             batch = wanted[start : start + BATCH]
             done += int(self._settle(keys=list(self.keys), args=[node, *batch]))
         return done
+
+    def give_back_untracked(self, entries: Mapping[str, str | bytes]) -> int:
+        """Push back the messages a live worker took off their queues but could not record as
+        unacked (``services.ownership``: the connection went between kombu's BRPOP reply and
+        its ``unacked`` write, and kombu dropped them), given as tag -> the unacked entry that
+        was not written. A tag whose entry did reach Redis is left to :meth:`restore_nodes`
+        (call this first). How many went back; raises redis.RedisError."""
+        keys = [self.keys[0]]
+        argv: list[str | bytes] = []
+        for tag, raw in sorted(entries.items()):
+            target = self._targets(raw)
+            if target is None:
+                log.warning("an untracked message of tag %s has no route: dropped", tag)
+                continue
+            payload, lists, _ = target
+            argv += [tag, payload, str(len(keys) + 1), str(len(lists))]
+            keys += lists
+        if not argv:
+            return 0
+        return int(self._return(keys=keys, args=argv))
 
     def sweep(
         self,

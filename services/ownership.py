@@ -77,6 +77,9 @@ class _Ledger:
       but a thread cannot be stopped: the task runs on, to its end and its ack.
     - ``task_of``: delivery tag -> task id, for the messages this process took (``tag_of``, the
       reverse, for the per-task signal handlers).
+    - ``untracked``: delivery tag -> unacked entry of the messages taken off a queue whose
+      ``unacked`` write failed (kombu's BRPOP window: the connection went between the reply and
+      the write). Nothing in Redis holds them any more; only this process has their bytes.
     """
 
     def __init__(self) -> None:
@@ -86,6 +89,7 @@ class _Ledger:
         self.finished: set[str] = set()
         self.task_of: dict[str, str] = {}
         self.tag_of: dict[str, str] = {}
+        self.untracked: dict[str, str] = {}
 
     def took(self, tag: str, task_id: str | None) -> None:
         if task_id:
@@ -171,11 +175,18 @@ class QoS(kombu_redis.QoS):
             return
         delivery = message.delivery_info
         entry = dumps([message._raw, delivery["exchange"], delivery["routing_key"]])
-        with self.pipe_or_acquire() as pipe:
-            pipe.zadd(self.unacked_index_key, {delivery_tag: time()}).hset(
-                self.unacked_key, delivery_tag, entry
-            ).hset(self.channel.unacked_owner_key, delivery_tag, node).execute()
-            virtual.QoS.append(self, message, delivery_tag)
+        try:
+            with self.pipe_or_acquire() as pipe:
+                pipe.zadd(self.unacked_index_key, {delivery_tag: time()}).hset(
+                    self.unacked_key, delivery_tag, entry
+                ).hset(self.channel.unacked_owner_key, delivery_tag, node).execute()
+        except Exception:
+            # BRPOP took the message off its queue, the write that would hold it failed: kombu
+            # drops it (the consumer never sees it). Kept here; the reconnect gives it back.
+            with _ledger.lock:
+                _ledger.untracked[str(delivery_tag)] = entry
+            raise
+        virtual.QoS.append(self, message, delivery_tag)
         _ledger.took(str(delivery_tag), (getattr(message, "headers", None) or {}).get("id"))
 
     def _remove_from_indices(self, delivery_tag: Any, pipe: Any = None) -> Any:
@@ -309,8 +320,19 @@ def restore_after_reconnect(app: Any, node: str, held: set[str]) -> int:
     on or is done: the nemesis campaign's Redis restarts ran such tasks twice.
     """
     running, unsettled = _ledger.split()
+    with _ledger.lock:
+        untracked = dict(_ledger.untracked)
 
     def settle_first(restorer: Any) -> bool:
+        if untracked:  # before the owner restore: an entry that did reach Redis goes back there
+            count = restorer.give_back_untracked(untracked)
+            with _ledger.lock:
+                for tag in untracked:
+                    _ledger.untracked.pop(tag, None)
+            if count:
+                log.warning(
+                    "gave back %d message(s) %s took as its broker connection went", count, node
+                )
         if unsettled:
             count = restorer.settle(node, unsettled)
             _ledger.done(unsettled)

@@ -67,7 +67,10 @@ one message. It is in no list and in no hash, so neither kombu's visibility-time
 this restore can give it back; RabbitMQ has no such window. This is kombu's, not new here (and
 not closed here: a blocking pop that moves atomically from several priority lists does not
 exist in Redis); measured on this machine, a threads worker (4) draining 10 ms tasks and
-SIGKILLed 30 times lost 2 messages, each time with 3 of its 4 prefetch slots recorded. The stack
+SIGKILLed 30 times lost 2 messages, each time with 3 of its 4 prefetch slots recorded. A worker
+that lives on through that instant (its connection broke: Redis restarting, a connection cut)
+keeps the message it could not record and gives it back when it reconnects; before, kombu
+dropped it (a CI run's Redis restart lost 1 of 40 so). The stack
 scenarios below therefore kill a worker at a moment it holds its full prefetch (frozen with
 SIGSTOP, its owner entries counted, then SIGKILL): it has no `BRPOP` outstanding then, and what
 it held is exactly what must come back. (5) Kombu's visibility-timeout sweep stays the last net

@@ -6,7 +6,10 @@ Docker tearing down a restarted container's endpoint (the nemesis campaign's wor
 Redis connection lost a second after the restarted Redis answered again). Locally a killed
 redis-server closes its sockets at once, so the worker notices while Redis is down; behind this
 relay the test chooses: :meth:`TcpCut.reset` aborts every relayed connection (RST to both sides)
-with the upstream answering.
+with the upstream answering, and :meth:`TcpCut.cut_after_reply` cuts at the worst moment of a
+Redis consumer: right after a reply holding a given marker (a task id: the BRPOP that took that
+task) reached the client, before anything the client sends next reaches the server, and then
+refuses connections for a while, as a restarting Redis does.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import contextlib
 import socket
 import struct
 import threading
+import time
 
 
 class TcpCut:
@@ -28,6 +32,11 @@ class TcpCut:
         self._lock = threading.Lock()
         self._closed = False
         self.resets = 0
+        self._marker: bytes | None = None
+        self._refuse_for_s = 0.0
+        self._frozen = False  # after the marked reply: nothing more reaches the upstream
+        self._refuse_until = 0.0
+        self.marker_seen = threading.Event()
 
     def start(self) -> TcpCut:
         threading.Thread(target=self._accept, daemon=True, name="tcp-cut-accept").start()
@@ -50,6 +59,13 @@ class TcpCut:
                     sock.close()
         return len(pairs)
 
+    def cut_after_reply(self, marker: bytes, refuse_for_s: float) -> None:
+        """Once: when a reply from the upstream holds ``marker``, deliver it, drop whatever any
+        client sends after it, cut every connection and refuse new ones for ``refuse_for_s``
+        (longer than redis-py's retries, as a Redis restart is)."""
+        self._refuse_for_s = refuse_for_s
+        self._marker = marker
+
     def close(self) -> None:
         self._closed = True
         with contextlib.suppress(OSError):
@@ -62,6 +78,9 @@ class TcpCut:
                 client, _ = self._listener.accept()
             except OSError:
                 return
+            if time.monotonic() < self._refuse_until:
+                client.close()  # "restarting": the connection ends at once
+                continue
             try:
                 upstream = socket.create_connection(("127.0.0.1", self.upstream_port), timeout=5)
                 upstream.settimeout(None)
@@ -70,12 +89,24 @@ class TcpCut:
                 continue
             with self._lock:
                 self._pairs.append((client, upstream))
-            for a, b in ((client, upstream), (upstream, client)):
-                threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
+            for a, b, up in ((client, upstream, True), (upstream, client, False)):
+                threading.Thread(target=self._pump, args=(a, b, up), daemon=True).start()
 
-    def _pump(self, src: socket.socket, dst: socket.socket) -> None:
+    def _pump(self, src: socket.socket, dst: socket.socket, to_upstream: bool) -> None:
         try:
             while data := src.recv(65536):
+                if to_upstream and self._frozen:
+                    continue  # sent after the marked reply: lost with the connection
+                marker = self._marker
+                if not to_upstream and marker is not None and marker in data:
+                    self._marker = None
+                    self._frozen = True
+                    dst.sendall(data)
+                    self._refuse_until = time.monotonic() + self._refuse_for_s
+                    self.reset()
+                    self._frozen = False
+                    self.marker_seen.set()
+                    return
                 dst.sendall(data)
         except OSError:
             pass

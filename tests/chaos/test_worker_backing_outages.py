@@ -251,6 +251,41 @@ def test_a_broker_connection_cut_while_tasks_run_in_threads_starts_each_once(
         cut.close()
 
 
+def test_a_message_taken_as_the_broker_connection_goes_is_given_back_and_runs_once(
+    make_env: Any, own_redis: RedisServer, workers: Any
+) -> None:
+    """kombu's BRPOP window: BRPOP takes a message off its queue and the reply reaches the
+    worker, then the connection goes (Redis restarting) before the pipeline that records it as
+    unacked: nothing in Redis holds the message any more, and kombu drops it. The relay cuts
+    right there, after the reply that carries one chosen task, and refuses connections for 3 s
+    (longer than redis-py's retries, as `docker restart redis` is). That task must still run,
+    once, without waiting for anything (the untracked message is given back on reconnect)."""
+    cut = TcpCut(own_redis.port).start()
+    try:
+        chaos: ChaosEnv = make_env("redis", cut.url())
+        chaos.env["CELERY_VISIBILITY_TIMEOUT"] = "3600"  # compose/compose.yaml's value
+        app = chaos.app()
+        queue = chaos.queue("io_intensive")
+        ids = unique_ids("window", 12)
+        victim = ids[5]
+        cut.cut_after_reply(victim.encode(), refuse_for_s=3.0)
+        worker = workers(chaos, ["io_intensive"], concurrency=2, pool="threads")
+        send_burst(app, WAIT, ids, lambda t: {"key": t, "duration": 0.2})
+        poll_until(cut.marker_seen.is_set, "the reply carrying the chosen task", timeout_s=60)
+        wait_all_done(chaos.effects, ids, timeout=90)
+        broker = RedisBroker(own_redis.url, chaos.key_prefix)
+        poll_until(lambda: int(broker.unacked() or 0) == 0 and broker.waiting([queue]) == 0,
+                   "nothing unacked or queued", timeout_s=60)  # fmt: skip
+        started = starts_per_task(chaos.records_url, chaos.key_prefix, ids)
+        twice = {t: n for t, n in started.items() if n != 1}
+        assert not twice, f"started other than once: {twice}\n{worker.log()[-5000:]}"
+        # The cut did land in the window (else this test proved nothing): the worker says so.
+        assert "took as its broker connection went" in worker.log(), worker.log()[-5000:]
+        assert worker.alive
+    finally:
+        cut.close()
+
+
 def test_postgres_outage_mid_burst_retries_then_succeeds(
     make_env: Any, own_postgres: PostgresServer, workers: Any, figures: Figures
 ) -> None:

@@ -339,6 +339,51 @@ def test_an_ack_lost_with_the_connection_is_settled_not_run_again(
         server.wait(10)
 
 
+def test_a_message_taken_but_never_recorded_goes_back_once(
+    client: redis.Redis, env: dict[str, str]
+) -> None:
+    """kombu's BRPOP window on a live worker: the worker holds the bytes of messages whose
+    ``unacked`` write failed as the connection went. Given back, one whose write never reached
+    Redis is pushed to its queue (redelivered), and one whose write did land (the reply was what
+    got lost) is not pushed: the owner restore puts that one back, so each goes back once."""
+    app = service_app(env)
+    prefix = env["CELERY_KEY_PREFIX"]
+    node = "io_intensive@window"
+    conn = app.connection_for_write()
+    restorer = UnackedRestorer.for_app(app)
+    assert restorer is not None
+    try:
+        ids = [app.send_task("tasks.io_intensive.wait", kwargs={"n": n}).id for n in range(2)]
+        queue = Queue(IO, routing_key=IO)
+        ownership.set_node(node)
+        try:
+            landed, dropped = (queue(conn.default_channel).get(no_ack=False) for _ in range(2))
+        finally:
+            ownership.set_node(None)
+        assert landed is not None and dropped is not None
+        entries = {
+            str(m.delivery_tag): _hash(client, prefix + "unacked")[str(m.delivery_tag).encode()]
+            for m in (landed, dropped)
+        }
+        tag = str(dropped.delivery_tag)  # its write "never reached Redis"
+        client.hdel(prefix + "unacked", tag)
+        client.hdel(prefix + "unacked_owner", tag)
+        client.zrem(prefix + "unacked_index", tag)
+        assert _lists(client, prefix) == {}
+
+        assert restorer.give_back_untracked(entries) == 1
+        back = _lists(client, prefix)
+        assert _ids(back) == [dropped.headers["id"]]
+        assert json.loads(next(iter(back.values()))[0])["headers"]["redelivered"] is True
+        assert restorer.restore_nodes([node]).restored == 1  # the landed one, by its owner entry
+        assert sorted(_ids(_lists(client, prefix))) == sorted(ids)
+        assert _hash(client, prefix + "unacked") == {}
+    finally:
+        restorer.close()
+        conn.collect()
+        app.close()
+
+
 def _answers(client: redis.Redis) -> bool:
     try:
         return bool(client.ping())
