@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
+import kombu
 import psycopg2
 import pytest
 import redis
@@ -66,6 +67,12 @@ def _wait_until(what: str, probe: Callable[[], object], deadline_s: float = 90.0
     raise RuntimeError(f"{what} not ready after {deadline_s}s: {last}")
 
 
+def _amqp_handshake(url: str) -> None:
+    """Raises unless an AMQP connection to ``url`` opens (the whole handshake, not the port)."""
+    with kombu.Connection(url, connect_timeout=5) as conn:
+        conn.ensure_connection(max_retries=1)
+
+
 @pytest.fixture(scope="session")
 def backing() -> Iterator[Backing]:
     env_urls = [os.environ.get(k) for k in ("REDIS_URL", "DATABASE_URL", "AMQP_URL")]
@@ -98,6 +105,8 @@ def backing() -> Iterator[Backing]:
         )
         _wait_until("redis", lambda: redis.Redis.from_url(backing.redis_url).ping())
         _wait_until("postgres", lambda: psycopg2.connect(backing.admin_database_url).close())
+        # `rabbitmq-diagnostics ping` answers before the AMQP listener accepts connections.
+        _wait_until("rabbitmq", lambda: _amqp_handshake(backing.amqp_url))
         yield backing
     finally:
         _compose(project, env, "down", "-v", "--remove-orphans", "-t", "0", check=False)

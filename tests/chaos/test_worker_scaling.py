@@ -48,7 +48,10 @@ def test_scale_one_to_n_to_zero_to_n_under_backlog(
     assert at_zero < len(ids), "the backlog drained before the scale to zero; nothing was tested"
     # At zero workers every id is either done or waiting: none is held unacked.
     assert broker.unacked() in (0, None)
-    assert broker.waiting([queue]) == len(ids) - at_zero
+    waiting = broker.waiting([queue])
+    if waiting != len(ids) - at_zero:  # a task ran and its message is back: say which, and why
+        logs = "\n".join(f"--- {w.name}\n{w.log()[-6000:]}" for w in running)
+        raise AssertionError(f"{at_zero} done but {waiting} of {len(ids)} waiting\n{logs}")
     figures.notes.append(f"{at_zero} done and {len(ids) - at_zero} waiting at zero workers")
 
     scaled_up = time.monotonic()
