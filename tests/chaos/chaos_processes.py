@@ -111,6 +111,11 @@ class WorkerProcess:
         try:
             return self.proc.wait(timeout)
         except subprocess.TimeoutExpired:
+            # Celery's SIGUSR1 handler logs every thread's stack: where the shutdown hangs.
+            before = len(self.log())
+            self.proc.send_signal(signal.SIGUSR1)
+            with contextlib.suppress(AssertionError):
+                poll_until(lambda: len(self.log()) > before, "the stack dump", 5)
             raise AssertionError(
                 f"worker {self.name} still running {timeout}s after the signal:\n{self.log()}"
             ) from None
