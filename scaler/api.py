@@ -85,7 +85,7 @@ from scaler.control import (
 from scaler.http_limits import ConnectionGuard, guarded_protocol
 from scaler.live import LiveFeed
 from scaler.metrics import ScalerMetrics
-from services.config import with_file_variables
+from scaler.secret_files import with_file_variables
 
 log = logging.getLogger(__name__)
 

@@ -50,10 +50,10 @@ from scaler.metrics import ScalerMetrics
 from scaler.policy import Policy, PolicyError, load_policy
 from scaler.recorder import FlightRecorder, add_record_command, add_run_flags, settings_from_args
 from scaler.restore import UnackedRestorer
+from scaler.secret_files import FileVariableError, with_file_variables
 from scaler.signals.collector import Collector, queue_reader_for_app
 from scaler.status import STATE_FILE_ENV, default_state_file, read_snapshot, render
 from scaler.wakeup import detector_for_app
-from services.config import ConfigError, with_file_variables
 
 POLICY_ENV = "SCALER_POLICY"
 BACKEND_ENV = "SCALER_BACKEND"
@@ -62,6 +62,7 @@ STACK_ENV = "SCALER_SWARM_STACK"
 REDIS_ENV = "SCALER_REDIS_URL"
 KEY_PREFIX_ENV = "SCALER_KEY_PREFIX"
 DEFAULT_APP = "services.celery_app:app"
+APP_HELP = "Celery app as module:attribute (default: %(default)s)"
 REDIS_SCHEMES = ("redis", "rediss", "unix")
 
 log = logging.getLogger("scaler.cli")
@@ -210,7 +211,7 @@ def scaler_redis_url(app: Any, env: Mapping[str, str] | None = None) -> str | No
     Redis, else its result backend if that is; None when there is no Redis at all."""
     try:  # SCALER_REDIS_URL_FILE (a Swarm secret's path) as well
         env = with_file_variables(os.environ if env is None else env, (REDIS_ENV,))
-    except ConfigError as exc:
+    except FileVariableError as exc:
         raise SystemExit(str(exc)) from exc
     explicit = env.get(REDIS_ENV, "").strip()
     if explicit:
@@ -460,7 +461,7 @@ def _parser() -> argparse.ArgumentParser:
             default=3600.0,
             help="compose and swarm backends: longest wait for a drained worker's tasks, seconds",
         )
-        p.add_argument("--app", default=DEFAULT_APP, help="Celery app as module:attribute")
+        p.add_argument("--app", default=DEFAULT_APP, help=APP_HELP)
         p.add_argument("--workdir", default=os.environ.get("SCALER_WORKDIR", ".scaler/workers"),
                        help="local backend: pidfiles and worker logs")  # fmt: skip
         p.add_argument("--concurrency", type=int, default=1, help="local backend: -c per worker")
@@ -490,7 +491,7 @@ def _parser() -> argparse.ArgumentParser:
         p.add_argument("service", help="a service the policy manages")
         p.add_argument("--policy", help=f"policy YAML (default ${POLICY_ENV}): the services "
                        "and their max replicas")  # fmt: skip
-        p.add_argument("--app", default=DEFAULT_APP, help="Celery app as module:attribute")
+        p.add_argument("--app", default=DEFAULT_APP, help=APP_HELP)
         if note:
             p.add_argument("--reason", "--note", default="", help="why (shown in status)")
             p.add_argument("--by", default=None, help="who (default cli:$USER@host)")

@@ -46,6 +46,7 @@ from typing import Any, cast
 import redis
 
 from scaler.backends.base import BackendEvent
+from scaler.worker_contract import OWNER_KEY
 
 log = logging.getLogger(__name__)
 
@@ -160,7 +161,7 @@ class UnackedRestorer:
         channel_factory: Callable[[], Any],
         *,
         key_prefix: str = "",
-        owner_key: str = "unacked_owner",
+        owner_key: str = OWNER_KEY,
         unacked_key: str = "unacked",
         index_key: str = "unacked_index",
         ping: Callable[[list[str]], set[str]] | None = None,

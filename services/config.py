@@ -16,6 +16,8 @@ from pathlib import Path
 from typing import TypeVar
 from urllib.parse import urlsplit
 
+from scaler.secret_files import file_variables
+
 # kombu's Redis transport keeps one list per priority step; ten steps give every priority its own
 # list. The scaler counts a queue as the bare key plus ``name + PRIORITY_SEP + str(step)`` for each
 # non-zero step, so these two facts are shared with it from here.
@@ -48,9 +50,6 @@ SECRET_VARIABLES: tuple[str, ...] = (
     "SCALER_REDIS_URL",
     "SCALER_TOKEN",
 )
-FILE_SUFFIX = "_FILE"
-# A secret file is a password or a URL: anything larger is a wrong path, not a secret.
-_MAX_SECRET_FILE_BYTES = 64 * 1024
 
 T = TypeVar("T")
 
@@ -179,53 +178,13 @@ class _Reader:
         return value
 
 
-def _file_variables(
-    env: Mapping[str, str], names: tuple[str, ...]
-) -> tuple[dict[str, str], list[str]]:
-    """``env`` with each ``X_FILE`` of ``names`` read into ``X``, and the problems found."""
-    resolved = dict(env)
-    problems: list[str] = []
-    for name in names:
-        file_name = name + FILE_SUFFIX
-        path = (env.get(file_name) or "").strip()
-        if not path:
-            continue
-        if (env.get(name) or "").strip():
-            # Which one would win is a guess; the official images refuse this too.
-            problems.append(
-                f"{name} and {file_name}={path!r} are both set: expected only one of them"
-            )
-            continue
-        try:
-            with open(path, "rb") as handle:
-                raw = handle.read(_MAX_SECRET_FILE_BYTES + 1)
-        except OSError as exc:
-            problems.append(f"{file_name}={path!r}: expected a readable file ({exc.strerror})")
-            continue
-        if len(raw) > _MAX_SECRET_FILE_BYTES:
-            problems.append(
-                f"{file_name}={path!r}: expected a secret of at most {_MAX_SECRET_FILE_BYTES} bytes"
-            )
-            continue
-        try:
-            # `printf '%s\n' secret > file` and editors add a newline that is not part of it.
-            value = raw.decode("utf-8").rstrip("\r\n")
-        except UnicodeDecodeError:
-            problems.append(f"{file_name}={path!r}: expected UTF-8 text")
-            continue
-        if not value.strip():
-            problems.append(f"{file_name}={path!r}: expected a non-empty secret, the file is empty")
-            continue
-        resolved[name] = value
-    return resolved, problems
-
-
 def with_file_variables(
     env: Mapping[str, str] | None = None, names: tuple[str, ...] = SECRET_VARIABLES
 ) -> dict[str, str]:
     """A copy of ``env`` (default ``os.environ``) with every ``X_FILE`` of ``names`` read into
-    ``X``; raises ConfigError naming each variable that is set twice or whose file is unusable."""
-    resolved, problems = _file_variables(os.environ if env is None else env, names)
+    ``X`` (scaler.secret_files); raises ConfigError naming each variable that is set twice or
+    whose file is unusable."""
+    resolved, problems = file_variables(os.environ if env is None else env, names)
     if problems:
         raise ConfigError(problems)
     return resolved
@@ -252,7 +211,7 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
 
     A secret may come from a file: ``CELERY_BROKER_URL_FILE`` and the like (SECRET_VARIABLES).
     """
-    source, file_problems = _file_variables(os.environ if env is None else env, SECRET_VARIABLES)
+    source, file_problems = file_variables(os.environ if env is None else env, SECRET_VARIABLES)
     r = _Reader(source)
 
     broker_url = r.url("CELERY_BROKER_URL", "redis://localhost:6379/0", BROKER_SCHEMES)

@@ -21,7 +21,7 @@ from typing import Any
 import psutil
 from celery.worker.control import control_command
 
-COMMAND = "resource_usage"
+COMMAND = "resource_usage"  # scaler.worker_contract.RESOURCE_COMMAND
 CGROUP = Path("/sys/fs/cgroup")
 
 

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from scaler.observations import Resources
-from services.resource_report import COMMAND  # the command the workers register
+from scaler.worker_contract import RESOURCE_COMMAND as COMMAND  # the workers' command
 
 log = logging.getLogger(__name__)
 
