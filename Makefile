@@ -76,10 +76,11 @@ NEMESIS_TABLE ?= nemesis-table.md
 nemesis: $(STAMP) ## Run a nemesis campaign: DURATION=30m SEED=n (table also in NEMESIS_TABLE)
 	CHAOS_PROJECT_PREFIX=cst-nemesis- $(VENV)/bin/python tests/chaos/nemesis.py --duration $(DURATION) $(if $(SEED),--seed $(SEED)) --table $(NEMESIS_TABLE)
 
-lint: $(STAMP) ## Run ruff and mypy
+lint: $(STAMP) ## Run ruff, mypy and the layer rules (pyproject's import-linter contracts)
 	$(VENV)/bin/ruff check services scaler tests bench
 	$(VENV)/bin/ruff format --check services scaler tests bench
 	$(VENV)/bin/mypy
+	$(VENV)/bin/lint-imports
 
 # Always run: it creates the file, or appends only the secrets an older file lacks.
 .PHONY: $(ENV_FILE)
