@@ -110,8 +110,10 @@ def start_scaler_run(
     tmp_path: Path,
     env: dict[str, str],
     *extra: str,
+    cwd: Path | None = None,
 ) -> ScalerRun:
-    """`scaler run` with the local backend, its own state file, log file and HTTP port."""
+    """`scaler run` with the local backend, its own state file, log file and HTTP port (run in
+    ``cwd``, default this process's: `python -m` puts it first on the path)."""
     port = free_port()
     state = tmp_path / f"{name}.state.json"
     log_path = tmp_path / f"{name}.log"
@@ -121,7 +123,7 @@ def start_scaler_run(
          "--policy", str(policy), "--state-file", str(state), "--workdir", str(workdir),
          "--grace", "20", *extra],
         env={**env, "SCALER_HTTP_PORT": str(port)},
-        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=log,
+        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=log, cwd=cwd,
     )  # fmt: skip
     return ScalerRun(name, proc, state, log_path, port, log)
 
