@@ -6,7 +6,7 @@ PYTHON ?= python3
 VENV ?= .venv
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: help venv test nemesis lint up down monitor clean ps logs load wheels scaler-status
+.PHONY: help venv test nemesis lint up down rotate-db-owner monitor clean ps logs load wheels scaler-status
 
 # The stack: compose/compose.yaml, plus a local compose/compose.override.yaml when present, plus
 # the production override with PROD=1. Image variables exported in the shell win over .env (on a
@@ -155,6 +155,11 @@ restore: ## Restore BACKUP=<dir> (refused unless its manifest and sums check out
 	@compose/scripts/check-env.sh $(ENV_FILE)
 	@$(WRITE_SECRETS) $(ENV_FILE) $(SECRETS_DIR)
 	@$(STACK_BACKUP) restore $(STACK_BACKUP_ARGS) $(PROFILES) "$(BACKUP)"
+
+rotate-db-owner: ## Rotate PostgreSQL's owner password on the running stack (the database, the env file, then the containers that read it)
+	@$(SECRETS_ENV) $(PYTHON) -m services.rotate db-owner $(STACK_BACKUP_ARGS)
+	@$(WRITE_SECRETS) $(ENV_FILE) $(SECRETS_DIR)
+	$(COMPOSE) $(PROFILES) up -d --wait
 
 ps: ## Show the stack's containers and their health
 	$(COMPOSE) --profile monitoring --profile ha ps
