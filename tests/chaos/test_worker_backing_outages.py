@@ -272,7 +272,10 @@ def test_a_message_taken_as_the_broker_connection_goes_is_given_back_and_runs_on
         worker = workers(chaos, ["io_intensive"], concurrency=2, pool="threads")
         send_burst(app, WAIT, ids, lambda t: {"key": t, "duration": 0.2})
         poll_until(cut.marker_seen.is_set, "the reply carrying the chosen task", timeout_s=60)
-        wait_all_done(chaos.effects, ids, timeout=90)
+        try:
+            wait_all_done(chaos.effects, ids, timeout=90)
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}\n{worker.log()[-8000:]}") from None
         broker = RedisBroker(own_redis.url, chaos.key_prefix)
         poll_until(lambda: int(broker.unacked() or 0) == 0 and broker.waiting([queue]) == 0,
                    "nothing unacked or queued", timeout_s=60)  # fmt: skip
