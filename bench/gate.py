@@ -18,14 +18,16 @@ from scaler.gate.rules import PROJECT_LABEL, Scope
 
 
 @contextlib.contextmanager
-def compose_gate(project: str) -> Iterator[ClientFactory]:
-    """A gate for ``project`` on this host's engine; yields the backend's client factory."""
+def compose_gate(project: str, snapshot: bool = True) -> Iterator[ClientFactory]:
+    """A gate for ``project`` on this host's engine (keeping its snapshot of the managed
+    containers unless told); yields the backend's client factory."""
     host = os.environ.get("DOCKER_HOST", "")
     token = secrets.token_hex(16)
     settings = Settings(
         scope=Scope(PROJECT_LABEL, project),
         token=token,
         docker_host=host if host.startswith("unix://") else None,
+        snapshot=snapshot,
     )
     with BackgroundGate(settings) as gate:
         yield default_client_factory(gate.url, token=token)

@@ -34,7 +34,11 @@ Compose has no "scale to N" API of its own that a sidecar could call, so this ba
   the first read's) is shared by the cycle's reads (``replicas``, ``workers``), a failed one too
   (the cycle holds without asking again). ``scale`` and ``reconcile`` always list afresh, and
   every action (scale, replacement, a drain ending, ``manage``) drops the shared listing. Without
-  ``begin_cycle()`` (tests, one-off callers) every read lists.
+  ``begin_cycle()`` (tests, one-off callers) every read lists. A listing is read from the engine
+  gate's snapshot (``GET /gate/v1/snapshot``, ``scaler.backends.gate_snapshot``: the managed
+  containers as the gate keeps them from the engine's events), whose entries also answer the
+  inspections of lifetimes, CPU limits and hostnames; when the gate has none (an older gate, or
+  not ready) the backend lists and inspects as before.
 - Consumers: every reconcile asks the live workers neither warm nor draining which queues they
   consume (one request, returning once all answered) and gives the ones consuming none back
   their queues; one still consuming none at the next check is replaced like an unresponsive one
@@ -86,6 +90,7 @@ from scaler.backends.base import (
     WorkerInfo,
 )
 from scaler.backends.engine import ClientFactory, Engine, default_client_factory, gate_call
+from scaler.backends.gate_snapshot import SnapshotReader
 from scaler.backends.listing import CycleListing
 from scaler.backends.restart_backoff import RestartBackoff
 from scaler.backends.stranded import CHECK_FAILED, ConsumerCheck
@@ -266,6 +271,34 @@ def gate_project(client_factory: ClientFactory | None = None) -> str:
     return str(scope["value"])
 
 
+def _from_row(row: dict[str, Any]) -> tuple[dict[str, str], dict[str, Any]]:
+    """A container listing's row: its labels, and the fields of its ComposeContainer."""
+    status = str(row.get("Status") or "")
+    match = _EXITED.search(status)
+    return row.get("Labels") or {}, {
+        "id": row["Id"],
+        "name": (row.get("Names") or ["/?"])[0].lstrip("/"),
+        "state": str(row.get("State", "")),
+        "exit_code": int(match.group(1)) if match else None,
+        "unhealthy": "(unhealthy)" in status,
+    }
+
+
+def _from_entry(entry: dict[str, Any]) -> tuple[dict[str, str], dict[str, Any]]:
+    """An entry of the gate's snapshot (an inspected container's shape), read as ``_from_row``
+    reads a listing's row: the exit code of an exited container only, unhealthy only running."""
+    state = entry.get("State") or {}
+    status = str(state.get("Status") or "")
+    health = (state.get("Health") or {}).get("Status")
+    return (entry.get("Config") or {}).get("Labels") or {}, {
+        "id": entry["Id"],
+        "name": str(entry.get("Name") or "/?").lstrip("/"),
+        "state": status,
+        "exit_code": int(state.get("ExitCode") or 0) if status == "exited" else None,
+        "unhealthy": status == "running" and health == "unhealthy",
+    }
+
+
 def _start(container_id: str, client: docker.DockerClient) -> None:
     client.api.start(container_id)
 
@@ -349,6 +382,7 @@ class ComposeBackend(CycleListing[dict[str, list[ComposeContainer]]]):
         restorer: UnackedRestorer | None = None,
         pool_store: PoolStore | None = None,
         allowed_bind_mounts: tuple[str, ...] | None = None,
+        use_snapshot: bool = True,
     ) -> None:
         if not project or not re.fullmatch(r"[a-z0-9][a-z0-9_-]*", project):
             raise ValueError(
@@ -373,6 +407,9 @@ class ComposeBackend(CycleListing[dict[str, list[ComposeContainer]]]):
         self._attempts = attempts
         self._backoff_s = backoff_s
         self._engine = Engine(self._factory, attempts=attempts, backoff_s=backoff_s)
+        # The gate's snapshot, read instead of listing and inspecting (None: always list).
+        self.snapshots = SnapshotReader(project) if use_snapshot else None
+        self._seen: dict[str, dict[str, Any]] = {}  # container id -> its entry in the snapshot
         self._draining: dict[str, threading.Thread] = {}  # container id -> drain thread
         self._events: list[BackendEvent] = []
         self._nodes: dict[str, str] = {}  # container id -> Celery node name, confirmed
@@ -612,35 +649,36 @@ class ComposeBackend(CycleListing[dict[str, list[ComposeContainer]]]):
         with self._lock:
             generation = self._generation
         try:
-            rows = self._call(
-                "list containers", lambda client: client.api.containers(all=True, filters=filters)
-            )
+            listed = self._snapshot_rows()
+            if listed is None:
+                rows = self._call(
+                    "list containers",
+                    lambda client: client.api.containers(all=True, filters=filters),
+                )
+                listed = [_from_row(row) for row in rows]
         except BackendError as exc:
             self._share(generation, exc)
             raise
         grouped: dict[str, list[ComposeContainer]] = {name: [] for name in self._specs}
-        for row in rows:
-            labels = row.get("Labels") or {}
+        for labels, fields in listed:
             service = labels.get(SERVICE_LABEL, "")
             if service not in grouped or labels.get(ONEOFF_LABEL, "False") != "False":
                 continue  # not named by the policy, or a `docker compose run` one-off
-            match = _EXITED.search(row.get("Status") or "")
-            grouped[service].append(
-                ComposeContainer(
-                    id=row["Id"],
-                    name=(row.get("Names") or ["/?"])[0].lstrip("/"),
-                    service=service,
-                    number=int(labels.get(NUMBER_LABEL, "0") or 0),
-                    state=str(row.get("State", "")),
-                    exit_code=int(match.group(1)) if match else None,
-                    unhealthy="(unhealthy)" in (row.get("Status") or ""),
-                )
-            )
+            number = int(labels.get(NUMBER_LABEL, "0") or 0)
+            grouped[service].append(ComposeContainer(service=service, number=number, **fields))
         for cs in grouped.values():
             cs.sort(key=lambda c: c.number)
         self._last = grouped
         self._share(generation, grouped)
         return grouped
+
+    def _snapshot_rows(self) -> list[tuple[dict[str, str], dict[str, Any]]] | None:
+        """The gate's snapshot as listed containers (its entries kept for ``_inspected``);
+        None when there is none to read: list instead."""
+        reader = self.snapshots
+        entries = None if reader is None else self._call("read the gate's snapshot", reader.read)
+        self._seen = {str(e["Id"]): e for e in entries or []}
+        return None if entries is None else [_from_entry(e) for e in entries]
 
     def _draining_ids(self) -> set[str]:
         with self._lock:
@@ -652,10 +690,15 @@ class ComposeBackend(CycleListing[dict[str, list[ComposeContainer]]]):
             lambda client: client.api.inspect_container(container_id),
         )
 
+    def _inspected(self, container_id: str) -> dict[str, Any]:
+        """The container's entry in the last snapshot read (its labels, command line, state,
+        times and CPU limit), else the engine's inspection."""
+        return self._seen.get(container_id) or self._inspect(container_id)
+
     def _lifetime(self, container: ComposeContainer) -> float | None:
         """How long a dead container ran, from the engine; None when it cannot be read."""
         try:
-            return lifetime_s(self._inspect(container.id))
+            return lifetime_s(self._inspected(container.id))
         except BackendError as exc:
             log.warning("no lifetime for %s: %s", container.name, exc)
             return None
@@ -672,7 +715,7 @@ class ComposeBackend(CycleListing[dict[str, list[ComposeContainer]]]):
             if cid in self._limits or cid in tracked:
                 continue
             try:
-                self._limits[cid] = cpu_limit(self._inspect(cid))
+                self._limits[cid] = cpu_limit(self._inspected(cid))
             except BackendError as exc:
                 log.warning("no CPU limit for %s yet: %s", cid[:12], exc)
         for gone in set(self._limits) - set(container_ids):
@@ -683,7 +726,7 @@ class ComposeBackend(CycleListing[dict[str, list[ComposeContainer]]]):
         """The container's hostname and the node name its command line suggests."""
         guess = self._guesses.get(container_id)
         if guess is None:
-            inspected = self._inspect(container_id)
+            inspected = self._inspected(container_id)
             host = str((inspected.get("Config") or {}).get("Hostname") or container_id[:12])
             guess = self._guesses[container_id] = (host, worker_node_name(inspected))
         return guess

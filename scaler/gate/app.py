@@ -13,6 +13,8 @@ status (a conflict, a swarm that is not one).
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import hmac
 import json
 import logging
@@ -38,6 +40,7 @@ from scaler.gate import rules
 from scaler.gate.clone import CloneRefused, ReplicaRequest, create_replica
 from scaler.gate.engine import API_VERSION, Engine, EngineError, message_of, segment
 from scaler.gate.rules import BadInput, Scope
+from scaler.gate.snapshot import Snapshot
 
 log = logging.getLogger("scaler.gate")
 
@@ -78,6 +81,7 @@ class Settings:
     allowed_bind_mounts: tuple[str, ...] = ()
     host: str = "0.0.0.0"
     port: int = 2375
+    snapshot: bool = True  # keep and serve GET /gate/v1/snapshot (a Compose project's gate)
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] = os.environ) -> Settings:
@@ -113,6 +117,7 @@ class Settings:
             allowed_bind_mounts=tuple(m for m in mounts if m),
             host=host.strip("[]") or "0.0.0.0",
             port=int(port),
+            snapshot=env.get("GATE_SNAPSHOT", "1") != "0",
         )
 
 
@@ -195,6 +200,22 @@ class Gate:
         self.counters = Counters()
         self.started = time.time()
         self._expected = f"Bearer {settings.token}".encode() if settings.token is not None else None
+        keep = settings.snapshot and self.scope.kind == "project"
+        self.snapshot = Snapshot(self.engine, self.scope) if keep else None
+        self._keeper: asyncio.Task[None] | None = None
+
+    def _keep_snapshot(self) -> None:
+        """Start following the engine (once, in the server's loop: at its startup, else at the
+        first request)."""
+        if self.snapshot is not None and self._keeper is None:
+            self._keeper = asyncio.get_running_loop().create_task(self.snapshot.run())
+
+    async def _stop_snapshot(self) -> None:
+        if self._keeper is not None:
+            self._keeper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._keeper
+            self._keeper = None
 
     # -- ASGI --------------------------------------------------------------------------------
 
@@ -203,12 +224,15 @@ class Gate:
             while True:
                 message = await receive()
                 if message["type"] == "lifespan.startup":
+                    self._keep_snapshot()
                     await send({"type": "lifespan.startup.complete"})
                 elif message["type"] == "lifespan.shutdown":
+                    await self._stop_snapshot()
                     await send({"type": "lifespan.shutdown.complete"})
                     return
         if scope["type"] != "http":
             return
+        self._keep_snapshot()
         request = Request(scope, receive)
         raw = scope.get("raw_path") or scope["path"].encode()
         shown = raw.decode("ascii", "backslashreplace")
@@ -485,6 +509,17 @@ def _flag01(value: bool | None) -> str | None:
     return None if value is None else ("1" if value else "0")
 
 
+async def _refresh(gate: Gate, cid: str) -> None:
+    """After an action of the gate's own: its container's entry in the snapshot read again, so
+    the caller's next snapshot shows what it did (the event would, a moment later)."""
+    if gate.snapshot is None or not gate.snapshot.ready:
+        return
+    try:
+        await gate.snapshot.refresh(cid)
+    except EngineError as exc:  # the event stream, or the next check, brings it
+        log.warning("gate: the snapshot's entry of %s was not read again: %s", cid[:12], exc)
+
+
 # -- the engine's reads ------------------------------------------------------------------------
 
 
@@ -564,6 +599,7 @@ async def start(gate: Gate, call: Call) -> Response:
     status, data = await gate.engine.call("POST", f"/containers/{segment(container['Id'])}/start")
     if status >= 400:
         raise EngineError(status, message_of(data))
+    await _refresh(gate, container["Id"])
     return _passthrough(status, b"")
 
 
@@ -574,7 +610,9 @@ async def stop(gate: Gate, call: Call) -> Response:
     t = None if asked is None else min(asked, grace)
     path = f"/containers/{segment(container['Id'])}/stop"
     limit = (grace if t is None else t) + 30
-    return await gate.watched(call, lambda: gate.engine.call("POST", path, {"t": t}, None, limit))
+    answer = await gate.watched(call, lambda: gate.engine.call("POST", path, {"t": t}, None, limit))
+    await _refresh(gate, container["Id"])
+    return answer
 
 
 async def kill(gate: Gate, call: Call) -> Response:
@@ -593,6 +631,7 @@ async def kill(gate: Gate, call: Call) -> Response:
     status, data = await gate.engine.call("POST", path, {"signal": signal})
     if status >= 400:
         raise EngineError(status, message_of(data))
+    await _refresh(gate, container["Id"])
     return _passthrough(status, b"")
 
 
@@ -625,6 +664,7 @@ async def remove(gate: Gate, call: Call) -> Response:
     status, data = await gate.engine.call("DELETE", path, {"force": force})
     if status >= 400:
         raise EngineError(status, message_of(data))
+    await _refresh(gate, container["Id"])
     return _passthrough(status, b"")
 
 
@@ -697,6 +737,9 @@ async def replicas(gate: Gate, call: Call) -> Response:
         )
     except CloneRefused as exc:
         raise Refused(exc.status, exc.message, exc.kind) from exc
+    for cid in (created["Id"], wanted.replaces):
+        if cid:
+            await _refresh(gate, cid)
     return JSONResponse(created, status_code=201)
 
 
@@ -737,6 +780,19 @@ async def scale(gate: Gate, call: Call) -> Response:
     return _passthrough(status, data)
 
 
+async def snapshot(gate: Gate, call: Call) -> Response:
+    kept = gate.snapshot
+    if kept is None:  # GATE_SNAPSHOT=0: as a gate without the operation would, for good
+        raise Refused(404, f"gate: {call.what}: this gate keeps no snapshot (GATE_SNAPSHOT=0)")
+    if not kept.ready:
+        raise Refused(
+            503,
+            f"gate: {call.what}: the snapshot is not ready (starting, or listing again after a "
+            "break in the engine's event stream): list the containers",
+        )
+    return Response(kept.body(), media_type="application/json")
+
+
 async def status(gate: Gate, call: Call) -> Response:
     return JSONResponse(
         {
@@ -747,6 +803,7 @@ async def status(gate: Gate, call: Call) -> Response:
             "refused": dict(gate.counters.refused),
             "refused_total": sum(gate.counters.refused.values()),
             "served": dict(gate.counters.served),
+            **({"snapshot": gate.snapshot.state()} if gate.snapshot is not None else {}),
         }
     )
 
@@ -789,6 +846,7 @@ ROUTES: tuple[Route, ...] = (
     _r("GET", "/nodes", nodes, "filters", mode="stack"),
     _r("POST", "/gate/v1/replicas", replicas, mode="project", body=True),
     _r("POST", "/gate/v1/services/{ref}/scale", scale, mode="stack", body=True),
+    _r("GET", "/gate/v1/snapshot", snapshot, mode="project"),
     _r("GET", "/gate/v1/status", status),
     _r("GET", "/gate/v1/openapi.json", openapi_document),
 )

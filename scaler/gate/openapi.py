@@ -121,6 +121,49 @@ _CREATED = {
     "required": ["Id", "Name"],
     "additionalProperties": False,
 }
+_NULLABLE_STRING = {"type": ["string", "null"]}
+_SNAPSHOT_ENTRY = {
+    "type": "object",
+    "properties": {
+        "Id": {"type": "string"},
+        "Name": {"type": "string"},
+        "Created": _NULLABLE_STRING,
+        "RestartCount": {"type": ["integer", "null"]},
+        "Config": {
+            "type": "object",
+            "properties": {
+                "Hostname": _NULLABLE_STRING,
+                "Domainname": _NULLABLE_STRING,
+                "Labels": {"type": "object", "additionalProperties": {"type": "string"}},
+                "Entrypoint": {"type": ["array", "null"], "items": {"type": "string"}},
+                "Cmd": {"type": ["array", "null"], "items": {"type": "string"}},
+            },
+            "required": ["Labels"],
+            "additionalProperties": False,
+        },
+        "State": _OBJECT,
+        "HostConfig": {
+            "type": "object",
+            "properties": {
+                k: {"type": ["integer", "null"]} for k in ("NanoCpus", "CpuQuota", "CpuPeriod")
+            },
+            "additionalProperties": False,
+        },
+    },
+    "required": ["Id", "Name", "Config", "State", "HostConfig"],
+    "additionalProperties": False,
+}
+_SNAPSHOT = {
+    "type": "object",
+    "properties": {
+        "scope": _STATUS["properties"]["scope"],  # type: ignore[index]
+        "updated": {"type": "number"},
+        "checked": {"type": "number"},
+        "containers": {"type": "array", "items": _SNAPSHOT_ENTRY},
+    },
+    "required": ["scope", "updated", "checked", "containers"],
+    "additionalProperties": False,
+}
 _WAITED = {"type": "object", "properties": {"StatusCode": {"type": "integer"}}}
 
 # Refusals any operation may answer (the gate's own, with a message), and the engine's trouble.
@@ -263,6 +306,17 @@ OPERATIONS: dict[str, Operation] = {
         model=app.ScaleRequest,
         answers={200: _json("the engine's answer", _OBJECT)},
         errors=_BODY_ERRORS,
+    ),
+    "GET /gate/v1/snapshot": Operation(
+        "the managed containers as the gate keeps them from the engine's events (Compose): id, "
+        "name, labels, command line, state, health status, times, exit code, CPU limit; never "
+        "the environment",
+        answers={200: _json("the snapshot", _SNAPSHOT)},
+        errors={
+            404: "this gate keeps no snapshot (GATE_SNAPSHOT=0): list the containers instead",
+            503: "the snapshot is not ready (starting, or listing again after a break in "
+            "the engine's event stream): list the containers instead",
+        },
     ),
     "GET /gate/v1/status": Operation(
         "the gate's scope and counters", answers={200: _json("the status", _STATUS)}

@@ -45,7 +45,7 @@ def uvicorn_config(
         port=port,
         http=guarded_protocol(guard),
         ws="none",
-        lifespan="off",
+        lifespan="on",  # the gate's snapshot follows the engine from the server's start
         access_log=False,
         server_header=False,
         limit_concurrency=None,  # the guard's caps (uvicorn's would count slow readers too)

@@ -100,11 +100,17 @@ class GateServer(BackgroundGate):
 
 @contextlib.contextmanager
 def project_gate(
-    project: str, *, docker_host: str | None = None, allowed_bind_mounts: tuple[str, ...] = ()
+    project: str,
+    *,
+    docker_host: str | None = None,
+    allowed_bind_mounts: tuple[str, ...] = (),
+    snapshot: bool = False,
 ) -> Iterator[GateServer]:
     """A gate for Compose project ``project`` on the engine at ``docker_host`` (else the
     environment's DOCKER_HOST when it is a socket, else the default socket), as the stack runs
-    one for the scalers."""
+    one for the scalers. Without its snapshot unless ``snapshot``: the Compose backend's suite
+    (tests/scaler/test_compose_backend.py) counts the engine listings a cycle takes, which the
+    snapshot replaces; tests/gate/test_gate_snapshot.py runs the backend over the snapshot."""
     if docker_host is None and os.environ.get("DOCKER_HOST", "").startswith("unix://"):
         docker_host = os.environ["DOCKER_HOST"]
     settings = Settings(
@@ -112,6 +118,7 @@ def project_gate(
         token=TOKEN,
         docker_host=docker_host,
         allowed_bind_mounts=allowed_bind_mounts,
+        snapshot=snapshot,
     )
     with GateServer(settings) as server:
         yield server
