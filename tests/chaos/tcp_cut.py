@@ -52,11 +52,7 @@ class TcpCut:
             pairs, self._pairs = self._pairs, []
             self.resets += 1
         for pair in pairs:
-            for sock in pair:
-                with contextlib.suppress(OSError):
-                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-                with contextlib.suppress(OSError):
-                    sock.close()
+            _abort(pair)
         return len(pairs)
 
     def cut_after_reply(self, marker: bytes, refuse_for_s: float) -> None:
@@ -87,7 +83,10 @@ class TcpCut:
             except OSError:
                 client.close()  # the upstream is down: refused, as the server itself would
                 continue
-            with self._lock:
+            with self._lock:  # a cut takes the same lock: a pair is cut with the others, or refused
+                if self._frozen or time.monotonic() < self._refuse_until:
+                    _abort((client, upstream))
+                    continue
                 self._pairs.append((client, upstream))
             for a, b, up in ((client, upstream, True), (upstream, client, False)):
                 threading.Thread(target=self._pump, args=(a, b, up), daemon=True).start()
@@ -96,15 +95,20 @@ class TcpCut:
         try:
             while data := src.recv(65536):
                 if to_upstream and self._frozen:
-                    continue  # sent after the marked reply: lost with the connection
+                    # Sent after the marked reply, on a connection the cut may not have reached
+                    # yet (opened just then): it goes too. Dropping the bytes and keeping the
+                    # connection would leave the client waiting for a reply that never comes.
+                    _abort((src, dst))
+                    return
                 marker = self._marker
                 if not to_upstream and marker is not None and marker in data:
-                    self._marker = None
-                    self._frozen = True
+                    with self._lock:
+                        self._marker = None
+                        self._frozen = True
+                        self._refuse_until = time.monotonic() + self._refuse_for_s
                     dst.sendall(data)
-                    self._refuse_until = time.monotonic() + self._refuse_for_s
                     self.reset()
-                    self._frozen = False
+                    self._frozen = False  # new connections stay refused until _refuse_until
                     self.marker_seen.set()
                     return
                 dst.sendall(data)
@@ -113,3 +117,12 @@ class TcpCut:
         for sock in (src, dst):  # one side ended: end the other (a reset already closed both)
             with contextlib.suppress(OSError):
                 sock.shutdown(socket.SHUT_RDWR)
+
+
+def _abort(pair: tuple[socket.socket, socket.socket]) -> None:
+    """Close both sockets with an RST (SO_LINGER 0), as a dropped NAT entry answers."""
+    for sock in pair:
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        with contextlib.suppress(OSError):
+            sock.close()
