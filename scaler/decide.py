@@ -30,15 +30,15 @@ The caller acts on the decisions and then records what it actually achieved with
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, replace
 from typing import Literal
 
 from scaler.history import History, ServiceHistory
-from scaler.observations import Observations, Resources, ServiceObservation
+from scaler.observations import Observations, QueueSignal, Resources, ServiceObservation
 from scaler.policy import Policy, ServicePolicy
 
-__all__ = ["Decision", "History", "ServiceControl", "decide"]
+__all__ = ["Decision", "History", "ServiceControl", "decide", "queue_totals"]
 
 Action = Literal["up", "down", "hold"]
 
@@ -240,13 +240,24 @@ def hold_on_missing_signals(
     return None
 
 
+def queue_totals(signals: Iterable[QueueSignal]) -> tuple[int, int]:
+    """A service's messages waiting and in flight over all its queues (an unknown count as 0):
+    the one sum the decision, the loop's arming and the simulator all use."""
+    waiting = in_flight = 0
+    for s in signals:
+        waiting += s.waiting or 0
+        in_flight += s.in_flight or 0
+    return waiting, in_flight
+
+
 def summarise_load(sp: ServicePolicy, so: ServiceObservation) -> Load:
     """The service's queues as one load (only called once every signal is known)."""
     sigs = [so.queues[q] for q in sp.queues]
     ages = [s.oldest_age_s for s in sigs if (s.waiting or 0) > 0]
+    waiting, in_flight = queue_totals(sigs)
     return Load(
-        waiting=sum(s.waiting or 0 for s in sigs),
-        in_flight=sum(s.in_flight or 0 for s in sigs),
+        waiting=waiting,
+        in_flight=in_flight,
         oldest_age_s=max((a for a in ages if a is not None), default=None),
         age_unknown=any(a is None for a in ages),
         busy_replicas=so.busy_replicas,

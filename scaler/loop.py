@@ -46,7 +46,7 @@ from scaler.arming import ring_level
 from scaler.backends.base import Backend, BackendEvent, ScaleResult, ServiceSpec
 from scaler.backends.stranded import ACTIONS as CONSUMERLESS_ACTIONS
 from scaler.control import ControlStore, ControlUnavailable, Override
-from scaler.decide import Decision, ServiceControl, decide
+from scaler.decide import Decision, ServiceControl, decide, queue_totals
 from scaler.fencing import UNFENCED, Fence, LeadershipLost
 from scaler.history import History
 from scaler.leader import LeaderLease
@@ -612,8 +612,7 @@ class Scaler:
                 svc,
                 report.decisions.get(name),
                 seen.replicas if seen else None,
-                sum(s.waiting or 0 for s in signals),
-                sum(s.in_flight or 0 for s in signals),
+                *queue_totals(signals),
             )
             if level is not None:
                 levels[name] = level

@@ -107,7 +107,8 @@ class Debouncer:
     is skipped when the arrival left nothing waiting (a free consumer took it at once: no new
     backlog, nothing to decide); a window whose check found nothing lasts only ``recheck_s``, so
     a backlog that forms a few messages later is seen that soon. ``ring`` and ``backlog`` are
-    called outside the lock. Its own thread fires the trailing rings; ``stop`` ends it.
+    called outside the lock. Its own thread fires the trailing rings; ``stop`` ends it. A caller
+    that drives ``clock`` itself (the simulator) calls ``fire_due`` instead of starting it.
     """
 
     def __init__(
@@ -253,27 +254,53 @@ class Debouncer:
                 if not self._pending:
                     self._cond.wait()
                     continue
-                window = self._window_s()
-                now = self._clock()
-                # A service that never rang is due at once (its first arrival rings at once).
-                due = {s for s in self._pending if now - self._fired_at.get(s, -math.inf) >= window}
-                if not due:
-                    first = min(self._fired_at[s] for s in self._pending)
-                    self._cond.wait(max(0.001, first + window - now))
+                fire, next_at = self._take_due()
+                if next_at is not None:
+                    self._cond.wait(max(0.001, next_at - self._clock()))
                     continue
-                self._pending -= due
-                if self._paused:  # judged against the next arming
-                    self._held |= due
-                    continue
-                fire = {s for s in due if self._armed(s)}
-                for service in fire:
-                    self._fired_at[service] = now
                 if fire:
                     self._cond.release()
                     try:
                         self._fire(fire)
                     finally:
                         self._cond.acquire()
+
+    def _take_due(self) -> tuple[set[str], float | None]:
+        """Under the lock, with rings pending: the services whose trailing ring is due now
+        (armed ones, marked as rung; held ones while paused), or none and when the first is."""
+        window = self._window_s()
+        now = self._clock()
+        # A service that never rang is due at once (its first arrival rings at once).
+        due = {s for s in self._pending if now - self._fired_at.get(s, -math.inf) >= window}
+        if not due:
+            return set(), min(self._fired_at[s] for s in self._pending) + window
+        self._pending -= due
+        if self._paused:  # judged against the next arming
+            self._held |= due
+            return set(), None
+        fire = {s for s in due if self._armed(s)}
+        for service in fire:
+            self._fired_at[service] = now
+        return fire, None
+
+    def fire_due(self) -> float | None:
+        """Fire the trailing rings due at the clock's reading, as the thread would, and return
+        when the next is due (None: none pending). For a caller that drives the clock itself
+        instead of starting the thread: the simulator runs this very debouncer in its time."""
+        if not self._pending:
+            return None
+        with self._cond:
+            while self._pending:
+                fire, next_at = self._take_due()
+                if next_at is not None:
+                    return next_at
+                if fire:
+                    self._cond.release()
+                    try:
+                        self._fire(fire)
+                    finally:
+                        self._cond.acquire()
+            return None
 
 
 @dataclass(frozen=True)

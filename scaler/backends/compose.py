@@ -92,10 +92,20 @@ from scaler.backends.base import (
 from scaler.backends.engine import ClientFactory, Engine, default_client_factory, gate_call
 from scaler.backends.gate_snapshot import SnapshotReader
 from scaler.backends.listing import CycleListing
+from scaler.backends.removal import removal_order
 from scaler.backends.restart_backoff import RestartBackoff
 from scaler.backends.stranded import CHECK_FAILED, ConsumerCheck
 from scaler.backends.template_safety import extra_bind_mounts, unsafe_settings
-from scaler.backends.warm_pool import WARM_ENV, PoolStore, WarmPool, set_consumers
+from scaler.backends.warm_pool import (
+    WARM_ENV,
+    PoolStore,
+    WarmPool,
+    commit_count,
+    pool_room,
+    pool_target,
+    set_consumers,
+    trim_order,
+)
 from scaler.backends.worker_queries import ask_busy, names_by_host
 from scaler.fencing import UNFENCED, Fence, LeadershipLost
 from scaler.observations import Resources
@@ -520,7 +530,7 @@ class ComposeBackend(CycleListing[dict[str, list[ComposeContainer]]]):
             elif replicas < before:
                 with self._lock:
                     pooling = sum(1 for svc in self._to_pool.values() if svc == service)
-                room = max(0, warm - len(pool) - pooling) if warm is not None else 0
+                room = pool_room(warm, len(pool) + pooling) if warm is not None else 0
                 chosen, to_pool = self._scale_down(
                     service, serving, before - replicas, park=replicas == 0, fence=fence,
                     to_pool=room,
@@ -535,7 +545,7 @@ class ComposeBackend(CycleListing[dict[str, list[ComposeContainer]]]):
                 containers = self._list()[service]
             # Busy replicas a scale-down could not remove take the pool's room: serving + warm
             # stays within what the decision asked (replicas + warm, within max_replicas).
-            warm = max(0, warm - max(0, result.after - replicas))
+            warm = pool_target(warm, result.after, replicas)
             started_warm, stopped_warm = self._size_pool(service, containers, pool, warm, fence)
             return replace(result, warm_started=started_warm, warm_stopped=stopped_warm)
         finally:
@@ -904,8 +914,9 @@ class ComposeBackend(CycleListing[dict[str, list[ComposeContainer]]]):
         others to be stopped. Returns the names being stopped and those returning to the pool."""
         nodes = self._node_names([c.id for c in live])
         busy = self._busy(list(nodes.values()))
-        idle = [c for c in live if busy[nodes[c.id]] is False]
-        idle.sort(key=lambda c: c.number, reverse=True)  # Compose removes the highest first
+        idle = removal_order(  # only the idle are drained; among them the highest first
+            [c for c in live if busy[nodes[c.id]] is False], lambda c: 0, lambda c: c.number
+        )
         chosen = idle[:count]
         if len(chosen) < count:
             held = [
@@ -966,10 +977,9 @@ class ComposeBackend(CycleListing[dict[str, list[ComposeContainer]]]):
             return ()
         with self._lock:
             pooling = sum(1 for svc in self._to_pool.values() if svc == service)
-        excess = len(pool) + pooling - warm
         booting = [c for c in pool if self._pool.node(c.id) is None]
         taken: list[str] = []
-        for c in booting[: max(0, min(need, excess))]:
+        for c in booting[: commit_count(need, len(booting), len(pool) + pooling, warm)]:
             resolve = partial(self._resolve_node, c.id)
             if self._pool.commit(service, c.id, resolve, self._specs[service].queues, fence):
                 taken.append(c.name)
@@ -996,7 +1006,7 @@ class ComposeBackend(CycleListing[dict[str, list[ComposeContainer]]]):
             for n in range(number + 1, number + 1 + warm - have):
                 started.append(self._clone(service, template, n, fence, warm=True))
             return tuple(started), ()
-        excess = sorted(pool, key=lambda c: (self._pool.node(c.id) is not None, -c.number))
+        excess = trim_order(pool, lambda c: self._pool.node(c.id) is not None, lambda c: c.number)
         stopping = excess[: max(0, have - warm)]
         for c in stopping:
             thread = threading.Thread(

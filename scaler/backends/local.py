@@ -64,9 +64,19 @@ from scaler.backends.base import (
     ServiceSpec,
     WorkerInfo,
 )
+from scaler.backends.removal import removal_order
 from scaler.backends.restart_backoff import RestartBackoff
 from scaler.backends.stranded import CHECK_FAILED, ConsumerCheck
-from scaler.backends.warm_pool import WARM_ENV, PoolStore, WarmPool, set_consumers
+from scaler.backends.warm_pool import (
+    WARM_ENV,
+    PoolStore,
+    WarmPool,
+    commit_count,
+    pool_room,
+    pool_target,
+    set_consumers,
+    trim_order,
+)
 from scaler.fencing import UNFENCED, Fence, LeadershipLost
 from scaler.observations import Resources
 from scaler.restore import UnackedRestorer, restore_dead_workers
@@ -128,6 +138,10 @@ class LocalWorker:
                 return True
             time.sleep(POLL_S / 2)
         return not self.alive()
+
+
+def _number(worker: LocalWorker) -> int:
+    return worker.number
 
 
 @dataclass
@@ -280,7 +294,8 @@ class LocalBackend:
                     rest = [w for w in pool if w.name not in promoted]
                     pooling = sum(w.state == "pooling" for w in self._group(service))
                     booting = [w for w in rest if self._pool.node(w.name) is None]
-                    for worker in booting[: max(0, min(need, len(rest) + pooling - warm))]:
+                    taking = commit_count(need, len(booting), len(rest) + pooling, warm)
+                    for worker in booting[:taking]:
                         # A local worker's node name is its name.
                         resolve = partial(str, worker.name)
                         if self._pool.commit(service, worker.name, resolve, queues, fence):
@@ -290,7 +305,7 @@ class LocalBackend:
                     started = [self._start(service, fence).name for _ in range(need)]
             elif replicas < before:
                 pooling = sum(w.state == "pooling" for w in self._group(service))
-                room = max(0, warm - len(pool) - pooling) if warm is not None else 0
+                room = pool_room(warm, len(pool) + pooling) if warm is not None else 0
                 for worker in self._choose_for_removal(serving, before - replicas):
                     if len(to_pool) < room:
                         self._spawn(self._drain_to_pool, worker, fence, state="pooling")
@@ -301,7 +316,7 @@ class LocalBackend:
             taken = (*promoted, *committed)
             after = before + len(taken) + len(started) - len(draining) - len(to_pool)
             if warm is not None:  # busy workers a scale-down could not remove take the pool's room
-                warm = max(0, warm - max(0, after - replicas))
+                warm = pool_target(warm, after, replicas)
             warm_started, warm_stopped = (
                 self._size_pool(service, [w for w in pool if w.name not in taken], warm, fence)
                 if warm is not None
@@ -325,7 +340,7 @@ class LocalBackend:
             return tuple(
                 self._start(service, fence, warm=True).name for _ in range(warm - have)
             ), ()
-        excess = sorted(pool, key=lambda w: (self._pool.node(w.name) is not None, -w.number))
+        excess = trim_order(pool, lambda w: self._pool.node(w.name) is not None, _number)
         stopping = excess[: max(0, have - warm)]
         for worker in stopping:
             self._spawn(self._release, worker, fence, state="releasing")
@@ -397,8 +412,7 @@ class LocalBackend:
     def _choose_for_removal(self, running: list[LocalWorker], count: int) -> list[LocalWorker]:
         """Idle workers first (fewest running tasks), then the highest numbers."""
         busy = self._busy_counts([w.name for w in running]) or {}
-        ranked = sorted(running, key=lambda w: (busy.get(w.name, 0), -w.number))
-        return ranked[:count]
+        return removal_order(running, lambda w: busy.get(w.name, 0), _number)[:count]
 
     def _busy_counts(self, names: list[str]) -> dict[str, int] | None:
         """Active plus reserved tasks per worker; None when the control API cannot be reached."""

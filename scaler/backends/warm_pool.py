@@ -1,4 +1,5 @@
-"""The warm pool's mechanics, shared by the Compose and local backends.
+"""The warm pool's mechanics, shared by the Compose and local backends (its plan, the pure
+arithmetic below, by the simulator too).
 
 A warm replica is a worker booted and healthy but consuming nothing (the policy's ``warm``). A
 scale-up promotes one (``add_consumer`` of its service's queues, confirmed by the worker: a few
@@ -41,9 +42,9 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 from scaler.backends.base import BackendError, BackendEvent
 from scaler.fencing import Fence, LeadershipLost
@@ -52,6 +53,40 @@ log = logging.getLogger(__name__)
 
 POOL_KEY = "scaler:warm:"
 WARM_ENV = "WORKER_WARM_START"  # read by services.warm_start in the worker
+
+M = TypeVar("M")
+
+
+# -- the pool's plan: pure arithmetic, the same for every backend and the simulator -------------
+# The rules of the module docstring as numbers. Each backend (and scaler.simulate, which models
+# them) calls these rather than restating them, so a change to the rule is made once.
+
+
+def commit_count(need: int, booting: int, members: int, warm: int) -> int:
+    """Booting members a scale-up takes as serving after promoting the ready ones: at most
+    ``need`` (still short), ``booting`` (there are no more) and what the pool would lose anyway
+    (``members``, counting drains on their way in, over ``warm``): serving + warm within max."""
+    return max(0, min(need, booting, members - warm))
+
+
+def pool_room(warm: int, members: int) -> int:
+    """How many of a scale-down's drained replicas return to the pool (the rest are stopped):
+    what the pool is short of ``warm``."""
+    return max(0, warm - members)
+
+
+def pool_target(warm: int, after: int, desired: int) -> int:
+    """The pool's size after a scale: busy replicas a scale-down could not remove (``after``
+    over ``desired``) take the pool's room, so serving + warm stays within what was decided."""
+    return max(0, warm - max(0, after - desired))
+
+
+def trim_order(
+    members: Iterable[M], booted: Callable[[M], bool], number: Callable[[M], int]
+) -> list[M]:
+    """Members in the order a shrinking pool stops them: booting ones first (nothing to lose
+    yet), then the highest-numbered."""
+    return sorted(members, key=lambda m: (booted(m), -number(m)))
 
 
 class PoolStore(Protocol):

@@ -10,7 +10,9 @@ Compare policies offline on a recorded or synthetic trace before trusting one wi
 
 Modules: ``trace`` (the load), ``model`` (workers, tasks, host, with sourced defaults),
 ``distributions``, ``engine`` (the discrete-event loop around ``scaler.decide.decide``),
-``report`` (figures and files), ``cli`` (the subcommand).
+``cluster`` (the modelled backend, with the backends' removal order and warm-pool plan),
+``wakeups`` (the loop's arming rule and ``Debouncer`` in simulated time), ``records`` (what a
+run produced), ``report`` (figures and files), ``cli`` (the subcommand).
 """
 
 from scaler.simulate.engine import SimResult, simulate

@@ -4,7 +4,8 @@ The host's docker CLI (newer than the nodes' 20.10 engines) with DOCKER_HOST on 
 registry: `make swarm-images` builds the images with the host's engine and loads them on every
 node, the IPsec preflight refuses the encrypted overlays these nodes cannot carry, and `make
 swarm-up` with SWARM_UNENCRYPTED=1 deploys (`make swarm-secrets` first). One deployment (module
-fixture) with the shipped policy (its host guard off: `deployed` says why) and the Swarm backend, then: every service converges, the data
+fixture) with the shipped policy (its host guard off: `deployed` says why) and the Swarm
+backend, then: every service converges, the data
 services sit on the labelled node, the two scalers on two managers, no secret value appears in
 any service's spec, `make swarm-load` sends one task per queue, each runs on a Swarm worker and
 lands in PostgreSQL, the scaler reaches the engine only through the engine gate, `make
