@@ -88,9 +88,9 @@ from services.application import ServiceApp, create_app
 from services.config import PRIORITY_SEP, PRIORITY_STEPS, load_settings
 
 _TESTS = Path(__file__).resolve().parents[1] / "tests"
-for _sub in ("swarm", "e2e", "chaos"):
-    if str(_TESTS / _sub) not in sys.path:
-        sys.path.insert(0, str(_TESTS / _sub))
+for _dir in (_TESTS, *(_TESTS / sub for sub in ("swarm", "e2e", "chaos"))):  # support: tests/
+    if str(_dir) not in sys.path:
+        sys.path.insert(0, str(_dir))
 
 from backing import Backing, create_worker_service, start_backing, wait_answering  # noqa: E402
 from cluster import ENGINE_PORT, NODES, SwarmCluster  # noqa: E402

@@ -89,7 +89,13 @@ from scaler.backends.base import (
     ScaleResult,
     WorkerInfo,
 )
-from scaler.backends.engine import ClientFactory, Engine, default_client_factory, gate_call
+from scaler.backends.engine import (
+    ClientFactory,
+    Engine,
+    default_client_factory,
+    gate_call,
+    gate_scope,
+)
 from scaler.backends.gate_snapshot import SnapshotReader
 from scaler.backends.listing import CycleListing
 from scaler.backends.removal import removal_order
@@ -261,24 +267,9 @@ def cpu_limit(inspected: dict[str, Any]) -> float | None:
 
 
 def gate_project(client_factory: ClientFactory | None = None) -> str:
-    """The Compose project the engine gate serves (the scope in its ``GET /gate/v1/status``).
-
-    Lets the stack's scaler follow whatever project name Compose was given (``-p``,
-    COMPOSE_PROJECT_NAME, or the file's ``name:``): the gate is told it (GATE_PROJECT), and the
-    scaler cannot then disagree with it. (The scaler's own container is not a managed one: the
-    gate does not let it read its labels.) Raises ValueError naming what was asked.
-    """
-    client = (client_factory or default_client_factory())()
-    try:
-        status = gate_call(client, "GET", "/gate/v1/status")
-    except (docker.errors.DockerException, OSError) as exc:
-        raise ValueError(f"the engine gate's status could not be read ({exc})") from None
-    finally:
-        client.close()
-    scope = (status or {}).get("scope") or {}
-    if scope.get("label") != PROJECT_LABEL or not scope.get("value"):
-        raise ValueError(f"the engine gate serves {scope or 'no scope'}, not a Compose project")
-    return str(scope["value"])
+    """The Compose project the engine gate serves (GATE_PROJECT): the stack's scaler follows
+    whatever name Compose was given (``-p``, COMPOSE_PROJECT_NAME, the file's ``name:``)."""
+    return gate_scope(PROJECT_LABEL, "Compose project", client_factory)
 
 
 def _from_row(row: dict[str, Any]) -> tuple[dict[str, str], dict[str, Any]]:

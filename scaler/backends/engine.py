@@ -134,3 +134,21 @@ def gate_call(
             message = response.text
         raise docker.errors.APIError(message, response=response, explanation=message)
     return response.json()
+
+
+def gate_scope(label: str, kind: str, client_factory: ClientFactory | None = None) -> str:
+    """The project or stack the engine gate serves (the scope of its ``GET /gate/v1/status``),
+    which must be by ``label`` (``kind`` names it in errors). The gate is told its scope at its
+    start and the scaler follows it (the scaler's own container is not a managed one: the gate
+    does not let it read its labels). Raises ValueError naming what was asked and what came."""
+    client = (client_factory or default_client_factory())()
+    try:
+        status = gate_call(client, "GET", "/gate/v1/status")
+    except (docker.errors.DockerException, OSError) as exc:
+        raise ValueError(f"the engine gate's status could not be read ({exc})") from None
+    finally:
+        client.close()
+    scope = (status.get("scope") if isinstance(status, dict) else None) or {}
+    if scope.get("label") != label or not scope.get("value"):
+        raise ValueError(f"the engine gate serves {scope or 'no scope'}, not a {kind}")
+    return str(scope["value"])

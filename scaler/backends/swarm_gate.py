@@ -16,7 +16,7 @@ from typing import Any
 import docker
 import docker.errors
 
-from scaler.backends.engine import ClientFactory, default_client_factory, gate_call
+from scaler.backends.engine import ClientFactory, gate_call, gate_scope
 
 STACK_LABEL = "com.docker.stack.namespace"
 
@@ -40,19 +40,6 @@ def scale_service(
 
 
 def gate_stack(client_factory: ClientFactory | None = None) -> str:
-    """The Swarm stack the engine gate serves (the scope in its ``GET /gate/v1/status``).
-
-    The scaler's own task is not a managed one, so the gate does not let it read its own labels;
-    the gate is told its stack (GATE_STACK) and the scaler cannot disagree with it. Raises
-    ValueError naming what was asked and what came back."""
-    client = (client_factory or default_client_factory())()
-    try:
-        status = gate_call(client, "GET", "/gate/v1/status")
-    except (docker.errors.DockerException, OSError) as exc:
-        raise ValueError(f"the engine gate's status could not be read ({exc})") from None
-    finally:
-        client.close()
-    scope = (status.get("scope") if isinstance(status, dict) else None) or {}
-    if scope.get("label") != STACK_LABEL or not scope.get("value"):
-        raise ValueError(f"the engine gate serves {scope or 'no scope'}, not a Swarm stack")
-    return str(scope["value"])
+    """The Swarm stack the engine gate serves (GATE_STACK): the scaler's own task is not a
+    managed one, so it cannot read its own labels, and it cannot disagree with the gate."""
+    return gate_scope(STACK_LABEL, "Swarm stack", client_factory)

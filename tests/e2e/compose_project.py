@@ -13,11 +13,12 @@ import shutil
 import socket
 import subprocess
 import sys
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
+
+from support.polling import poll_until
 
 ROOT = Path(__file__).resolve().parents[2]
 COMPOSE_DIR = ROOT / "compose"
@@ -45,20 +46,9 @@ def ensure_wheelhouse() -> None:
 def wait_until(
     what: str, probe: Callable[[], T | None], deadline_s: float, every_s: float = 0.5
 ) -> T:
-    """Poll ``probe`` until it returns something truthy; fail naming ``what`` after the deadline."""
-    deadline = time.monotonic() + deadline_s
-    last: object = None
-    while True:
-        try:
-            value = probe()
-            if value:
-                return value
-            last = value
-        except Exception as exc:
-            last = exc
-        if time.monotonic() >= deadline:
-            raise AssertionError(f"{what}: not true after {deadline_s:.0f}s (last: {last!r})")
-        time.sleep(every_s)
+    """Poll ``probe`` until it returns something truthy; fail naming ``what`` after the deadline
+    (support.polling's poll_until, with any exception of the probe counting as "not yet")."""
+    return poll_until(probe, what, deadline_s, every_s, errors=(Exception,))
 
 
 def docker_engine_available() -> bool:

@@ -13,11 +13,9 @@ import uuid
 from collections.abc import Callable, Iterator
 from typing import Any
 
-import docker
-import docker.errors
 import pytest
 from gate_support import GateServer
-from gate_world import IMAGE, TEST_LABEL, World, cleanup, settings_for
+from gate_world import TEST_LABEL, World, cleanup, engine_or_skip, settings_for
 
 from scaler.gate.rules import (
     STACK_LABEL,
@@ -27,15 +25,7 @@ from scaler.gate.rules import (
 
 @pytest.fixture(scope="module")
 def world() -> Iterator[World]:
-    try:
-        client = docker.from_env(timeout=60)
-        client.ping()
-    except docker.errors.DockerException as exc:
-        pytest.skip(f"needs a Docker engine: {exc}")
-    try:
-        client.images.get(IMAGE)
-    except docker.errors.ImageNotFound:
-        pytest.skip(f"needs the local image {IMAGE} (../shared/tools/build-base-images.sh)")
+    client = engine_or_skip()
     uid = uuid.uuid4().hex[:10]
     project = f"gt-{uid}"
     try:

@@ -10,6 +10,7 @@ from typing import Any
 
 import docker
 import docker.errors
+import pytest
 from gate_support import SECRET, TOKEN
 
 from scaler.gate.app import Settings
@@ -164,6 +165,22 @@ def clone_differences(template: dict[str, Any], clone: dict[str, Any]) -> list[s
     if set(template["NetworkSettings"]["Networks"]) != set(clone["NetworkSettings"]["Networks"]):
         out.append("NetworkSettings.Networks")
     return out
+
+
+def engine_or_skip() -> docker.DockerClient:
+    """A client of this host's engine, which has the image the worlds' containers run; the test
+    is skipped (saying what is missing) otherwise."""
+    try:
+        client = docker.from_env(timeout=60)
+        client.ping()
+    except docker.errors.DockerException as exc:
+        pytest.skip(f"needs a Docker engine: {exc}")
+    try:
+        client.images.get(IMAGE)
+    except docker.errors.ImageNotFound:
+        client.close()
+        pytest.skip(f"needs the local image {IMAGE} (../shared/tools/build-base-images.sh)")
+    return client
 
 
 def cleanup(client: docker.DockerClient, uid: str) -> None:

@@ -28,12 +28,10 @@ from collections import Counter
 from collections.abc import Iterator
 from typing import Any
 
-import docker
-import docker.errors
 import pytest
 import schemathesis
 from gate_support import TOKEN, GateServer
-from gate_world import IMAGE, World, cleanup, clone_differences, settings_for
+from gate_world import World, cleanup, clone_differences, engine_or_skip, settings_for
 from hypothesis import HealthCheck, given, seed, settings
 from hypothesis import strategies as st
 from schemathesis.checks import not_a_server_error
@@ -66,15 +64,7 @@ HEX = re.compile(r"[0-9a-f]+")
 
 @pytest.fixture(scope="module")
 def fuzz_world() -> Iterator[World]:
-    try:
-        client = docker.from_env(timeout=60)
-        client.ping()
-    except docker.errors.DockerException as exc:
-        pytest.skip(f"needs a Docker engine: {exc}")
-    try:
-        client.images.get(IMAGE)
-    except docker.errors.ImageNotFound:
-        pytest.skip(f"needs the local image {IMAGE} (../shared/tools/build-base-images.sh)")
+    client = engine_or_skip()
     uid = uuid.uuid4().hex[:10]
     project = f"cst-test-gate-{uid}"
     try:

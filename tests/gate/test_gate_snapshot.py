@@ -25,7 +25,7 @@ import docker.errors
 import pytest
 from celery import Celery
 from gate_support import SECRET, GateServer, free_port
-from gate_world import IMAGE, World, cleanup, settings_for
+from gate_world import IMAGE, World, cleanup, engine_or_skip, settings_for
 
 from scaler.backends.base import ServiceSpec
 from scaler.backends.compose import ComposeBackend, cpu_limit, lifetime_s, worker_node_name
@@ -41,15 +41,7 @@ print(f"test_gate_snapshot: random seed {SEED}")  # the containers' numbers come
 
 @pytest.fixture(scope="module")
 def world() -> Iterator[World]:
-    try:
-        client = docker.from_env(timeout=60)
-        client.ping()
-    except docker.errors.DockerException as exc:
-        pytest.skip(f"needs a Docker engine: {exc}")
-    try:
-        client.images.get(IMAGE)
-    except docker.errors.ImageNotFound:
-        pytest.skip(f"needs the local image {IMAGE} (../shared/tools/build-base-images.sh)")
+    client = engine_or_skip()
     uid = uuid.uuid4().hex[:10]
     project = f"cst-test-snap-{uid}"
     try:
@@ -73,20 +65,20 @@ def gate(world: World) -> Iterator[GateServer]:
         yield server
 
 
-def _snapshot(gate: GateServer) -> dict[str, Any]:
+def _get(gate: GateServer, path: str) -> dict[str, Any]:
     client = gate.clients()()
     try:
-        return dict(gate_call(client, "GET", "/gate/v1/snapshot"))
+        return dict(gate_call(client, "GET", path))
     finally:
         client.close()
+
+
+def _snapshot(gate: GateServer) -> dict[str, Any]:
+    return _get(gate, "/gate/v1/snapshot")
 
 
 def _status(gate: GateServer) -> dict[str, Any]:
-    client = gate.clients()()
-    try:
-        return dict(gate_call(client, "GET", "/gate/v1/status"))
-    finally:
-        client.close()
+    return _get(gate, "/gate/v1/status")
 
 
 def _by_name(gate: GateServer) -> dict[str, dict[str, Any]]:
